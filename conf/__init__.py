@@ -1,0 +1,1 @@
+# Makes conf/ importable as metalearn.conf, so Hydra finds it inside the wheel.

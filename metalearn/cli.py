@@ -1,0 +1,146 @@
+"""`metalearn <command> [Hydra overrides]`: dispatch to one Hydra app per command.
+
+`train` and `eval` are ordinary Hydra apps, so every Hydra flag works
+(`--help`, `--cfg job`, `-m`, `hydra.run.dir=...`). `resume=<run>` and
+`eval run=<run>` replay the run's saved overrides (.hydra/overrides.yaml)
+before the new ones, so the run's own config is composed again and any
+override given now still applies.
+"""
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn.config import register_schemas
+from metalearn.errors import MetalearnError
+
+CONFIG_PATH = "pkg://metalearn.conf"
+USAGE = """usage: metalearn <command> [overrides ...]
+
+commands:
+  train   meta-train a model; each run gets its own folder under runs/
+          e.g. metalearn train algo=maml data.root=/data
+               metalearn train -m algo=maml,fomaml seed=0,1,2
+               metalearn train resume=<run folder> [train.steps=...]
+  eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
+          e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
+
+`metalearn <command> --help` lists the config groups and keys of a command;
+`metalearn <command> --cfg job [overrides]` prints the composed config.
+"""
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"metalearn: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
+    """A MetalearnError ends the command with its message, not a traceback."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except MetalearnError as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@_user_errors_exit
+def train_app(cfg: DictConfig) -> None:
+    from metalearn.train import train
+
+    train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@_user_errors_exit
+def eval_app(cfg: DictConfig) -> None:
+    from metalearn.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _find(args: List[str], key: str):
+    values = [a.split("=", 1)[1] for a in args if "=" in a and _override_key(a) == key]
+    return values[-1] if values else None
+
+
+def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
+    """The run's saved task overrides, then `args`; a key given in `args` wins."""
+    folder = Path(run_dir)
+    saved_path = folder / ".hydra" / "overrides.yaml"
+    if not folder.is_dir():
+        raise MetalearnError(f"run folder {folder} does not exist.")
+    if not saved_path.is_file():
+        raise MetalearnError(
+            f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
+            f"(give the folder that `metalearn train` printed at the end)."
+        )
+    merged: Dict[str, str] = {}
+    for override in list(OmegaConf.load(saved_path)) + [a for a in args if "=" in a and not a.startswith("-")]:
+        key = _override_key(override)
+        if key not in drop and not key.startswith("hydra."):
+            merged.pop(key, None)
+            merged[key] = override
+    flags = [a for a in args if "=" not in a or a.startswith("-")]
+    hydra_args = [a for a in args if "=" in a and _override_key(a).startswith("hydra.")]
+    return flags + list(merged.values()) + hydra_args
+
+
+def _prepare(command: str, args: List[str]) -> List[str]:
+    if command == "train":
+        run = _find(args, "resume")
+        if run is None:
+            return args
+        replayed = replay_run_overrides(run, args, drop=("resume",))
+        return replayed + [f"resume={_quoted(run)}", f"hydra.run.dir={_quoted(run)}"]
+    run = _find(args, "run")
+    if run is None:
+        if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c"
+               for a in args):
+            return args
+        raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
+    return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
+
+
+COMMANDS = {"train": train_app, "eval": eval_app}
+
+
+def main(argv: List[str] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; the commands are: {', '.join(COMMANDS)}.\n\n{USAGE}", code=2)
+    try:
+        rest = _prepare(command, rest)
+    except MetalearnError as err:
+        _fail(str(err))
+    register_schemas()
+    sys.argv = [f"metalearn-{command}"] + rest
+    try:
+        COMMANDS[command]()
+    except KeyboardInterrupt:
+        _fail("interrupted.", code=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Omniglot: 1623 handwritten characters x 20 drawings, as uint8 tensors.
+
+The PNGs are read from data.root/omniglot-py/ (the two archives or the same
+folders extracted), resized to 28x28 and inverted so ink is high, then cached
+under the project's own cache folder: decoding 32 460 PNGs takes a while, the
+cache loads in well under a second.
+"""
+
+import io
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from metalearn.data.cache import atomic_torch_save, cache_dir
+from metalearn.data.split import ClassSplit
+from metalearn.errors import MetalearnError
+
+ARCHIVES = ("images_background", "images_evaluation")
+IMAGE_SIZE = 28
+DRAWINGS = 20
+SPLITS = ("vinyals", "lake")
+CACHE_VERSION = 1
+
+
+def _sources(base: Path) -> Dict[str, Path]:
+    """Each archive as an extracted folder if present, else as its zip."""
+    found = {}
+    for name in ARCHIVES:
+        if (base / name).is_dir():
+            found[name] = base / name
+        elif (base / f"{name}.zip").is_file():
+            found[name] = base / f"{name}.zip"
+    return found
+
+
+def _missing_message(base: Path, missing: List[str], reason: str = "") -> str:
+    files = ", ".join(f"{name}.zip" for name in missing)
+    return (
+        f"Omniglot not found: {reason or 'missing'} {files} under {base}/. "
+        f"Place the archives images_background.zip and images_evaluation.zip from "
+        f"https://github.com/brendenlake/omniglot (folder python/) in {base}/ "
+        f"(or extract them there, giving {base}/images_background/<Alphabet>/characterNN/*.png), "
+        f"point data.root at the folder that holds omniglot-py/, "
+        f"or run with data.download=true to fetch them with torchvision."
+    )
+
+
+def _download(root: Path, base: Path, missing: List[str]) -> None:
+    from torchvision.datasets import Omniglot
+
+    try:
+        for name in missing:
+            Omniglot(str(root), background=(name == "images_background"), download=True)
+    except Exception as err:  # any network or file failure: say what to place where
+        raise MetalearnError(
+            _missing_message(base, missing, f"the download failed ({type(err).__name__}: {err}), so fetch")
+        ) from None
+
+
+def _png_members(source: Path) -> List[Tuple[str, object]]:
+    """(Alphabet/characterNN/file.png, reader) for every PNG of one archive."""
+    if source.is_dir():
+        paths = sorted(source.glob("*/*/*.png"))
+        return [(str(p.relative_to(source)), p.read_bytes) for p in paths]
+    archive = zipfile.ZipFile(source)
+    names = sorted(n for n in archive.namelist() if n.endswith(".png"))
+    return [("/".join(n.split("/")[-3:]), (lambda n=n: archive.read(n))) for n in names]
+
+
+def _decode(data: bytes) -> torch.Tensor:
+    image = Image.open(io.BytesIO(data)).convert("L")
+    # LANCZOS as in the MAML reference code's Omniglot preparation.
+    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return 255 - pixels.view(IMAGE_SIZE, IMAGE_SIZE)  # ink high
+
+
+def _decode_all(sources: Dict[str, Path]) -> Tuple[torch.Tensor, List[str]]:
+    members = [m for name in ARCHIVES for m in _png_members(sources[name])]
+    by_character: Dict[str, List[torch.Tensor]] = {}
+    for relpath, read in tqdm(members, desc="decoding Omniglot (first run only)", unit="img"):
+        character = "/".join(relpath.split("/")[:2])
+        by_character.setdefault(character, []).append(_decode(read()))
+    names = sorted(by_character)
+    short = [n for n in names if len(by_character[n]) < DRAWINGS]
+    if short:
+        raise MetalearnError(
+            f"Omniglot under {next(iter(sources.values())).parent} is incomplete: "
+            f"{len(short)} characters have fewer than {DRAWINGS} drawings (e.g. {short[0]}). "
+            f"Replace the archives with complete copies."
+        )
+    images = torch.stack([torch.stack(by_character[n][:DRAWINGS]) for n in names])
+    return images, names
+
+
+def _cache_key(sources: Dict[str, Path]) -> str:
+    """Changes when an archive is replaced by one of another size, or by a folder."""
+    return "-".join(
+        "dir" if path.is_dir() else str(path.stat().st_size) for path in (sources[name] for name in ARCHIVES)
+    )
+
+
+def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[torch.Tensor, List[str]]:
+    """All characters: images uint8 [1623, 20, 28, 28] and names 'Alphabet/characterNN'."""
+    root_path = Path(root).expanduser()
+    base = root_path / "omniglot-py"
+    sources = _sources(base)
+    missing = [name for name in ARCHIVES if name not in sources]
+    if missing and download:
+        _download(root_path, base, missing)
+        sources = _sources(base)
+        missing = [name for name in ARCHIVES if name not in sources]
+    if missing:
+        raise MetalearnError(_missing_message(base, missing))
+
+    cache_file = cache_dir(cache) / f"omniglot-{IMAGE_SIZE}px-v{CACHE_VERSION}-{_cache_key(sources)}.pt"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return cached["images"], cached["names"]
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+    try:
+        images, names = _decode_all(sources)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise MetalearnError(
+            f"Could not read Omniglot under {base}/ ({type(err).__name__}: {err}). "
+            f"The archives may be truncated: replace them with complete copies."
+        ) from None
+    atomic_torch_save({"images": images, "names": names}, cache_file)
+    return images, names
+
+
+def split_classes(split: str, part: str) -> List[str]:
+    """Class names 'Alphabet/characterNN/rotDDD' of one part of a shipped split."""
+    if split not in SPLITS:
+        raise MetalearnError(f"data.split={split} is not an Omniglot split; choose one of: {', '.join(SPLITS)}.")
+    text = resources.files("metalearn.data").joinpath(f"splits/omniglot/{split}/{part}.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_split(data_cfg, part: str) -> ClassSplit:
+    """One part (train, val or test) of an Omniglot split, rotations applied."""
+    images, names = load_characters(data_cfg.root, data_cfg.cache_dir, data_cfg.download)
+    index = {name: i for i, name in enumerate(names)}
+    classes = split_classes(data_cfg.split, part)
+    characters, quarter_turns = [], []
+    for cls in classes:
+        character, rotation = cls.rsplit("/", 1)
+        if character not in index:
+            raise MetalearnError(f"Split {data_cfg.split}/{part} names {character}, which the Omniglot data lacks.")
+        characters.append(index[character])
+        quarter_turns.append(int(rotation[3:]) // 90)
+    selected = images[torch.tensor(characters)]  # [C, 20, 28, 28]
+    turns = torch.tensor(quarter_turns)
+    for k in range(1, 4):  # rotate each class by its own multiple of 90 degrees
+        mask = turns == k
+        if mask.any():
+            selected[mask] = torch.rot90(selected[mask], k, dims=(-2, -1))
+    num_classes = len(classes)
+    return ClassSplit(
+        images=selected.reshape(num_classes * DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE).contiguous(),
+        labels=torch.arange(num_classes).repeat_interleave(DRAWINGS),
+        name=f"omniglot/{data_cfg.split}/{part}",
+    )

@@ -1,0 +1,19 @@
+"""A split of a dataset: images of the classes it may draw episodes from."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ClassSplit:
+    images: torch.Tensor  # uint8 [num_images, 1, 28, 28], ink high
+    labels: torch.Tensor  # int64 [num_images], class ids 0..num_classes-1
+    name: str  # e.g. "omniglot/vinyals/train", used in messages
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=self.num_classes)

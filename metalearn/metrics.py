@@ -1,0 +1,31 @@
+"""metrics.jsonl: one JSON object per line (step, split, loss, accuracy, ...)."""
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, **record) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut short by a crash
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Drop what was logged after the checkpoint a resumed run starts from."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)

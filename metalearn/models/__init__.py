@@ -1,0 +1,14 @@
+"""Backbones as plain nn.Modules, built by name from the model config."""
+
+from torch import nn
+
+from metalearn.errors import MetalearnError
+from metalearn.models.conv4 import Conv4
+
+MODELS = {"conv4": Conv4}
+
+
+def build_model(model_cfg, num_classes: int) -> nn.Module:
+    if model_cfg.name not in MODELS:
+        raise MetalearnError(f"model={model_cfg.name} is not a known model; choose one of: {', '.join(MODELS)}.")
+    return MODELS[model_cfg.name](num_classes=num_classes, hidden=model_cfg.hidden)

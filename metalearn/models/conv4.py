@@ -1,0 +1,32 @@
+"""The conv4 backbone of Vinyals et al. (2016) and Finn et al. (2017)."""
+
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        # Batch statistics at train and test time, as in MAML: no running
+        # averages, so a functional call has no buffers to update.
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """4 x [conv3x3, BatchNorm, ReLU, max-pool 2x2] then a linear head; 28x28 -> 1x1."""
+
+    def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_block(in_channels, hidden),
+            conv_block(hidden, hidden),
+            conv_block(hidden, hidden),
+            conv_block(hidden, hidden),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))

@@ -1,0 +1,146 @@
+"""The training loop: episodes -> algorithm step -> metrics, validation, checkpoints.
+
+It knows nothing about any one algorithm. Everything that decides the next
+step (weights, optimizer, sampler RNG, step, best score, the metric window)
+goes into last.pt, so a run stopped at any point and resumed ends exactly as
+one that ran straight through (on CPU).
+"""
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from metalearn.algorithms import build_algorithm
+from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from metalearn.config import validate
+from metalearn.data import EpisodeSampler, load_split
+from metalearn.device import resolve_device
+from metalearn.errors import MetalearnError
+from metalearn.evaluate import run_episodes
+from metalearn.metrics import MetricsLog
+from metalearn.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class GracefulStop:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.signum = None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: saving checkpoints/last.pt after this step", signal.Signals(signum).name)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _new_window() -> dict:
+    return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "tasks": 0, "seconds": 0.0}
+
+
+def train(cfg: DictConfig) -> Path:
+    validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    last_path = checkpoint_path(run_dir, "last")
+    if cfg.resume is None and last_path.exists():
+        raise MetalearnError(
+            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
+            f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
+        )
+    device = resolve_device(cfg.device.name)
+    torch.manual_seed(cfg.seed)
+    data, loop = cfg.data, cfg.train
+
+    train_sampler = EpisodeSampler(load_split(data, "train"), data.ways, data.shots, data.queries, device,
+                                   seed=cfg.seed)
+    val_sampler = EpisodeSampler(load_split(data, "val"), data.ways, data.shots, data.queries, device,
+                                 seed=cfg.eval.seed)
+    model = build_model(cfg.model, data.ways).to(device)
+    algo = build_algorithm(cfg.algo, model, device)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    step, best_val, window = 0, -1.0, _new_window()
+
+    if cfg.resume is not None:
+        ckpt = load_checkpoint(last_path)
+        algo.load_state_dict(ckpt["algo"])
+        train_sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, best_val, window = ckpt["step"], ckpt["best_val_accuracy"], ckpt["window"]
+        metrics.truncate_after(step)
+        log.info("resuming %s from step %d", run_dir, step)
+    else:
+        log.info("run folder %s on %s", run_dir, device)
+
+    def save(which: str) -> None:
+        save_checkpoint(checkpoint_path(run_dir, which), {
+            "step": step,
+            "algo": algo.state_dict(),
+            "sampler": train_sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_accuracy": best_val,
+            "window": dict(window),
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        })
+
+    started = time.perf_counter()
+    if step >= loop.steps:
+        log.info("the run is already at step %d of train.steps=%d: nothing to train", step, loop.steps)
+    with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
+        total=loop.steps, initial=step, desc="meta-training", unit="step", dynamic_ncols=True
+    ) as bar:
+        while step < loop.steps and stop.signum is None:
+            tick = time.perf_counter()
+            result = algo.meta_train_step(train_sampler.sample(loop.meta_batch_size))
+            seconds = time.perf_counter() - tick
+            step += 1
+            window["loss"] += result["loss"]
+            window["accuracy"] += result["accuracy"]
+            window["steps"] += 1
+            window["tasks"] += loop.meta_batch_size
+            window["seconds"] += seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['accuracy']:.3f}",
+                            tasks_per_s=f"{loop.meta_batch_size / seconds:.1f}", refresh=False)
+
+            if step % loop.log_every == 0 or step == loop.steps:
+                metrics.write(step=step, split="train", loss=window["loss"] / window["steps"],
+                              accuracy=window["accuracy"] / window["steps"],
+                              tasks_per_s=window["tasks"] / max(window["seconds"], 1e-9),
+                              time=time.perf_counter() - started)
+                window = _new_window()
+            if step % loop.val_every == 0 or step == loop.steps:
+                val_sampler.reseed(cfg.eval.seed)  # the same validation tasks every time
+                val = run_episodes(algo, val_sampler, loop.val_episodes, loop.meta_batch_size, "validating")
+                metrics.write(step=step, split="val", loss=val.loss, accuracy=val.accuracy, ci95=val.ci95,
+                              episodes=val.episodes, time=time.perf_counter() - started)
+                log.info("step %d: val accuracy %.2f%% ± %.2f", step, 100 * val.accuracy, 100 * val.ci95)
+                if val.accuracy > best_val:
+                    best_val = val.accuracy
+                    save("best")
+            if step % loop.ckpt_every == 0 or step == loop.steps:
+                save("last")
+
+    if stop.signum is not None:
+        save("last")
+        log.warning("stopped at step %d; checkpoints/last.pt saved", step)
+        print(f"run folder: {run_dir}\nresume with: metalearn train resume={run_dir}")
+        raise SystemExit(128 + stop.signum)
+    print(f"run folder: {run_dir}")
+    return run_dir
