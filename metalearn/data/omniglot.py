@@ -137,10 +137,20 @@ def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[to
 
 
 def split_classes(split: str, part: str) -> List[str]:
-    """Class names 'Alphabet/characterNN/rotDDD' of one part of a shipped split."""
-    if split not in SPLITS:
-        raise MetalearnError(f"data.split={split} is not an Omniglot split; choose one of: {', '.join(SPLITS)}.")
-    text = resources.files("metalearn.data").joinpath(f"splits/omniglot/{split}/{part}.txt").read_text()
+    """Class names 'Alphabet/characterNN/rotDDD' of one part of a split.
+
+    `split` is a shipped split (vinyals, lake) or a folder of one's own holding
+    train.txt, val.txt and test.txt in the same format.
+    """
+    if split in SPLITS:
+        text = resources.files("metalearn.data").joinpath(f"splits/omniglot/{split}/{part}.txt").read_text()
+    elif (Path(split).expanduser() / f"{part}.txt").is_file():
+        text = (Path(split).expanduser() / f"{part}.txt").read_text()
+    else:
+        raise MetalearnError(
+            f"data.split={split} is neither an Omniglot split ({', '.join(SPLITS)}) nor a folder holding "
+            f"train.txt, val.txt and test.txt (no {part}.txt there)."
+        )
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

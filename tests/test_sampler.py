@@ -1,0 +1,85 @@
+"""The on-device episode sampler: shapes, labels, determinism, resumable state, errors."""
+
+import pytest
+import torch
+
+from metalearn.data import ClassSplit, EpisodeSampler
+from metalearn.errors import MetalearnError
+
+
+def labelled_split(num_classes=10, per_class=20, uneven=False) -> ClassSplit:
+    """Every image's pixels encode (class, index) so episodes can be traced back."""
+    counts = [per_class - (c % 3 if uneven else 0) for c in range(num_classes)]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    within = torch.cat([torch.arange(n) for n in counts])
+    images = torch.zeros(len(labels), 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels.to(torch.uint8)
+    images[:, 0, 0, 1] = within.to(torch.uint8)
+    # shuffle so the sampler cannot rely on images being grouped by class
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    return ClassSplit(images[order], labels[order], "labelled")
+
+
+def decode(x: torch.Tensor):
+    pixels = (x[..., 0, 0, :2] * 255).round().long()
+    return pixels[..., 0], pixels[..., 1]  # class, index within class
+
+
+def test_shapes_and_labels():
+    sampler = EpisodeSampler(labelled_split(), ways=5, shots=2, queries=3, device="cpu", seed=0)
+    ep = sampler.sample(4)
+    assert ep.support.shape == (4, 10, 1, 28, 28) and ep.query.shape == (4, 15, 1, 28, 28)
+    assert ep.support.dtype == torch.float32 and 0 <= ep.support.min() and ep.support.max() <= 1
+    assert ep.support_labels.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]] * 4
+    assert ep.query_labels[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_tasks_are_consistent_and_images_distinct(uneven):
+    sampler = EpisodeSampler(labelled_split(uneven=uneven), ways=5, shots=2, queries=3, device="cpu", seed=1)
+    ep = sampler.sample(50)
+    s_cls, s_idx = decode(ep.support)
+    q_cls, q_idx = decode(ep.query)
+    for t in range(50):
+        # one dataset class per task label, the same in support and query
+        mapping = {}
+        for cls, label in zip(torch.cat([s_cls[t], q_cls[t]]).tolist(),
+                              torch.cat([ep.support_labels[t], ep.query_labels[t]]).tolist()):
+            assert mapping.setdefault(label, cls) == cls
+        assert len(set(mapping.values())) == 5  # distinct classes
+        # no image appears twice in a task (support and query disjoint)
+        pairs = list(zip(torch.cat([s_cls[t], q_cls[t]]).tolist(), torch.cat([s_idx[t], q_idx[t]]).tolist()))
+        assert len(set(pairs)) == len(pairs)
+        if uneven:  # never an index beyond a class's own images
+            counts = labelled_split(uneven=True).class_counts()
+            assert all(i < counts[c] for c, i in pairs)
+
+
+def test_all_classes_and_images_get_drawn():
+    sampler = EpisodeSampler(labelled_split(), ways=5, shots=1, queries=1, device="cpu", seed=2)
+    ep = sampler.sample(400)
+    cls, idx = decode(torch.cat([ep.support, ep.query], dim=1))
+    assert set(cls.flatten().tolist()) == set(range(10))
+    assert set(idx.flatten().tolist()) == set(range(20))
+
+
+def test_same_seed_same_episodes_and_state_resumes():
+    a = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=7)
+    b = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=7)
+    c = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=8)
+    first = a.sample(8)
+    assert torch.equal(first.support, b.sample(8).support)
+    assert not torch.equal(first.support, c.sample(8).support)
+    state = a.state_dict()
+    expected = a.sample(8)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample(8).query, expected.query)
+    a.reseed(7)
+    assert torch.equal(a.sample(8).support, first.support)
+
+
+def test_impossible_tasks_say_what_is_possible():
+    with pytest.raises(MetalearnError, match=r"data.ways <= 10"):
+        EpisodeSampler(labelled_split(), ways=11, shots=1, queries=1, device="cpu", seed=0)
+    with pytest.raises(MetalearnError, match=r"data.shots \+ data.queries <= 20"):
+        EpisodeSampler(labelled_split(), ways=5, shots=5, queries=16, device="cpu", seed=0)
