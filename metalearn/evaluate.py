@@ -74,10 +74,9 @@ def evaluate(cfg: DictConfig) -> EpisodeResult:
     algo = build_algorithm(cfg.algo, model, device)
     algo.load_state_dict(ckpt["algo"])
     result = run_episodes(algo, sampler, cfg.eval.episodes, cfg.train.meta_batch_size, "evaluating")
-    print(
-        f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
-        f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {which}.pt)"
-    )
+    line = (f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
+            f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {which}.pt)")
+    print(line)
     record = {
         **asdict(result),
         "dataset": data.name,
@@ -94,5 +93,5 @@ def evaluate(cfg: DictConfig) -> EpisodeResult:
     }
     with open(run_dir / "evals.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
-    log.info("evaluated %s: %s", which, json.dumps(record))
+    log.info("%s: %s", line, json.dumps(record))
     return result
