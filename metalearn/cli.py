@@ -81,8 +81,17 @@ def _find(args: List[str], key: str):
     return values[-1] if values else None
 
 
+# Keys that mean the same for every dataset; the others (data.split,
+# data.classes) belong to one dataset and are not carried to another.
+PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.ways", "data.shots", "data.queries")
+
+
 def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
-    """The run's saved task overrides, then `args`; a key given in `args` wins."""
+    """The run's saved task overrides, then `args`; a key given in `args` wins.
+
+    Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
+    shape and data folders but not its dataset-specific keys.
+    """
     folder = Path(run_dir)
     saved_path = folder / ".hydra" / "overrides.yaml"
     if not folder.is_dir():
@@ -92,8 +101,11 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
             f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
             f"(give the folder that `metalearn train` printed at the end)."
         )
+    saved = list(OmegaConf.load(saved_path))
+    if _find(args, "data") is not None:
+        saved = [o for o in saved if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
     merged: Dict[str, str] = {}
-    for override in list(OmegaConf.load(saved_path)) + [a for a in args if "=" in a and not a.startswith("-")]:
+    for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
         key = _override_key(override)
         if key not in drop and not key.startswith("hydra."):
             merged.pop(key, None)

@@ -7,7 +7,7 @@ the error names the key.
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -38,6 +38,15 @@ class AlgoConfig:
 
 
 @dataclass
+class ClassLists:
+    """Which classes each part of a split draws from (datasets with few classes, e.g. MNIST)."""
+
+    train: List[int] = MISSING
+    val: List[int] = MISSING
+    test: List[int] = MISSING
+
+
+@dataclass
 class DataConfig:
     name: str = "omniglot"
     root: str = "data"
@@ -48,6 +57,7 @@ class DataConfig:
     download: bool = False
     # Decoded-tensor cache; null means $METALEARN_CACHE or ~/.cache/metalearn.
     cache_dir: Optional[str] = None
+    classes: Optional[ClassLists] = None
 
 
 @dataclass

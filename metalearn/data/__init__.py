@@ -1,11 +1,11 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
-from metalearn.data import omniglot
+from metalearn.data import mnist, omniglot
 from metalearn.data.sampler import Episodes, EpisodeSampler
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
 
-DATASETS = {"omniglot": omniglot.load_split}
+DATASETS = {"omniglot": omniglot.load_split, "mnist": mnist.load_split}
 
 
 def load_split(data_cfg, part: str) -> ClassSplit:
