@@ -28,6 +28,11 @@ commands:
                metalearn train resume=<run folder> [train.steps=...]
   eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
+               metalearn eval run=<omniglot run> data=mnist     (cross-domain)
+  data    look at a dataset: `data info` (classes and images per split, cache)
+          or `data preview` (a PNG of one sampled episode)
+          e.g. metalearn data info data=mnist data.root=/data
+               metalearn data preview data=omniglot data.ways=5 data.shots=1 [part=val] [out=x.png]
 
 `metalearn <command> --help` lists the config groups and keys of a command;
 `metalearn <command> --cfg job [overrides]` prints the composed config.
@@ -116,6 +121,10 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
 
 
 def _prepare(command: str, args: List[str]) -> List[str]:
+    if command == "data":
+        if not args or args[0] not in DATA_ACTIONS:
+            raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")
+        return [f"action={args[0]}", *args[1:]]
     if command == "train":
         run = _find(args, "resume")
         if run is None:
@@ -131,7 +140,16 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
 
 
-COMMANDS = {"train": train_app, "eval": eval_app}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="inspect")
+@_user_errors_exit
+def data_app(cfg: DictConfig) -> None:
+    from metalearn.inspect_data import run
+
+    run(cfg)
+
+
+COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
+DATA_ACTIONS = ("info", "preview")
 
 
 def main(argv: List[str] = None) -> None:

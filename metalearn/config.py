@@ -21,6 +21,17 @@ class Vectorize(Enum):
     loop = "loop"
 
 
+class DataAction(Enum):
+    info = "info"
+    preview = "preview"
+
+
+class SplitPart(Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
 class CheckpointName(Enum):
     best = "best"
     last = "last"
@@ -105,10 +116,18 @@ class EvalAppConfig(TrainAppConfig):
     checkpoint: CheckpointName = CheckpointName.best
 
 
+@dataclass
+class DataAppConfig(TrainAppConfig):
+    action: DataAction = DataAction.info
+    part: SplitPart = SplitPart.train  # which part `preview` samples from
+    out: Optional[str] = None  # preview PNG path; null: preview-<data>-<part>-<ways>w<shots>s.png
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
+    store.store(name="data_schema", node=DataAppConfig)
 
 
 def _require(condition: bool, message: str) -> None:
