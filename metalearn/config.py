@@ -58,6 +58,14 @@ class ClassLists:
 
 
 @dataclass
+class ReplayConfig:
+    """Task replay: mix earlier meta-training tasks back into each meta-batch."""
+
+    fraction: float = 0.0  # share of each meta-batch drawn from the buffer; 0 turns replay off
+    size: int = 1000  # tasks kept, the oldest replaced first
+
+
+@dataclass
 class DataConfig:
     name: str = "omniglot"
     root: str = "data"
@@ -69,6 +77,7 @@ class DataConfig:
     # Decoded-tensor cache; null means $METALEARN_CACHE or ~/.cache/metalearn.
     cache_dir: Optional[str] = None
     classes: Optional[ClassLists] = None
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 @dataclass

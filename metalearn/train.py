@@ -69,7 +69,8 @@ def train(cfg: DictConfig) -> Path:
     data, loop = cfg.data, cfg.train
 
     train_sampler = EpisodeSampler(load_split(data, "train"), data.ways, data.shots, data.queries, device,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, replay_fraction=data.replay.fraction,
+                                   replay_size=data.replay.size)
     val_sampler = EpisodeSampler(load_split(data, "val"), data.ways, data.shots, data.queries, device,
                                  seed=cfg.eval.seed)
     model = build_model(cfg.model, data.ways).to(device)

@@ -70,9 +70,11 @@ def test_eval_uses_a_fixed_seed(cli, tiny_overrides, tmp_path):
     assert a == b and a != c
 
 
-def test_resumed_run_equals_a_straight_run(cli, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("replay", [[], ["data.replay.fraction=0.5", "data.replay.size=3"]],
+                         ids=["plain", "task_replay"])
+def test_resumed_run_equals_a_straight_run(cli, tiny_overrides, tmp_path, replay):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*tiny_overrides, "train.steps=6", "train.val_every=3", "train.ckpt_every=1"]
+    common = [*tiny_overrides, *replay, "train.steps=6", "train.val_every=3", "train.ckpt_every=1"]
     cli("train", *common, f"hydra.run.dir={straight}", cwd=tmp_path)
     cli("train", *common, "train.steps=3", f"hydra.run.dir={split}", cwd=tmp_path)
     # the resumed run keeps the original overrides (tiny data, cpu) and takes the new train.steps

@@ -83,3 +83,44 @@ def test_impossible_tasks_say_what_is_possible():
         EpisodeSampler(labelled_split(), ways=11, shots=1, queries=1, device="cpu", seed=0)
     with pytest.raises(MetalearnError, match=r"data.shots \+ data.queries <= 20"):
         EpisodeSampler(labelled_split(), ways=5, shots=5, queries=16, device="cpu", seed=0)
+
+
+def task_keys(ep):
+    """Each task as a hashable tuple of its images' (class, index) codes."""
+    cls, idx = decode(torch.cat([ep.support, ep.query], dim=1))
+    return [tuple(zip(c.tolist(), i.tolist())) for c, i in zip(cls, idx)]
+
+
+def test_replay_mixes_earlier_tasks_into_each_batch():
+    sampler = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=0, replay_fraction=0.25, replay_size=6)
+    seen = []
+    first = task_keys(sampler.sample(8))
+    assert len(set(first)) == 8  # nothing to replay yet: all fresh
+    seen += first
+    for _ in range(5):
+        batch = task_keys(sampler.sample(8))
+        fresh, replayed = batch[:6], batch[6:]
+        assert len(replayed) == 2
+        recent = seen[-6:]  # the buffer keeps the last 6 tasks
+        assert all(task in recent for task in replayed)
+        seen += fresh
+
+
+def test_replay_is_deterministic_and_resumes_exactly():
+    make = lambda: EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=4, replay_fraction=0.5,  # noqa: E731
+                                  replay_size=5)
+    a, b = make(), make()
+    for _ in range(3):
+        assert torch.equal(a.sample(4).support, b.sample(4).support)
+    state = a.state_dict()
+    expected = [a.sample(4).query for _ in range(3)]
+    c = make()
+    c.load_state_dict(state)
+    assert all(torch.equal(c.sample(4).query, e) for e in expected)
+
+
+def test_replay_settings_are_checked():
+    with pytest.raises(MetalearnError, match="data.replay.fraction"):
+        EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=1.0, replay_size=10)
+    with pytest.raises(MetalearnError, match="data.replay.size"):
+        EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=0.5, replay_size=0)
