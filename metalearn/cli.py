@@ -73,6 +73,18 @@ def eval_app(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="inspect")
+@_user_errors_exit
+def data_app(cfg: DictConfig) -> None:
+    from metalearn.inspect_data import run
+
+    run(cfg)
+
+
+COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
+DATA_ACTIONS = ("info", "preview")
+
+
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -108,7 +120,8 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
         )
     saved = list(OmegaConf.load(saved_path))
     if _find(args, "data") is not None:
-        saved = [o for o in saved if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
+        saved = [o for o in saved
+                 if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
     merged: Dict[str, str] = {}
     for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
         key = _override_key(override)
@@ -138,18 +151,6 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             return args
         raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
     return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="inspect")
-@_user_errors_exit
-def data_app(cfg: DictConfig) -> None:
-    from metalearn.inspect_data import run
-
-    run(cfg)
-
-
-COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
-DATA_ACTIONS = ("info", "preview")
 
 
 def main(argv: List[str] = None) -> None:
