@@ -15,6 +15,15 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never lands in a folder that already holds one."""
+    if checkpoint_path(run_dir, "last").exists():
+        raise MetalearnError(
+            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
+            f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
+        )
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
 

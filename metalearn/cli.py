@@ -15,6 +15,7 @@ from typing import Callable, Dict, List
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from metalearn.checkpoint import refuse_existing_run
 from metalearn.config import register_schemas
 from metalearn.errors import MetalearnError
 
@@ -141,6 +142,9 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     if command == "train":
         run = _find(args, "resume")
         if run is None:
+            run_dir = _find(args, "hydra.run.dir")
+            if run_dir is not None:  # checked before Hydra rewrites <run>/.hydra
+                refuse_existing_run(Path(run_dir.strip("'\"")))
             return args
         replayed = replay_run_overrides(run, args, drop=("resume",))
         return replayed + [f"resume={_quoted(run)}", f"hydra.run.dir={_quoted(run)}"]

@@ -18,11 +18,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn.algorithms import build_algorithm
-from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import checkpoint_path, load_checkpoint, refuse_existing_run, save_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import resolve_device
-from metalearn.errors import MetalearnError
 from metalearn.evaluate import run_episodes
 from metalearn.metrics import MetricsLog
 from metalearn.models import build_model
@@ -59,11 +58,8 @@ def train(cfg: DictConfig) -> Path:
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     last_path = checkpoint_path(run_dir, "last")
-    if cfg.resume is None and last_path.exists():
-        raise MetalearnError(
-            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
-            f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
-        )
+    if cfg.resume is None:
+        refuse_existing_run(run_dir)
     device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
     data, loop = cfg.data, cfg.train

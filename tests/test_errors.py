@@ -94,9 +94,11 @@ def test_eval_needs_a_run_folder(trained_run, tmp_path):
 
 
 def test_a_finished_run_folder_is_not_overwritten(trained_run, tiny_overrides, tmp_path):
-    before = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    kept = [trained_run / "checkpoints" / "last.pt", trained_run / ".hydra" / "overrides.yaml",
+            trained_run / ".hydra" / "config.yaml"]
+    before = [path.read_bytes() for path in kept]
     fails("train", *tiny_overrides, f"hydra.run.dir={trained_run}", match="resume=", cwd=tmp_path)
-    assert (trained_run / "checkpoints" / "last.pt").read_bytes() == before
+    assert [path.read_bytes() for path in kept] == before
 
 
 def test_resume_without_a_checkpoint(tmp_path, trained_run):
