@@ -95,9 +95,11 @@ def test_sigint_saves_last_and_the_run_resumes(tiny_overrides, tmp_path):
         [str(exe), "train", *overrides, "train.steps=100000", "train.val_every=100000",
          "train.ckpt_every=100000", "train.log_every=1", f"hydra.run.dir={run}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+    deadline = time.time() + 600
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        if time.time() > deadline or process.poll() is not None:
+            process.kill()
+            pytest.fail(f"the run made no progress to interrupt:\n{process.communicate()[1]}")
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
