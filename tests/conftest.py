@@ -101,7 +101,7 @@ def tiny_overrides(tiny_data) -> list:
     ]
 
 
-def metalearn_cli(*args, cwd=None, check=True, timeout=300, **popen) -> subprocess.CompletedProcess:
+def metalearn_cli(*args, cwd=None, check=True, timeout=900, **popen) -> subprocess.CompletedProcess:
     """Run the installed `metalearn` console script; on failure show its output."""
     exe = Path(sys.executable).parent / "metalearn"
     command = [str(exe) if exe.exists() else "metalearn", *map(str, args)]
