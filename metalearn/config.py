@@ -7,7 +7,7 @@ the error names the key.
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -37,15 +37,82 @@ class CheckpointName(Enum):
     last = "last"
 
 
+class AdaptedParams(Enum):
+    all = "all"  # MAML: the inner loop adapts every weight
+    head = "head"  # ANIL: only the linear head; the body is reused as it is
+
+
+class InnerOptimizer(Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
 @dataclass
 class AlgoConfig:
+    """Keys every algorithm has. Training episodes may differ from evaluated tasks (null: data.*)."""
+
     name: str = MISSING
+    outer_lr: float = 1e-3
+    train_ways: Optional[int] = None
+    train_shots: Optional[int] = None
+    train_queries: Optional[int] = None
+
+
+@dataclass
+class MAMLConfig(AlgoConfig):
+    """MAML, first-order MAML, ANIL (adapt=head) and Meta-SGD (learn_inner_lr)."""
+
     inner_lr: float = 0.4
     inner_steps: int = 1
     inner_steps_eval: int = 10
-    outer_lr: float = 1e-3
     first_order: bool = False
     vectorize: Vectorize = Vectorize.auto
+    adapt: AdaptedParams = AdaptedParams.all
+    # Meta-SGD: one learned inner rate per weight, first drawn uniformly from this range.
+    learn_inner_lr: bool = False
+    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])
+
+
+@dataclass
+class ReptileConfig(AlgoConfig):
+    inner_lr: float = 1e-3
+    inner_steps: int = 5
+    inner_batch: int = 10  # images per inner step, drawn from the task without replacement
+    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
+    inner_steps_eval: int = 50
+    inner_batch_eval: int = 5
+    outer_lr_final: float = 0.0  # the outer step size anneals linearly from outer_lr to this
+    vectorize: Vectorize = Vectorize.auto
+
+
+@dataclass
+class ProtoNetConfig(AlgoConfig):
+    lr_decay: float = 0.5  # the outer learning rate is multiplied by this ...
+    lr_decay_every: int = 2000  # ... every this many steps
+    vectorize: Vectorize = Vectorize.auto
+
+
+@dataclass
+class FinetuneConfig(AlgoConfig):
+    """Pretrain a classifier on all meta-train classes; fit a new head on each support set."""
+
+    batch_size: int = 64  # images per pretraining step
+    head_lr: float = 0.01
+    head_momentum: float = 0.9
+    head_dampening: float = 0.9
+    head_weight_decay: float = 0.001
+    head_steps: int = 100
+
+
+@dataclass
+class DistillConfig(FinetuneConfig):
+    teacher: str = MISSING  # a finished finetune (or distill) run folder
+    temperature: float = 4.0
+    distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest is cross-entropy
+
+
+ALGO_SCHEMAS = {"maml": MAMLConfig, "reptile": ReptileConfig, "protonet": ProtoNetConfig,
+                "finetune": FinetuneConfig, "distill": DistillConfig}
 
 
 @dataclass
@@ -109,7 +176,7 @@ class EvalConfig:
 
 @dataclass
 class TrainAppConfig:
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    algo: Any = MISSING  # typed by the algorithm's own schema (ALGO_SCHEMAS), named in its YAML
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -137,6 +204,18 @@ def register_schemas() -> None:
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
     store.store(name="data_schema", node=DataAppConfig)
+    for name, schema in ALGO_SCHEMAS.items():
+        store.store(group="schema/algo", name=name, node=schema)
+
+
+def training_episode_shape(cfg: DictConfig) -> Tuple[int, int, int]:
+    """(ways, shots, queries) of meta-training episodes: algo.train_* where set, else data.*."""
+    a, d = cfg.algo, cfg.data
+
+    def pick(override, default):
+        return default if override is None else override
+
+    return pick(a.train_ways, d.ways), pick(a.train_shots, d.shots), pick(a.train_queries, d.queries)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -155,7 +234,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("val_every", "val_episodes", "ckpt_every", "log_every"):
         _require(t[key] >= 1, f"train.{key} must be at least 1 (got {t[key]}).")
     _require(cfg.eval.episodes >= 1, f"eval.episodes must be at least 1 (got {cfg.eval.episodes}).")
-    _require(a.inner_steps >= 1, f"algo.inner_steps must be at least 1 (got {a.inner_steps}).")
-    _require(a.inner_steps_eval >= 1, f"algo.inner_steps_eval must be at least 1 (got {a.inner_steps_eval}).")
-    _require(a.inner_lr > 0, f"algo.inner_lr must be positive (got {a.inner_lr}).")
-    _require(a.outer_lr > 0, f"algo.outer_lr must be positive (got {a.outer_lr}).")
+    for key in ("outer_lr", "inner_lr", "head_lr", "temperature"):
+        if key in a:
+            _require(a[key] > 0, f"algo.{key} must be positive (got {a[key]}).")
+    for key in ("inner_steps", "inner_steps_eval", "inner_batch", "inner_batch_eval", "batch_size", "head_steps",
+                "lr_decay_every", "train_shots"):
+        if a.get(key) is not None:
+            _require(a[key] >= 1, f"algo.{key} must be at least 1 (got {a[key]}).")
+    if a.train_ways is not None:
+        _require(a.train_ways >= 2, f"algo.train_ways must be at least 2 (got {a.train_ways}).")
+    if a.train_queries is not None:
+        _require(a.train_queries >= 0, f"algo.train_queries must be at least 0 (got {a.train_queries}).")
+    if "distill_weight" in a:
+        _require(0 <= a.distill_weight <= 1, f"algo.distill_weight must be in [0, 1] (got {a.distill_weight}).")

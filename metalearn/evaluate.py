@@ -22,7 +22,6 @@ from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import resolve_device
-from metalearn.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ def evaluate(cfg: DictConfig) -> EpisodeResult:
     data = cfg.data
     sampler = EpisodeSampler(load_split(data, "test"), data.ways, data.shots, data.queries, device,
                              seed=cfg.eval.seed)
-    model = build_model(cfg.model, data.ways).to(device)
-    algo = build_algorithm(cfg.algo, model, device)
+    algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0))
     algo.load_state_dict(ckpt["algo"])
     result = run_episodes(algo, sampler, cfg.eval.episodes, cfg.train.meta_batch_size, "evaluating")
     line = (f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "

@@ -19,12 +19,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn.algorithms import build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, refuse_existing_run, save_checkpoint
-from metalearn.config import validate
+from metalearn.config import training_episode_shape, validate
+from metalearn.errors import MetalearnError
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import resolve_device
 from metalearn.evaluate import run_episodes
 from metalearn.metrics import MetricsLog
-from metalearn.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class GracefulStop:
 
 
 def _new_window() -> dict:
-    return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "tasks": 0, "seconds": 0.0}
+    return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "items": 0, "seconds": 0.0}
 
 
 def train(cfg: DictConfig) -> Path:
@@ -64,13 +64,15 @@ def train(cfg: DictConfig) -> Path:
     torch.manual_seed(cfg.seed)
     data, loop = cfg.data, cfg.train
 
-    train_sampler = EpisodeSampler(load_split(data, "train"), data.ways, data.shots, data.queries, device,
-                                   seed=cfg.seed, replay_fraction=data.replay.fraction,
-                                   replay_size=data.replay.size)
+    train_split = load_split(data, "train")
+    algo = build_algorithm(cfg, device, train_split.num_classes)
+    ways, shots, queries = training_episode_shape(cfg)
+    if queries < 1 and algo.needs_queries:
+        raise MetalearnError(f"algo={cfg.algo.name} trains on query images: algo.train_queries must be at least 1.")
+    train_sampler = EpisodeSampler(train_split, ways, shots, queries, device, seed=cfg.seed,
+                                   replay_fraction=data.replay.fraction, replay_size=data.replay.size)
     val_sampler = EpisodeSampler(load_split(data, "val"), data.ways, data.shots, data.queries, device,
                                  seed=cfg.eval.seed)
-    model = build_model(cfg.model, data.ways).to(device)
-    algo = build_algorithm(cfg.algo, model, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     step, best_val, window = 0, -1.0, _new_window()
 
@@ -93,9 +95,11 @@ def train(cfg: DictConfig) -> Path:
             "torch_rng": torch.get_rng_state(),
             "best_val_accuracy": best_val,
             "window": dict(window),
+            "train_classes": train_split.num_classes,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
 
+    rate_key = f"{algo.throughput_unit}_per_s"
     started = time.perf_counter()
     if step >= loop.steps:
         log.info("the run is already at step %d of train.steps=%d: nothing to train", step, loop.steps)
@@ -104,22 +108,24 @@ def train(cfg: DictConfig) -> Path:
     ) as bar:
         while step < loop.steps and stop.signum is None:
             tick = time.perf_counter()
-            result = algo.meta_train_step(train_sampler.sample(loop.meta_batch_size))
+            batch = algo.sample(train_sampler, loop.meta_batch_size)
+            result = algo.meta_train_step(batch)
             seconds = time.perf_counter() - tick
+            items = len(batch[0])  # tasks, or images for a classifier's batch
             step += 1
             window["loss"] += result["loss"]
             window["accuracy"] += result["accuracy"]
             window["steps"] += 1
-            window["tasks"] += loop.meta_batch_size
+            window["items"] += items
             window["seconds"] += seconds
             bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['accuracy']:.3f}",
-                            tasks_per_s=f"{loop.meta_batch_size / seconds:.1f}", refresh=False)
+            bar.set_postfix({"loss": f"{result['loss']:.3f}", "acc": f"{result['accuracy']:.3f}",
+                             rate_key: f"{items / seconds:.1f}"}, refresh=False)
 
             if step % loop.log_every == 0 or step == loop.steps:
                 metrics.write(step=step, split="train", loss=window["loss"] / window["steps"],
                               accuracy=window["accuracy"] / window["steps"],
-                              tasks_per_s=window["tasks"] / max(window["seconds"], 1e-9),
+                              **{rate_key: window["items"] / max(window["seconds"], 1e-9)},
                               time=time.perf_counter() - started)
                 window = _new_window()
             if step % loop.val_every == 0 or step == loop.steps:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metalearn.algorithms.maml import MAML, resolve_vectorize
+from metalearn.algorithms.batching import resolve_vectorize
+from metalearn.algorithms.maml import MAML
 from metalearn.config import Vectorize
 from metalearn.data import ClassSplit, EpisodeSampler
 from metalearn.models import Conv4

@@ -1,31 +1,77 @@
-"""Algorithms by name; each implements metalearn.algorithms.base.Algorithm."""
+"""Algorithms by name; each implements metalearn.algorithms.base.Algorithm.
+
+A builder gets the composed config, the device and the number of meta-train
+classes (the head size of the classifier baselines) and returns the
+algorithm with its model on the device.
+"""
 
 import torch
+from omegaconf import DictConfig
 
 from metalearn.algorithms.base import Algorithm
-from metalearn.algorithms.maml import MAML, resolve_vectorize
+from metalearn.algorithms.batching import resolve_vectorize
+from metalearn.algorithms.finetune import Distill, Finetune
+from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.protonet import ProtoNet
+from metalearn.algorithms.reptile import Reptile
+from metalearn.config import AdaptedParams, InnerOptimizer
 from metalearn.errors import MetalearnError
+from metalearn.models import build_model
 
 
-def _maml(algo_cfg, model, device):
-    return MAML(
-        model,
-        inner_lr=algo_cfg.inner_lr,
-        inner_steps=algo_cfg.inner_steps,
-        inner_steps_eval=algo_cfg.inner_steps_eval,
-        outer_lr=algo_cfg.outer_lr,
-        first_order=algo_cfg.first_order,
-        vectorize=resolve_vectorize(algo_cfg.vectorize, device),
-    )
+def _maml(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    a = cfg.algo
+    if a.train_ways not in (None, cfg.data.ways):
+        raise MetalearnError(f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
+                             f"{cfg.data.ways}-way tasks: leave algo.train_ways unset.")
+    return MAML(build_model(cfg.model, cfg.data.ways).to(device), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
+                inner_steps_eval=a.inner_steps_eval, outer_lr=a.outer_lr, first_order=a.first_order,
+                vectorize=resolve_vectorize(a.vectorize, device),
+                head_only=AdaptedParams(a.adapt) is AdaptedParams.head, learn_inner_lr=a.learn_inner_lr,
+                inner_lr_init=tuple(a.inner_lr_init))
 
 
-ALGORITHMS = {"maml": _maml, "fomaml": _maml}
+def _reptile(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    a = cfg.algo
+    if a.train_ways not in (None, cfg.data.ways):
+        raise MetalearnError(f"algo=reptile fine-tunes a {cfg.data.ways}-way head: leave algo.train_ways unset.")
+    return Reptile(build_model(cfg.model, cfg.data.ways).to(device), inner_lr=a.inner_lr,
+                   inner_steps=a.inner_steps, inner_batch=a.inner_batch, inner_optimizer=InnerOptimizer(a.inner_optimizer).value,
+                   inner_steps_eval=a.inner_steps_eval, inner_batch_eval=a.inner_batch_eval, outer_lr=a.outer_lr,
+                   outer_lr_final=a.outer_lr_final, total_steps=cfg.train.steps,
+                   vectorize=resolve_vectorize(a.vectorize, device))
 
 
-def build_algorithm(algo_cfg, model: torch.nn.Module, device: torch.device) -> Algorithm:
-    if algo_cfg.name not in ALGORITHMS:
-        raise MetalearnError(f"algo={algo_cfg.name} is not a known algorithm; choose one of: {', '.join(ALGORITHMS)}.")
-    return ALGORITHMS[algo_cfg.name](algo_cfg, model, device)
+def _protonet(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    a = cfg.algo
+    return ProtoNet(build_model(cfg.model, 0).to(device), outer_lr=a.outer_lr, lr_decay=a.lr_decay,
+                    lr_decay_every=a.lr_decay_every, vectorize=resolve_vectorize(a.vectorize, device))
+
+
+def _finetune_args(a: DictConfig) -> dict:
+    return dict(outer_lr=a.outer_lr, batch_size=a.batch_size, head_lr=a.head_lr, head_momentum=a.head_momentum,
+                head_dampening=a.head_dampening, head_weight_decay=a.head_weight_decay, head_steps=a.head_steps)
+
+
+def _finetune(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    return Finetune(build_model(cfg.model, train_classes).to(device), **_finetune_args(cfg.algo))
+
+
+def _distill(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    a = cfg.algo
+    return Distill(build_model(cfg.model, train_classes).to(device), teacher=a.teacher, temperature=a.temperature,
+                   distill_weight=a.distill_weight, **_finetune_args(a))
+
+
+ALGORITHMS = {"maml": _maml, "fomaml": _maml, "anil": _maml, "metasgd": _maml, "reptile": _reptile,
+              "protonet": _protonet, "finetune": _finetune, "distill": _distill}
+
+
+def build_algorithm(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
+    """The algorithm cfg.algo names, its model built from cfg.model and placed on `device`."""
+    if cfg.algo.name not in ALGORITHMS:
+        raise MetalearnError(f"algo={cfg.algo.name} is not a known algorithm; choose one of: {', '.join(ALGORITHMS)}.")
+    return ALGORITHMS[cfg.algo.name](cfg, device, train_classes)
 
 
 __all__ = ["Algorithm", "build_algorithm"]

@@ -5,12 +5,18 @@ from typing import Dict
 
 import torch
 
-from metalearn.data import Episodes
+from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
 
 
 class Algorithm(ABC):
     model: torch.nn.Module
+    needs_queries = True  # meta-training reads the episodes' query sets
+    throughput_unit = "tasks"  # what one training batch counts, for the tasks/s (images/s) figure
+
+    def sample(self, sampler: EpisodeSampler, meta_batch_size: int):
+        """The next training batch: a meta-batch of episodes unless the algorithm trains on something else."""
+        return sampler.sample(meta_batch_size)
 
     @abstractmethod
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:

@@ -1,127 +1,152 @@
-"""MAML and first-order MAML (Finn, Abbeel & Levine 2017) with torch.func.
+"""The MAML family with torch.func: MAML and first-order MAML (Finn, Abbeel &
+Levine 2017), ANIL (Raghu et al. 2020) and Meta-SGD (Li et al. 2017).
 
 One pure function computes a task's meta-gradient: adapt a copy of the
-weights on the support set with `inner_steps` SGD steps, then differentiate
-the query loss. Second order differentiates through the inner updates; first
-order takes the query gradient at the adapted weights. The meta-batch runs
-that function as one `vmap` or as a loop over tasks: the same numbers either
-way (the tests pin both against a naive autograd loop in float64).
+weights on the support set with `inner_steps` gradient steps, then
+differentiate the query loss. Second order differentiates through the inner
+updates; first order takes the query gradient at the adapted weights. ANIL
+adapts only the linear head (the body's support features are computed once
+per task); Meta-SGD learns one inner rate per adapted weight alongside the
+initialisation. The meta-batch runs the task function as one `vmap` or as a
+loop (the tests pin both against a naive autograd loop in float64).
 `vmap(grad(task))` is used rather than `grad(mean(vmap(task)))`, which gives
 wrong second-order gradients through the native batch norm in torch 2.14.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.config import Vectorize
+from metalearn.algorithms.batching import Params, over_tasks, sub_params
 from metalearn.data import Episodes
+from metalearn.errors import MetalearnError
 
-Params = Dict[str, torch.Tensor]
-
-
-def resolve_vectorize(choice, device: torch.device) -> bool:
-    """True for vmap: on CUDA under auto; on CPU a loop is faster and leaner."""
-    choice = Vectorize(choice) if not isinstance(choice, Vectorize) else choice
-    if choice is Vectorize.auto:
-        return torch.device(device).type == "cuda"
-    return choice is Vectorize.vmap
-
-
-def _stack(items):
-    """Stack a list of equally shaped (nested dict / tuple of) tensors along a new dim 0."""
-    first = items[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(items)
-    if isinstance(first, dict):
-        return {key: _stack([item[key] for item in items]) for key in first}
-    return tuple(_stack(list(group)) for group in zip(*items))
+# The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
+Meta = Dict[str, Params]
+RATE_PREFIX = "inner_lr."
 
 
 class MAML(Algorithm):
     def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_steps_eval: int,
-                 outer_lr: float, first_order: bool, vectorize: bool):
+                 outer_lr: float, first_order: bool, vectorize: bool, head_only: bool = False,
+                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1)):
+        if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
+            raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
+        if learn_inner_lr and first_order:
+            raise MetalearnError("learned inner rates (Meta-SGD) get no gradient in first order: "
+                                 "set algo.first_order=false or algo.learn_inner_lr=false.")
         self.model = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.inner_steps_eval = inner_steps_eval
-        self.first_order = first_order
-        self.vectorize = vectorize
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+        self.head_only = head_only
+        self.adapted_names = [n for n, _ in model.named_parameters() if not head_only or n.startswith("head.")]
+        self.rates: Params = {}
+        if learn_inner_lr:
+            low, high = inner_lr_init
+            self.rates = {name: torch.empty_like(p).uniform_(low, high).requires_grad_()
+                          for name, p in model.named_parameters() if name in self.adapted_names}
+        self.optimizer = torch.optim.Adam([*model.parameters(), *self.rates.values()], lr=outer_lr)
         task_fn = self._first_order_task if first_order else self._second_order_task
-        self._meta_grads = vmap(task_fn, in_dims=(None, 0, 0, 0, 0)) if vectorize else self._looped(task_fn)
-        self._predict = vmap(self._adapted_logits, in_dims=(None, 0, 0, 0)) if vectorize else self._looped(
-            self._adapted_logits)
+        self._meta_grads = over_tasks(task_fn, vectorize)
+        self._predict = over_tasks(self._adapted_logits, vectorize)
 
     # --- pure per-task functions -------------------------------------------------
     def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(self.model, params, (x,))
         return F.cross_entropy(logits, y), logits
 
-    def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
-        inner_grad = grad(lambda p: self._loss(p, x, y)[0])
+    def _adapt(self, meta: Meta, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+        params, rates = meta["params"], meta["rates"]
+        if self.head_only:
+            features = functional_call(self.model.features, sub_params(params, "features"), (x,))
+
+            def inner_loss(adapted):
+                logits = functional_call(self.model.head, sub_params(adapted, "head"), (features,))
+                return F.cross_entropy(logits, y)
+        else:
+            def inner_loss(adapted):
+                return self._loss(adapted, x, y)[0]
+
+        adapted = {name: params[name] for name in self.adapted_names}
+        inner_grad = grad(inner_loss)
         for _ in range(steps):
-            g = inner_grad(params)
-            params = {name: p - self.inner_lr * g[name] for name, p in params.items()}
-        return params
+            g = inner_grad(adapted)
+            adapted = {name: p - rates.get(name, self.inner_lr) * g[name] for name, p in adapted.items()}
+        return {**params, **adapted}
 
     def _query_objective(self, params: Params, qx: torch.Tensor, qy: torch.Tensor):
         loss, logits = self._loss(params, qx, qy)
         accuracy = (logits.argmax(dim=-1) == qy).float().mean()
         return loss, (loss.detach(), accuracy)
 
-    def _second_order_task(self, params: Params, sx, sy, qx, qy):
-        def objective(p):
-            return self._query_objective(self._adapt(p, sx, sy, self.inner_steps), qx, qy)
+    def _second_order_task(self, meta: Meta, sx, sy, qx, qy):
+        def objective(m):
+            return self._query_objective(self._adapt(m, sx, sy, self.inner_steps), qx, qy)
 
-        return grad(objective, has_aux=True)(params)
+        return grad(objective, has_aux=True)(meta)
 
-    def _first_order_task(self, params: Params, sx, sy, qx, qy):
-        adapted = self._adapt(params, sx, sy, self.inner_steps)
-        return grad(self._query_objective, has_aux=True)(adapted, qx, qy)
+    def _first_order_task(self, meta: Meta, sx, sy, qx, qy):
+        adapted = self._adapt(meta, sx, sy, self.inner_steps)
+        grads, aux = grad(self._query_objective, has_aux=True)(adapted, qx, qy)
+        return {"params": grads, "rates": {}}, aux
 
-    def _adapted_logits(self, params: Params, sx, sy, qx):
-        adapted = self._adapt(params, sx, sy, self.inner_steps_eval)
+    def _adapted_logits(self, meta: Meta, sx, sy, qx):
+        adapted = self._adapt(meta, sx, sy, self.inner_steps_eval)
         return functional_call(self.model, adapted, (qx,))
 
-    @staticmethod
-    def _looped(task_fn):
-        """The same per-task function over the meta-batch, one task at a time, stacked."""
-
-        def run(params, *batched):
-            return _stack([task_fn(params, *task) for task in zip(*batched)])
-
-        return run
-
     # --- the algorithm interface -----------------------------------------------
-    def _params(self) -> Params:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+    def _meta(self) -> Meta:
+        return {"params": {name: p.detach() for name, p in self.model.named_parameters()},
+                "rates": {name: r.detach() for name, r in self.rates.items()}}
+
+    def _check_ways(self, episodes: Episodes) -> None:
+        ways = self.model.head.out_features
+        if episodes.support_labels.shape[1] % ways or int(episodes.support_labels.max()) >= ways:
+            raise MetalearnError(f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: "
+                                 f"use data.ways={ways}.")
 
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
         self.model.train()
-        grads, (losses, accuracies) = self._meta_grads(self._params(), *episodes)
+        grads, (losses, accuracies) = self._meta_grads(self._meta(), *episodes)
         for name, p in self.model.named_parameters():
-            p.grad = grads[name].mean(dim=0)
+            p.grad = grads["params"][name].mean(dim=0)
+        for name, r in self.rates.items():
+            r.grad = grads["rates"][name].mean(dim=0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
 
     def meta_gradients(self, episodes: Episodes) -> Params:
-        """The meta-gradient of one step, without applying it (for tests and benchmarks)."""
-        grads, _ = self._meta_grads(self._params(), *episodes)
-        return {name: g.mean(dim=0) for name, g in grads.items()}
+        """The meta-gradient of one step, without applying it (for tests and benchmarks).
+
+        Weights by name; Meta-SGD's rates as "inner_lr.<weight name>".
+        """
+        grads, _ = self._meta_grads(self._meta(), *episodes)
+        flat = {name: g.mean(dim=0) for name, g in grads["params"].items()}
+        flat.update({RATE_PREFIX + name: g.mean(dim=0) for name, g in grads["rates"].items()})
+        return flat
 
     @torch.no_grad()
     def predict(self, episodes: Episodes) -> torch.Tensor:
+        self._check_ways(episodes)
         self.model.eval()
-        return self._predict(self._params(), episodes.support, episodes.support_labels, episodes.query)
+        return self._predict(self._meta(), episodes.support, episodes.support_labels, episodes.query)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "inner_lr": {name: r.detach().clone() for name, r in self.rates.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
+        saved_rates = state.get("inner_lr", {})
+        if set(saved_rates) != set(self.rates):
+            raise MetalearnError("The checkpoint's learned inner rates (Meta-SGD) do not match this algorithm: "
+                                 "evaluate or resume with the run's own algo settings.")
+        with torch.no_grad():
+            for name, r in self.rates.items():
+                r.copy_(saved_rates[name])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,7 +1,7 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
 from metalearn.data import mnist, omniglot
-from metalearn.data.sampler import Episodes, EpisodeSampler
+from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
 
@@ -15,4 +15,4 @@ def load_split(data_cfg, part: str) -> ClassSplit:
     return DATASETS[data_cfg.name](data_cfg, part)
 
 
-__all__ = ["ClassSplit", "Episodes", "EpisodeSampler", "load_split"]
+__all__ = ["ClassSplit", "Episodes", "EpisodeSampler", "LabelledImages", "load_split"]

@@ -26,6 +26,13 @@ class Episodes(NamedTuple):
         return self.support.shape[0]
 
 
+class LabelledImages(NamedTuple):
+    """A plain classification batch: images of any classes of the split, with their class ids."""
+
+    images: torch.Tensor  # [B, 1, 28, 28] float in [0, 1]
+    labels: torch.Tensor  # [B], class ids of the split
+
+
 def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int) -> None:
     """Fail early, saying what is possible, when a split cannot supply such tasks."""
     if ways > split.num_classes:
@@ -63,6 +70,7 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
         counts = split.class_counts()
         # Image ids of each class in one padded table [classes, most images].
         order = torch.argsort(split.labels, stable=True)
@@ -120,6 +128,11 @@ class EpisodeSampler:
         if self.replay_fraction > 0:
             ids = torch.cat([ids, self._replay(ids, num_replayed)])
         return self._gather(ids)
+
+    def sample_images(self, count: int) -> LabelledImages:
+        """`count` images drawn uniformly from the whole split, for classifier pretraining."""
+        ids = torch.randint(len(self.images), (count,), generator=self.generator, device=self.device)
+        return LabelledImages(self.images[ids].to(self.dtype).div_(255), self.labels[ids])
 
     def _gather(self, ids: torch.Tensor) -> Episodes:
         num_tasks, n, k = len(ids), self.ways, self.shots

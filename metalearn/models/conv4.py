@@ -15,7 +15,11 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class Conv4(nn.Module):
-    """4 x [conv3x3, BatchNorm, ReLU, max-pool 2x2] then a linear head; 28x28 -> 1x1."""
+    """4 x [conv3x3, BatchNorm, ReLU, max-pool 2x2] then a linear head; 28x28 -> 1x1.
+
+    `features` maps images to `hidden`-dimensional embeddings; with
+    num_classes=0 the head is the identity and the model returns them.
+    """
 
     def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1):
         super().__init__()
@@ -26,7 +30,7 @@ class Conv4(nn.Module):
             conv_block(hidden, hidden),
             nn.Flatten(),
         )
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x):
         return self.head(self.features(x))

@@ -1,0 +1,123 @@
+"""The transfer baselines: pretrain + fine-tune, and self-distillation on top.
+
+`finetune` (the "Baseline" of Chen et al. 2019, "A Closer Look at Few-shot
+Classification"): train the network as an ordinary classifier over all
+meta-train classes; at test time freeze it, and fit a new linear head on each
+task's support embeddings with SGD (Chen et al.'s settings: lr 0.01,
+momentum 0.9, dampening 0.9, weight decay 1e-3). The heads of a whole batch
+of tasks are fitted at once as one batched tensor.
+
+`distill` (Tian et al. 2020, "Rethinking Few-Shot Image Classification"): a
+student of the same architecture trained on a mix of the labels'
+cross-entropy and the KL divergence to a finished teacher run's softened
+outputs (temperature 4, half and half as in the paper's code), evaluated
+like `finetune`.
+"""
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from metalearn.algorithms.base import Algorithm, load_model_state
+from metalearn.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.data import Episodes, EpisodeSampler, LabelledImages
+from metalearn.errors import MetalearnError
+from metalearn.models import build_model
+
+
+class Finetune(Algorithm):
+    needs_queries = False
+    throughput_unit = "images"
+
+    def __init__(self, model: torch.nn.Module, outer_lr: float, batch_size: int, head_lr: float,
+                 head_momentum: float, head_dampening: float, head_weight_decay: float, head_steps: int):
+        self.model = model
+        self.batch_size = batch_size
+        self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
+        self.head_weight_decay, self.head_steps = head_weight_decay, head_steps
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+
+    def sample(self, sampler: EpisodeSampler, meta_batch_size: int) -> LabelledImages:
+        return sampler.sample_images(self.batch_size)
+
+    def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
+        return F.cross_entropy(logits, batch.labels)
+
+    def meta_train_step(self, batch: LabelledImages) -> Dict[str, float]:
+        self.model.train()
+        logits = self.model(batch.images)
+        loss = self.loss(logits, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        accuracy = (logits.argmax(dim=-1) == batch.labels).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def fit_heads(self, support: torch.Tensor, labels: torch.Tensor, ways: int):
+        """Linear heads (weight [T, ways, dim], bias [T, ways]) fitted on each task's support embeddings."""
+        weight = support.new_zeros(support.shape[0], ways, support.shape[-1], requires_grad=True)
+        bias = support.new_zeros(support.shape[0], ways, requires_grad=True)
+        optimizer = torch.optim.SGD([weight, bias], lr=self.head_lr, momentum=self.head_momentum,
+                                    dampening=self.head_dampening, weight_decay=self.head_weight_decay)
+        with torch.enable_grad():
+            for _ in range(self.head_steps):
+                logits = torch.baddbmm(bias[:, None, :], support, weight.transpose(1, 2))
+                # Summed over tasks: each head gets the gradient of its own task's mean loss.
+                loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return weight.detach(), bias.detach()
+
+    @torch.no_grad()
+    def predict(self, episodes: Episodes) -> torch.Tensor:
+        self.model.eval()
+        shots = episodes.support.shape[1]
+        embedded = torch.stack([self.model.features(torch.cat([sx, qx]))
+                                for sx, qx in zip(episodes.support, episodes.query)])
+        support, query = embedded[:, :shots], embedded[:, shots:]
+        ways = int(episodes.support_labels.max()) + 1
+        weight, bias = self.fit_heads(support, episodes.support_labels, ways)
+        return torch.baddbmm(bias[:, None, :], query, weight.transpose(1, 2))
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_model_state(self.model, state["model"], "The checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def load_teacher(run_dir: str, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """The network of a finished finetune/distill run, frozen, for its soft targets."""
+    ckpt = load_checkpoint(checkpoint_path(Path(run_dir), "last"))
+    algo_name = ckpt["config"]["algo"]["name"]
+    if algo_name not in ("finetune", "distill"):
+        raise MetalearnError(f"algo.teacher={run_dir} is a {algo_name} run; the teacher must be a finetune or "
+                             f"distill run (a classifier over the meta-train classes).")
+    if ckpt.get("train_classes") != num_classes:
+        raise MetalearnError(f"algo.teacher={run_dir} was trained on {ckpt.get('train_classes')} classes, this run "
+                             f"has {num_classes}: distil on the dataset and split the teacher was trained on.")
+    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes).to(device)
+    load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
+    return teacher.train().requires_grad_(False)  # batch statistics, as when it was trained
+
+
+class Distill(Finetune):
+    def __init__(self, model: torch.nn.Module, teacher: str, temperature: float, distill_weight: float,
+                 **finetune_args):
+        super().__init__(model, **finetune_args)
+        self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
+        self._teacher = None  # loaded at the first training step: evaluation does not need it
+
+    def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
+        if self._teacher is None:
+            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device)
+        with torch.no_grad():
+            soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
+        soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True,
+                        reduction="batchmean") * self.temperature ** 2
+        return (1 - self.distill_weight) * F.cross_entropy(logits, batch.labels) + self.distill_weight * soft

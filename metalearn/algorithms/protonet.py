@@ -1,0 +1,81 @@
+"""Prototypical Networks (Snell, Swersky & Zemel 2017).
+
+A task's support images are embedded and averaged per class into prototypes;
+a query's logits are its negative squared Euclidean distances to them. The
+network is trained end to end on the query cross-entropy, with training
+episodes that may have more classes than the evaluated tasks (the paper
+trains Omniglot with 60). Each task's support and query images go through
+the network as one batch, so batch norm sees the task (transductive, like
+every algorithm here; see the README).
+"""
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from metalearn.algorithms.base import Algorithm, load_model_state
+from metalearn.algorithms.batching import Params, over_tasks
+from metalearn.data import Episodes
+
+
+def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+                     ways: int) -> torch.Tensor:
+    """Negative squared distances [queries, ways] from query embeddings to the class means of the support."""
+    one_hot = F.one_hot(support_labels, ways).to(support.dtype)  # [support, ways]
+    prototypes = (one_hot.T @ support) / one_hot.sum(dim=0)[:, None]
+    return -(query[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=-1)
+
+
+class ProtoNet(Algorithm):
+    def __init__(self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int,
+                 vectorize: bool):
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_decay_every, gamma=lr_decay)
+        self.vectorize = vectorize
+
+    def _logits(self, params: Params, sx, sy, qx, ways: int) -> torch.Tensor:
+        embedded = functional_call(self.model, params, (torch.cat([sx, qx]),))
+        return prototype_logits(embedded[: sx.shape[0]], sy, embedded[sx.shape[0]:], ways)
+
+    def _task_loss(self, params: Params, sx, sy, qx, qy, ways: int):
+        logits = self._logits(params, sx, sy, qx, ways)
+        loss = F.cross_entropy(logits, qy)
+        return loss, (loss.detach(), (logits.argmax(dim=-1) == qy).float().mean())
+
+    def _params(self) -> Params:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    @staticmethod
+    def _ways(episodes: Episodes) -> int:
+        return int(episodes.support_labels.max()) + 1
+
+    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+        self.model.train()
+        ways = self._ways(episodes)
+        task_grad = grad(lambda p, sx, sy, qx, qy: self._task_loss(p, sx, sy, qx, qy, ways), has_aux=True)
+        grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(self._params(), *episodes)
+        for name, p in self.model.named_parameters():
+            p.grad = grads[name].mean(dim=0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+
+    @torch.no_grad()
+    def predict(self, episodes: Episodes) -> torch.Tensor:
+        self.model.eval()
+        ways = self._ways(episodes)
+        logits = over_tasks(lambda p, sx, sy, qx: self._logits(p, sx, sy, qx, ways), self.vectorize)
+        return logits(self._params(), episodes.support, episodes.support_labels, episodes.query)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_model_state(self.model, state["model"], "The checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,117 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
+
+Each task adapts a copy of the weights with `inner_steps` minibatch steps
+(Adam with beta1 = 0, as in the paper's code, or SGD) on its training images;
+the outer update moves the weights toward the tasks' adapted weights:
+theta <- theta + eps * (mean_i phi_i - theta), with eps annealed linearly from
+`outer_lr` to `outer_lr_final` over the run. The per-task adaptation is one
+pure torch.func function, run over the meta-batch as a vmap or a loop.
+Evaluation fine-tunes on the support set the same way (`inner_steps_eval`).
+
+One difference from the paper's code: the inner Adam state starts afresh for
+every task (there it carries over from task to task), which keeps the
+per-task function pure and the tasks of a meta-batch independent.
+"""
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from metalearn.algorithms.base import Algorithm, load_model_state
+from metalearn.algorithms.batching import Params, over_tasks
+from metalearn.data import Episodes
+
+ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
+
+
+class Reptile(Algorithm):
+    needs_queries = False
+
+    def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_batch: int,
+                 inner_optimizer: str, inner_steps_eval: int, inner_batch_eval: int, outer_lr: float,
+                 outer_lr_final: float, total_steps: int, vectorize: bool):
+        self.model = model
+        self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
+        self.adam = inner_optimizer == "adam"
+        self.inner_steps_eval, self.inner_batch_eval = inner_steps_eval, inner_batch_eval
+        self.outer_lr, self.outer_lr_final, self.total_steps = outer_lr, outer_lr_final, total_steps
+        self.step = 0
+        self._adapt_tasks = over_tasks(self._adapt, vectorize)
+        self._predict = over_tasks(self._adapted_logits, vectorize)
+
+    # --- pure per-task functions -------------------------------------------------
+    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor):
+        logits = functional_call(self.model, params, (x,))
+        loss = F.cross_entropy(logits, y)
+        return loss, (loss.detach(), (logits.argmax(dim=-1) == y).float().mean())
+
+    def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, steps: int,
+               batch: int):
+        """`steps` minibatch steps; minibatches walk through `order` (a permutation of the task's images)."""
+        loss_grad = grad(self._loss, has_aux=True)
+        second_moment = {name: torch.zeros_like(p) for name, p in params.items()}
+        losses, accuracies = [], []
+        for step in range(steps):
+            picks = order[(step * batch + torch.arange(batch, device=order.device)) % order.shape[0]]
+            g, (loss, accuracy) = loss_grad(params, x[picks], y[picks])
+            losses.append(loss)
+            accuracies.append(accuracy)
+            if self.adam:  # beta1 = 0: the step is the gradient over a running RMS
+                correction = 1 - ADAM_BETA2 ** (step + 1)
+                second_moment = {n: ADAM_BETA2 * v + (1 - ADAM_BETA2) * g[n] ** 2 for n, v in second_moment.items()}
+                params = {n: p - self.inner_lr * g[n] / ((second_moment[n] / correction).sqrt() + ADAM_EPS)
+                          for n, p in params.items()}
+            else:
+                params = {n: p - self.inner_lr * g[n] for n, p in params.items()}
+        return params, (torch.stack(losses).mean(), torch.stack(accuracies).mean())
+
+    def _adapted_logits(self, params: Params, sx, sy, qx, order):
+        adapted, _ = self._adapt(params, sx, sy, order, self.inner_steps_eval, self.inner_batch_eval)
+        return functional_call(self.model, adapted, (qx,))
+
+    # --- the algorithm interface -----------------------------------------------
+    def _params(self) -> Params:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    @staticmethod
+    def _orders(num_tasks: int, size: int, device, generator=None) -> torch.Tensor:
+        keys = torch.rand(num_tasks, size, generator=generator)
+        return keys.argsort(dim=1).to(device)
+
+    def outer_step_size(self) -> float:
+        """eps for the next outer update: linear from outer_lr to outer_lr_final over the run."""
+        done = min(self.step / max(self.total_steps, 1), 1.0)
+        return self.outer_lr + (self.outer_lr_final - self.outer_lr) * done
+
+    def adapted_weights(self, episodes: Episodes):
+        """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
+        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], episodes.support.device)
+        return self._adapt_tasks(self._params(), episodes.support, episodes.support_labels, orders,
+                                 self.inner_steps, self.inner_batch)
+
+    @torch.no_grad()
+    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+        self.model.train()
+        adapted, (losses, accuracies) = self.adapted_weights(episodes)
+        eps = self.outer_step_size()
+        for name, p in self.model.named_parameters():
+            p.add_(adapted[name].mean(dim=0) - p, alpha=eps)
+        self.step += 1
+        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+
+    @torch.no_grad()
+    def predict(self, episodes: Episodes) -> torch.Tensor:
+        self.model.eval()
+        # Fine-tuning minibatches in a fixed order, so evaluation does not touch the training RNG.
+        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], episodes.support.device,
+                              torch.Generator().manual_seed(0))
+        return self._predict(self._params(), episodes.support, episodes.support_labels, episodes.query, orders)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_model_state(self.model, state["model"], "The checkpoint")
+        self.step = int(state["step"])
