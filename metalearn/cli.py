@@ -29,6 +29,7 @@ commands:
                metalearn train resume=<run folder> [train.steps=...]
   eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
+               metalearn eval run=[<run>,<run>,<run>]   (an ensemble, next to each member)
                metalearn eval run=<omniglot run> data=mnist     (cross-domain)
   data    look at a dataset: `data info` (classes and images per split, cache)
           or `data preview` (a PNG of one sampled episode)
@@ -154,7 +155,26 @@ def _prepare(command: str, args: List[str]) -> List[str]:
                for a in args):
             return args
         raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
-    return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
+    members = run_list(run)
+    if len(members) == 1:
+        run = members[0]
+        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
+    # An ensemble: each member's config is composed in evaluate(); its log goes to the first.
+    for member in members:
+        replay_run_overrides(member, [], drop=())  # each folder must be a run
+    given = [a for a in args if _override_key(a) != "run"]
+    return given + [f"run=[{','.join(_quoted(m) for m in members)}]", f"hydra.run.dir={_quoted(members[0])}"]
+
+
+def run_list(value: str) -> List[str]:
+    """`run=<folder>` or `run=[<folder>,<folder>,...]` as a list of folders."""
+    value = value.strip()
+    if not (value.startswith("[") and value.endswith("]")):
+        return [value.strip("'\"")]
+    members = [m.strip().strip("'\"") for m in value[1:-1].split(",") if m.strip()]
+    if not members:
+        raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
+    return members
 
 
 def main(argv: List[str] = None) -> None:

@@ -156,6 +156,8 @@ class ModelConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto, cpu, cuda or cuda:N
+    amp: bool = False  # bf16 autocast for the convolutional body (CPUs with AVX-512 bf16/AMX, recent GPUs)
+    channels_last: bool = False  # NHWC memory format for the convolutions
 
 
 @dataclass
@@ -188,7 +190,7 @@ class TrainAppConfig:
 
 @dataclass
 class EvalAppConfig(TrainAppConfig):
-    run: str = MISSING
+    run: Any = MISSING  # a run folder, or a list of them to evaluate as an ensemble
     checkpoint: CheckpointName = CheckpointName.best
 
 

@@ -24,7 +24,7 @@ def _maml(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorith
     if a.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
                              f"{cfg.data.ways}-way tasks: leave algo.train_ways unset.")
-    return MAML(build_model(cfg.model, cfg.data.ways).to(device), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
+    return MAML(build_model(cfg.model, cfg.data.ways, cfg.device).to(device), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
                 inner_steps_eval=a.inner_steps_eval, outer_lr=a.outer_lr, first_order=a.first_order,
                 vectorize=resolve_vectorize(a.vectorize, device),
                 head_only=AdaptedParams(a.adapt) is AdaptedParams.head, learn_inner_lr=a.learn_inner_lr,
@@ -35,7 +35,7 @@ def _reptile(cfg: DictConfig, device: torch.device, train_classes: int) -> Algor
     a = cfg.algo
     if a.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(f"algo=reptile fine-tunes a {cfg.data.ways}-way head: leave algo.train_ways unset.")
-    return Reptile(build_model(cfg.model, cfg.data.ways).to(device), inner_lr=a.inner_lr,
+    return Reptile(build_model(cfg.model, cfg.data.ways, cfg.device).to(device), inner_lr=a.inner_lr,
                    inner_steps=a.inner_steps, inner_batch=a.inner_batch, inner_optimizer=InnerOptimizer(a.inner_optimizer).value,
                    inner_steps_eval=a.inner_steps_eval, inner_batch_eval=a.inner_batch_eval, outer_lr=a.outer_lr,
                    outer_lr_final=a.outer_lr_final, total_steps=cfg.train.steps,
@@ -44,7 +44,7 @@ def _reptile(cfg: DictConfig, device: torch.device, train_classes: int) -> Algor
 
 def _protonet(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
     a = cfg.algo
-    return ProtoNet(build_model(cfg.model, 0).to(device), outer_lr=a.outer_lr, lr_decay=a.lr_decay,
+    return ProtoNet(build_model(cfg.model, 0, cfg.device).to(device), outer_lr=a.outer_lr, lr_decay=a.lr_decay,
                     lr_decay_every=a.lr_decay_every, vectorize=resolve_vectorize(a.vectorize, device))
 
 
@@ -54,12 +54,12 @@ def _finetune_args(a: DictConfig) -> dict:
 
 
 def _finetune(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
-    return Finetune(build_model(cfg.model, train_classes).to(device), **_finetune_args(cfg.algo))
+    return Finetune(build_model(cfg.model, train_classes, cfg.device).to(device), **_finetune_args(cfg.algo))
 
 
 def _distill(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
     a = cfg.algo
-    return Distill(build_model(cfg.model, train_classes).to(device), teacher=a.teacher, temperature=a.temperature,
+    return Distill(build_model(cfg.model, train_classes, cfg.device).to(device), teacher=a.teacher, temperature=a.temperature,
                    distill_weight=a.distill_weight, **_finetune_args(a))
 
 

@@ -23,7 +23,8 @@ from metalearn.data import Episodes
 def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
                      ways: int) -> torch.Tensor:
     """Negative squared distances [queries, ways] from query embeddings to the class means of the support."""
-    one_hot = F.one_hot(support_labels, ways).to(support.dtype)  # [support, ways]
+    # [support, ways]; a comparison, as F.one_hot's range check reads the labels and fails under vmap.
+    one_hot = (support_labels[:, None] == torch.arange(ways, device=support.device)).to(support.dtype)
     prototypes = (one_hot.T @ support) / one_hot.sum(dim=0)[:, None]
     return -(query[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=-1)
 

@@ -38,7 +38,8 @@ class Reptile(Algorithm):
         self.inner_steps_eval, self.inner_batch_eval = inner_steps_eval, inner_batch_eval
         self.outer_lr, self.outer_lr_final, self.total_steps = outer_lr, outer_lr_final, total_steps
         self.step = 0
-        self._adapt_tasks = over_tasks(self._adapt, vectorize)
+        self._adapt_tasks = over_tasks(
+            lambda params, x, y, order: self._adapt(params, x, y, order, self.inner_steps, self.inner_batch), vectorize)
         self._predict = over_tasks(self._adapted_logits, vectorize)
 
     # --- pure per-task functions -------------------------------------------------
@@ -88,8 +89,7 @@ class Reptile(Algorithm):
     def adapted_weights(self, episodes: Episodes):
         """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
         orders = self._orders(episodes.num_tasks, episodes.support.shape[1], episodes.support.device)
-        return self._adapt_tasks(self._params(), episodes.support, episodes.support_labels, orders,
-                                 self.inner_steps, self.inner_batch)
+        return self._adapt_tasks(self._params(), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:

@@ -1,5 +1,6 @@
 """The conv4 backbone of Vinyals et al. (2016) and Finn et al. (2017)."""
 
+import torch
 from torch import nn
 
 
@@ -14,6 +15,27 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+class Features(nn.Sequential):
+    """The convolutional body, optionally run on the hardware's fast paths.
+
+    `amp` runs it under bf16 autocast and `channels_last` feeds it NHWC
+    images; with amp it returns float32 embeddings, so heads, losses and
+    the inner-loop updates stay in float32. Neither setting changes the
+    parameters, so checkpoints move freely between them.
+    """
+
+    amp = False
+    channels_last = False
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.amp:
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return super().forward(x).float()
+
+
 class Conv4(nn.Module):
     """4 x [conv3x3, BatchNorm, ReLU, max-pool 2x2] then a linear head; 28x28 -> 1x1.
 
@@ -21,15 +43,19 @@ class Conv4(nn.Module):
     num_classes=0 the head is the identity and the model returns them.
     """
 
-    def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1):
+    def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1, amp: bool = False,
+                 channels_last: bool = False):
         super().__init__()
-        self.features = nn.Sequential(
+        self.features = Features(
             conv_block(in_channels, hidden),
             conv_block(hidden, hidden),
             conv_block(hidden, hidden),
             conv_block(hidden, hidden),
             nn.Flatten(),
         )
+        self.features.amp, self.features.channels_last = amp, channels_last
+        if channels_last:
+            self.features.to(memory_format=torch.channels_last)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x):
