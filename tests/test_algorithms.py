@@ -7,6 +7,7 @@ the algorithm under test, in float64 where the comparison is exact.
 import copy
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -87,13 +88,15 @@ def mean_over_tasks(per_task):
 def naive_reptile(model, batch, seed, lr, steps, batch_size, optimizer, eps):
     """theta + eps * (mean_i phi_i - theta), phi_i from torch.optim on a copy of the model per task.
 
-    The minibatches walk cyclically through a per-task permutation drawn from
-    torch's global RNG seeded with `seed` (argsort of uniform keys, one row per task).
+    The minibatches walk through fresh permutations of each task's images, one
+    per pass, drawn from torch's global RNG seeded with `seed` (argsort of
+    uniform keys [tasks, passes, images]).
     """
     theta = params_of(model)
     num_tasks, size = batch.support.shape[:2]
     torch.manual_seed(seed)
-    orders = torch.rand(num_tasks, size).argsort(dim=1).tolist()
+    passes = math.ceil(steps * batch_size / size)
+    orders = torch.rand(num_tasks, passes, size).argsort(dim=2).flatten(1).tolist()
     adapted = []
     for x, y, order in zip(batch.support, batch.support_labels, orders):
         task_model = copy.deepcopy(model).train()
@@ -101,7 +104,7 @@ def naive_reptile(model, batch, seed, lr, steps, batch_size, optimizer, eps):
             opt = torch.optim.Adam(task_model.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
         else:
             opt = torch.optim.SGD(task_model.parameters(), lr=lr)
-        stream = itertools.cycle(order)
+        stream = iter(order)
         for _ in range(steps):
             picks = [next(stream) for _ in range(batch_size)]
             loss = F.cross_entropy(task_model(x[picks]), y[picks])
@@ -124,8 +127,8 @@ def reptile(model, optimizer="sgd", vectorize=False, outer_lr=0.7, outer_lr_fina
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
 def test_reptile_step_moves_weights_toward_naive_adapted_weights(optimizer, vectorize):
     """One outer step equals theta + eps (mean phi - theta) with phi from a per-task torch.optim loop
-    (Adam with beta1=0 or SGD) whose minibatches wrap around the task's permutation."""
-    model, batch = tiny(), episodes(shots=3, queries=1)  # 9 images, 3 steps of 4: the order wraps
+    (Adam with beta1=0 or SGD) whose minibatches run on into a reshuffled second pass."""
+    model, batch = tiny(), episodes(shots=3, queries=1)  # 9 images, 3 steps of 4: a second pass
     lr = 0.01 if optimizer == "adam" else 0.1
     algo = reptile(model, optimizer, vectorize, inner_lr=lr)
     expected = naive_reptile(model, batch, 7, lr, 3, 4, optimizer, eps=0.7)
@@ -181,12 +184,12 @@ def test_reptile_predict_fine_tunes_like_the_naive_loop_without_touching_the_rng
     torch's global RNG as it was."""
     model, batch = tiny(), episodes(shots=3, queries=2)
     algo = reptile(model, inner_lr=0.1)
-    orders = torch.rand(3, 9, generator=torch.Generator().manual_seed(0)).argsort(dim=1).tolist()
+    orders = torch.rand(3, 2, 9, generator=torch.Generator().manual_seed(0)).argsort(dim=2).flatten(1).tolist()
     expected = []
     for sx, sy, qx, order in zip(batch.support, batch.support_labels, batch.query, orders):
         task_model = copy.deepcopy(model).train()
         opt = torch.optim.SGD(task_model.parameters(), lr=0.1)
-        stream = itertools.cycle(order)
+        stream = iter(order)
         for _ in range(4):
             picks = [next(stream) for _ in range(4)]
             opt.zero_grad()

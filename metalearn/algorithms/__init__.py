@@ -6,7 +6,7 @@ algorithm with its model on the device.
 """
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import Algorithm
 from metalearn.algorithms.batching import resolve_vectorize
@@ -59,6 +59,9 @@ def _finetune(cfg: DictConfig, device: torch.device, train_classes: int) -> Algo
 
 def _distill(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
     a = cfg.algo
+    if OmegaConf.is_missing(a, "teacher"):
+        raise MetalearnError("algo=distill learns from a finished run: add algo.teacher=<folder of a finetune or "
+                             "distill run trained on the same data and split>.")
     return Distill(build_model(cfg.model, train_classes, cfg.device).to(device), teacher=a.teacher, temperature=a.temperature,
                    distill_weight=a.distill_weight, **_finetune_args(a))
 

@@ -50,12 +50,12 @@ class Reptile(Algorithm):
 
     def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, steps: int,
                batch: int):
-        """`steps` minibatch steps; minibatches walk through `order` (a permutation of the task's images)."""
+        """`steps` minibatch steps, taking consecutive slices of `order` (the task's image indices)."""
         loss_grad = grad(self._loss, has_aux=True)
         second_moment = {name: torch.zeros_like(p) for name, p in params.items()}
         losses, accuracies = [], []
         for step in range(steps):
-            picks = order[(step * batch + torch.arange(batch, device=order.device)) % order.shape[0]]
+            picks = order[step * batch:(step + 1) * batch]
             g, (loss, accuracy) = loss_grad(params, x[picks], y[picks])
             losses.append(loss)
             accuracies.append(accuracy)
@@ -77,9 +77,12 @@ class Reptile(Algorithm):
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
     @staticmethod
-    def _orders(num_tasks: int, size: int, device, generator=None) -> torch.Tensor:
-        keys = torch.rand(num_tasks, size, generator=generator)
-        return keys.argsort(dim=1).to(device)
+    def _orders(num_tasks: int, size: int, steps: int, batch: int, device, generator=None) -> torch.Tensor:
+        """Per task, the images of `steps` minibatches: fresh permutations, one after another, as the
+        paper's code reshuffles the task's images after each pass (minibatches span the seams)."""
+        passes = -(-steps * batch // size)
+        keys = torch.rand(num_tasks, passes, size, generator=generator)
+        return keys.argsort(dim=2).flatten(1)[:, :steps * batch].to(device)
 
     def outer_step_size(self) -> float:
         """eps for the next outer update: linear from outer_lr to outer_lr_final over the run."""
@@ -88,7 +91,8 @@ class Reptile(Algorithm):
 
     def adapted_weights(self, episodes: Episodes):
         """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
-        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], episodes.support.device)
+        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps, self.inner_batch,
+                              episodes.support.device)
         return self._adapt_tasks(self._params(), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
@@ -105,8 +109,8 @@ class Reptile(Algorithm):
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
         # Fine-tuning minibatches in a fixed order, so evaluation does not touch the training RNG.
-        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], episodes.support.device,
-                              torch.Generator().manual_seed(0))
+        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps_eval,
+                              self.inner_batch_eval, episodes.support.device, torch.Generator().manual_seed(0))
         return self._predict(self._params(), episodes.support, episodes.support_labels, episodes.query, orders)
 
     def state_dict(self) -> dict:

@@ -1,0 +1,134 @@
+"""Every algorithm through the CLI on the tiny generated Omniglot: train, resume, evaluate, ensemble."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+# Per algorithm: overrides that make a run tiny (the tiny train split has 12 classes).
+TINY_ALGO = {
+    "anil": ["algo.inner_steps_eval=2"],
+    "metasgd": [],
+    # A constant outer step: the anneal spans train.steps, which the resume test changes.
+    "reptile": ["algo.inner_steps=2", "algo.inner_batch=5", "algo.inner_steps_eval=2", "algo.inner_batch_eval=3",
+                "algo.outer_lr_final=1.0"],
+    "protonet": ["algo.train_ways=5"],
+    "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
+}
+
+
+def overrides_for(algo: str, tiny_overrides: list) -> list:
+    plain = [o for o in tiny_overrides if not o.startswith("algo.")]
+    return [f"algo={algo}", *plain, *TINY_ALGO.get(algo, [])]
+
+
+def assert_same_state(a, b, where="algo"):
+    """Nested checkpoint contents are equal, tensors exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def train_resume_eval(cli, overrides: list, tmp_path: Path, name: str) -> Path:
+    """A 3-step run equals a 2-step run resumed to 3 steps; the resumed run evaluates."""
+    straight, split = tmp_path / f"{name}-straight", tmp_path / f"{name}-split"
+    common = [*overrides, "train.val_every=2", "train.ckpt_every=1"]
+    cli("train", *common, "train.steps=3", f"hydra.run.dir={straight}", cwd=tmp_path)
+    cli("train", *common, "train.steps=2", f"hydra.run.dir={split}", cwd=tmp_path)
+    cli("train", f"resume={split}", "train.steps=3", cwd=tmp_path)
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    assert_same_state(a["algo"], b["algo"])
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("time", "tasks_per_s",  # noqa: E731
+                                                                                    "images_per_s")}
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(straight) == strip(split)
+
+    out = cli("eval", f"run={split}", cwd=tmp_path).stdout
+    assert re.search(r"test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, best\.pt\)", out)
+    (record,) = [json.loads(line) for line in (split / "evals.jsonl").read_text().splitlines()]
+    assert record["algo"] == overrides[0].split("=")[1] and 0 <= record["accuracy"] <= 1
+    return split
+
+
+@pytest.mark.parametrize("algo", ["anil", "metasgd", "reptile", "protonet"])
+def test_meta_learner_trains_resumes_and_evaluates(cli, tiny_overrides, tmp_path, algo):
+    train_resume_eval(cli, overrides_for(algo, tiny_overrides), tmp_path, algo)
+
+
+def test_metasgd_checkpoint_holds_the_learned_rates(cli, tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    cli("train", *overrides_for("metasgd", tiny_overrides), "train.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]
+    rates = state["inner_lr"]
+    assert set(rates) == set(state["model"]) - {k for k in state["model"] if "running" in k}
+    assert all(r.shape == state["model"][k].shape for k, r in rates.items())
+
+
+def test_finetune_then_distill_from_it(cli, tiny_overrides, tmp_path):
+    teacher = train_resume_eval(cli, overrides_for("finetune", tiny_overrides), tmp_path, "finetune")
+    head = torch.load(teacher / "checkpoints" / "last.pt", weights_only=True)["algo"]["model"]["head.weight"]
+    assert head.shape[0] == 12  # one output per meta-train class of the tiny split
+    student = [*overrides_for("finetune", tiny_overrides), f"algo.teacher={teacher}"]
+    student[0] = "algo=distill"
+    train_resume_eval(cli, student, tmp_path, "distill")
+
+
+def test_distill_refuses_a_teacher_that_is_not_a_classifier(cli, tiny_overrides, tmp_path):
+    maml_run = tmp_path / "maml"
+    cli("train", *tiny_overrides, "train.steps=1", f"hydra.run.dir={maml_run}", cwd=tmp_path)
+    student = [*overrides_for("finetune", tiny_overrides), f"algo.teacher={maml_run}", "train.steps=1"]
+    student[0] = "algo=distill"
+    result = cli("train", *student, f"hydra.run.dir={tmp_path / 'student'}", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is a maml run; the teacher must be a finetune or distill run" in result.stderr
+
+
+def test_distill_needs_a_teacher(cli, tiny_overrides, tmp_path):
+    student = overrides_for("finetune", tiny_overrides)
+    student[0] = "algo=distill"
+    result = cli("train", *student, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "algo.teacher" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ensemble_of_a_seed_sweep(cli, tiny_overrides, tmp_path):
+    """Three seeds of one sweep: the ensemble line and each member's line, members scored as alone."""
+    overrides = [o for o in overrides_for("protonet", tiny_overrides) if not o.startswith("train.steps")]
+    cli("train", "-m", "seed=0,1,2", "train.steps=2", *overrides, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    runs = sorted((tmp_path / "sweep").glob("*-protonet-seed*"))
+    assert len(runs) == 3
+    out = cli("eval", f"run=[{','.join(map(str, runs))}]", cwd=tmp_path).stdout.strip().splitlines()
+    assert len(out) == 4
+    for run, line in zip(runs, out):
+        assert line.startswith(f"{run}: test accuracy")
+    assert re.fullmatch(r"ensemble of 3: test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, "
+                        r"mean class probabilities\)", out[3])
+    alone = cli("eval", f"run={runs[1]}", cwd=tmp_path).stdout.strip()
+    assert alone == out[1].split(": ", 1)[1]
+    records = [json.loads((run / "evals.jsonl").read_text().splitlines()[0]) for run in runs]
+    assert all(r["ensemble"]["members"] == [str(run) for run in runs] for r in records)
+    assert len({r["ensemble"]["accuracy"] for r in records}) == 1
+
+
+def test_ensemble_members_must_share_the_task(cli, tiny_overrides, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    overrides = overrides_for("protonet", tiny_overrides)
+    cli("train", *overrides, "train.steps=1", f"hydra.run.dir={a}", cwd=tmp_path)
+    cli("train", *overrides, "train.steps=1", "data.ways=3", f"hydra.run.dir={b}", cwd=tmp_path)
+    result = cli("eval", f"run=[{a},{b}]", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "data.ways (3 vs 5)" in result.stderr
+    assert not (a / "evals.jsonl").exists()
+    ok = cli("eval", f"run=[{a},{b}]", "data.ways=5", cwd=tmp_path).stdout
+    assert "ensemble of 2" in ok
