@@ -29,7 +29,7 @@ commands:
                metalearn train resume=<run folder> [train.steps=...]
   eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
-               metalearn eval run=[<run>,<run>,<run>]   (an ensemble, next to each member)
+               metalearn eval 'run=[<run>,<run>,<run>]'   (an ensemble, next to each member)
                metalearn eval run=<omniglot run> data=mnist     (cross-domain)
   data    look at a dataset: `data info` (classes and images per split, cache)
           or `data preview` (a PNG of one sampled episode)

@@ -96,7 +96,7 @@ class ProtoNetConfig(AlgoConfig):
 class FinetuneConfig(AlgoConfig):
     """Pretrain a classifier on all meta-train classes; fit a new head on each support set."""
 
-    batch_size: int = 64  # images per pretraining step
+    batch_size: int = 16  # images per pretraining step
     head_lr: float = 0.01
     head_momentum: float = 0.9
     head_dampening: float = 0.9

@@ -132,3 +132,19 @@ def test_ensemble_members_must_share_the_task(cli, tiny_overrides, tmp_path):
     assert not (a / "evals.jsonl").exists()
     ok = cli("eval", f"run=[{a},{b}]", "data.ways=5", cwd=tmp_path).stdout
     assert "ensemble of 2" in ok
+
+
+def test_distill_inherits_the_finetune_settings():
+    """distill composes finetune's values (its schema, merged after them, must not reset any)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from metalearn.config import register_schemas
+
+    register_schemas()
+    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+        finetune = OmegaConf.to_container(compose("train", overrides=["algo=finetune"]))
+        distill = OmegaConf.to_container(compose("train", overrides=["algo=distill", "algo.teacher=x"]))
+    assert {k: v for k, v in distill["algo"].items() if k in finetune["algo"] and k != "name"} == \
+        {k: v for k, v in finetune["algo"].items() if k != "name"}
+    assert distill["train"] == finetune["train"]

@@ -63,7 +63,7 @@ def _distill(cfg: DictConfig, device: torch.device, train_classes: int) -> Algor
         raise MetalearnError("algo=distill learns from a finished run: add algo.teacher=<folder of a finetune or "
                              "distill run trained on the same data and split>.")
     return Distill(build_model(cfg.model, train_classes, cfg.device).to(device), teacher=a.teacher, temperature=a.temperature,
-                   distill_weight=a.distill_weight, **_finetune_args(a))
+                   distill_weight=a.distill_weight, device_cfg=cfg.device, **_finetune_args(a))
 
 
 ALGORITHMS = {"maml": _maml, "fomaml": _maml, "anil": _maml, "metasgd": _maml, "reptile": _reptile,

@@ -91,8 +91,11 @@ class Finetune(Algorithm):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def load_teacher(run_dir: str, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The network of a finished finetune/distill run, frozen, for its soft targets."""
+def load_teacher(run_dir: str, num_classes: int, device: torch.device, device_cfg=None) -> torch.nn.Module:
+    """The network of a finished finetune/distill run, frozen, for its soft targets.
+
+    It runs on the student's fast paths (device_cfg: amp, channels_last).
+    """
     ckpt = load_checkpoint(checkpoint_path(Path(run_dir), "last"))
     algo_name = ckpt["config"]["algo"]["name"]
     if algo_name not in ("finetune", "distill"):
@@ -101,21 +104,22 @@ def load_teacher(run_dir: str, num_classes: int, device: torch.device) -> torch.
     if ckpt.get("train_classes") != num_classes:
         raise MetalearnError(f"algo.teacher={run_dir} was trained on {ckpt.get('train_classes')} classes, this run "
                              f"has {num_classes}: distil on the dataset and split the teacher was trained on.")
-    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes).to(device)
+    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes, device_cfg).to(device)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
     return teacher.train().requires_grad_(False)  # batch statistics, as when it was trained
 
 
 class Distill(Finetune):
     def __init__(self, model: torch.nn.Module, teacher: str, temperature: float, distill_weight: float,
-                 **finetune_args):
+                 device_cfg=None, **finetune_args):
         super().__init__(model, **finetune_args)
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
+        self.device_cfg = device_cfg
         self._teacher = None  # loaded at the first training step: evaluation does not need it
 
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device)
+            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device, self.device_cfg)
         with torch.no_grad():
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True,
