@@ -6,7 +6,6 @@ the algorithm under test, in float64 where the comparison is exact.
 
 import copy
 import io
-import itertools
 import math
 
 import pytest

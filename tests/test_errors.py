@@ -15,7 +15,8 @@ def trained_run(tiny_data, tmp_path_factory):
     run = base / "run"
     metalearn_cli("train", f"data.root={tiny_data['root']}", f"data.split={tiny_data['split']}",
                   f"data.cache_dir={tiny_data['cache']}", "data.queries=3", "model.hidden=8",
-                  "train.steps=1", "train.meta_batch_size=1", "train.val_episodes=2", "device=cpu",
+                  "train.steps=1", "train.meta_batch_size=1", "train.val_episodes=2", "eval.episodes=10",
+                  "algo.inner_steps_eval=2", "device=cpu",
                   f"hydra.run.dir={run}", cwd=base)
     return run
 
