@@ -91,7 +91,7 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -105,12 +105,8 @@ def _find(args: List[str], key: str):
 PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.ways", "data.shots", "data.queries")
 
 
-def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
-    """The run's saved task overrides, then `args`; a key given in `args` wins.
-
-    Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
-    shape and data folders but not its dataset-specific keys.
-    """
+def saved_overrides(run_dir: str) -> List[str]:
+    """The overrides a run was started with, or an error if the folder is not a run."""
     folder = Path(run_dir)
     saved_path = folder / ".hydra" / "overrides.yaml"
     if not folder.is_dir():
@@ -120,7 +116,16 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
             f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
             f"(give the folder that `metalearn train` printed at the end)."
         )
-    saved = list(OmegaConf.load(saved_path))
+    return list(OmegaConf.load(saved_path))
+
+
+def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
+    """The run's saved task overrides, then `args`; a key given in `args` wins.
+
+    Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
+    shape and data folders but not its dataset-specific keys.
+    """
+    saved = saved_overrides(run_dir)
     if _find(args, "data") is not None:
         saved = [o for o in saved
                  if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
@@ -148,7 +153,7 @@ def _prepare(command: str, args: List[str]) -> List[str]:
                 refuse_existing_run(Path(run_dir.strip("'\"")))
             return args
         replayed = replay_run_overrides(run, args, drop=("resume",))
-        return replayed + [f"resume={_quoted(run)}", f"hydra.run.dir={_quoted(run)}"]
+        return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}"]
     run = _find(args, "run")
     if run is None:
         if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c"
@@ -158,12 +163,12 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     members = run_list(run)
     if len(members) == 1:
         run = members[0]
-        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={_quoted(run)}"]
+        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={quoted(run)}"]
     # An ensemble: each member's config is composed in evaluate(); its log goes to the first.
     for member in members:
-        replay_run_overrides(member, [], drop=())  # each folder must be a run
+        saved_overrides(member)  # each folder must be a run
     given = [a for a in args if _override_key(a) != "run"]
-    return given + [f"run=[{','.join(_quoted(m) for m in members)}]", f"hydra.run.dir={_quoted(members[0])}"]
+    return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={quoted(members[0])}"]
 
 
 def run_list(value: str) -> List[str]:

@@ -123,11 +123,11 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from metalearn.cli import _quoted, replay_run_overrides
+    from metalearn.cli import quoted, replay_run_overrides
 
     given = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].lstrip("+~") in ("run", "resume")]
     configs = [compose("eval", overrides=replay_run_overrides(str(r), given, drop=("run", "resume"))
-                       + [f"run={_quoted(str(r))}"]) for r in cfg.run]
+                       + [f"run={quoted(str(r))}"]) for r in cfg.run]
     first = configs[0]
     for other in configs[1:]:
         differing = [k for k in TASK_KEYS if other.data[k] != first.data[k]]

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from bench_step import task_split  # the same tasks as the strategy benchmark
 from metalearn.algorithms.maml import MAML
-from metalearn.data import ClassSplit, EpisodeSampler, load_split
+from metalearn.data import EpisodeSampler
 from metalearn.models import Conv4
 
 # (name, ways, shots, queries, inner steps, inner lr, meta-batch, orders)
@@ -51,16 +51,6 @@ def learn2learn_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def task_split(data_root: str) -> ClassSplit:
-    if (Path(data_root) / "omniglot-py").is_dir():
-        cfg = OmegaConf.create({"name": "omniglot", "root": data_root, "split": "vinyals", "cache_dir": None,
-                                "download": False})
-        return load_split(cfg, "train")
-    generator = torch.Generator().manual_seed(0)
-    return ClassSplit(torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=generator, dtype=torch.uint8),
-                      torch.arange(100).repeat_interleave(20), "random images")
 
 
 def make_model(ways: int, fast: bool, dtype=torch.float32) -> Conv4:

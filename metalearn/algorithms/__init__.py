@@ -24,9 +24,9 @@ def _maml(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorith
     if a.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
                              f"{cfg.data.ways}-way tasks: leave algo.train_ways unset.")
-    return MAML(build_model(cfg.model, cfg.data.ways, cfg.device).to(device), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                inner_steps_eval=a.inner_steps_eval, outer_lr=a.outer_lr, first_order=a.first_order,
-                vectorize=resolve_vectorize(a.vectorize, device),
+    model = build_model(cfg.model, cfg.data.ways, cfg.device).to(device)
+    return MAML(model, inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_steps_eval=a.inner_steps_eval,
+                outer_lr=a.outer_lr, first_order=a.first_order, vectorize=resolve_vectorize(a.vectorize, device),
                 head_only=AdaptedParams(a.adapt) is AdaptedParams.head, learn_inner_lr=a.learn_inner_lr,
                 inner_lr_init=tuple(a.inner_lr_init))
 
@@ -35,11 +35,11 @@ def _reptile(cfg: DictConfig, device: torch.device, train_classes: int) -> Algor
     a = cfg.algo
     if a.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(f"algo=reptile fine-tunes a {cfg.data.ways}-way head: leave algo.train_ways unset.")
-    return Reptile(build_model(cfg.model, cfg.data.ways, cfg.device).to(device), inner_lr=a.inner_lr,
-                   inner_steps=a.inner_steps, inner_batch=a.inner_batch, inner_optimizer=InnerOptimizer(a.inner_optimizer).value,
-                   inner_steps_eval=a.inner_steps_eval, inner_batch_eval=a.inner_batch_eval, outer_lr=a.outer_lr,
-                   outer_lr_final=a.outer_lr_final, total_steps=cfg.train.steps,
-                   vectorize=resolve_vectorize(a.vectorize, device))
+    model = build_model(cfg.model, cfg.data.ways, cfg.device).to(device)
+    return Reptile(model, inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_batch=a.inner_batch,
+                   inner_optimizer=InnerOptimizer(a.inner_optimizer).value, inner_steps_eval=a.inner_steps_eval,
+                   inner_batch_eval=a.inner_batch_eval, outer_lr=a.outer_lr, outer_lr_final=a.outer_lr_final,
+                   total_steps=cfg.train.steps, vectorize=resolve_vectorize(a.vectorize, device))
 
 
 def _protonet(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:
@@ -62,8 +62,9 @@ def _distill(cfg: DictConfig, device: torch.device, train_classes: int) -> Algor
     if OmegaConf.is_missing(a, "teacher"):
         raise MetalearnError("algo=distill learns from a finished run: add algo.teacher=<folder of a finetune or "
                              "distill run trained on the same data and split>.")
-    return Distill(build_model(cfg.model, train_classes, cfg.device).to(device), teacher=a.teacher, temperature=a.temperature,
-                   distill_weight=a.distill_weight, device_cfg=cfg.device, **_finetune_args(a))
+    model = build_model(cfg.model, train_classes, cfg.device).to(device)
+    return Distill(model, teacher=a.teacher, temperature=a.temperature, distill_weight=a.distill_weight,
+                   device_cfg=cfg.device, **_finetune_args(a))
 
 
 ALGORITHMS = {"maml": _maml, "fomaml": _maml, "anil": _maml, "metasgd": _maml, "reptile": _reptile,

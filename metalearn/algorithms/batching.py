@@ -51,6 +51,11 @@ def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Call
     return looped
 
 
+def detached_params(model: torch.nn.Module) -> Params:
+    """The model's weights by name, as plain tensors for a functional call."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
 def sub_params(params: Params, prefix: str) -> Params:
     """The entries of a submodule, with its prefix removed (for functional_call on it)."""
     start = len(prefix) + 1

@@ -79,8 +79,7 @@ class Finetune(Algorithm):
         embedded = torch.stack([self.model.features(torch.cat([sx, qx]))
                                 for sx, qx in zip(episodes.support, episodes.query)])
         support, query = embedded[:, :shots], embedded[:, shots:]
-        ways = int(episodes.support_labels.max()) + 1
-        weight, bias = self.fit_heads(support, episodes.support_labels, ways)
+        weight, bias = self.fit_heads(support, episodes.support_labels, episodes.ways)
         return torch.baddbmm(bias[:, None, :], query, weight.transpose(1, 2))
 
     def state_dict(self) -> dict:

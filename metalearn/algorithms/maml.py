@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, over_tasks, sub_params
+from metalearn.algorithms.batching import Params, detached_params, over_tasks, sub_params
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 
@@ -100,7 +100,7 @@ class MAML(Algorithm):
 
     # --- the algorithm interface -----------------------------------------------
     def _meta(self) -> Meta:
-        return {"params": {name: p.detach() for name, p in self.model.named_parameters()},
+        return {"params": detached_params(self.model),
                 "rates": {name: r.detach() for name, r in self.rates.items()}}
 
     def _check_ways(self, episodes: Episodes) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, over_tasks
+from metalearn.algorithms.batching import Params, detached_params, over_tasks
 from metalearn.data import Episodes
 
 
@@ -46,18 +46,11 @@ class ProtoNet(Algorithm):
         loss = F.cross_entropy(logits, qy)
         return loss, (loss.detach(), (logits.argmax(dim=-1) == qy).float().mean())
 
-    def _params(self) -> Params:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
-
-    @staticmethod
-    def _ways(episodes: Episodes) -> int:
-        return int(episodes.support_labels.max()) + 1
-
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
         self.model.train()
-        ways = self._ways(episodes)
+        ways = episodes.ways
         task_grad = grad(lambda p, sx, sy, qx, qy: self._task_loss(p, sx, sy, qx, qy, ways), has_aux=True)
-        grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(self._params(), *episodes)
+        grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(detached_params(self.model), *episodes)
         for name, p in self.model.named_parameters():
             p.grad = grads[name].mean(dim=0)
         self.optimizer.step()
@@ -68,9 +61,9 @@ class ProtoNet(Algorithm):
     @torch.no_grad()
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
-        ways = self._ways(episodes)
+        ways = episodes.ways
         logits = over_tasks(lambda p, sx, sy, qx: self._logits(p, sx, sy, qx, ways), self.vectorize)
-        return logits(self._params(), episodes.support, episodes.support_labels, episodes.query)
+        return logits(detached_params(self.model), episodes.support, episodes.support_labels, episodes.query)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

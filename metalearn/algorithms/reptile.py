@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, over_tasks
+from metalearn.algorithms.batching import Params, detached_params, over_tasks
 from metalearn.data import Episodes
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
@@ -73,9 +73,6 @@ class Reptile(Algorithm):
         return functional_call(self.model, adapted, (qx,))
 
     # --- the algorithm interface -----------------------------------------------
-    def _params(self) -> Params:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
-
     @staticmethod
     def _orders(num_tasks: int, size: int, steps: int, batch: int, device, generator=None) -> torch.Tensor:
         """Per task, the images of `steps` minibatches: fresh permutations, one after another, as the
@@ -93,7 +90,7 @@ class Reptile(Algorithm):
         """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
         orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps, self.inner_batch,
                               episodes.support.device)
-        return self._adapt_tasks(self._params(), episodes.support, episodes.support_labels, orders)
+        return self._adapt_tasks(detached_params(self.model), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
@@ -111,7 +108,8 @@ class Reptile(Algorithm):
         # Fine-tuning minibatches in a fixed order, so evaluation does not touch the training RNG.
         orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps_eval,
                               self.inner_batch_eval, episodes.support.device, torch.Generator().manual_seed(0))
-        return self._predict(self._params(), episodes.support, episodes.support_labels, episodes.query, orders)
+        return self._predict(detached_params(self.model), episodes.support, episodes.support_labels, episodes.query,
+                             orders)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "step": self.step}

@@ -25,6 +25,10 @@ class Episodes(NamedTuple):
     def num_tasks(self) -> int:
         return self.support.shape[0]
 
+    @property
+    def ways(self) -> int:
+        return int(self.support_labels.max()) + 1
+
 
 class LabelledImages(NamedTuple):
     """A plain classification batch: images of any classes of the split, with their class ids."""
@@ -146,7 +150,8 @@ class EpisodeSampler:
         )
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "replay_buffer": self.replay_buffer[: self.replay_filled].clone(),
+        return {"generator": self.generator.get_state(),
+                "replay_buffer": self.replay_buffer[: self.replay_filled].clone(),
                 "replay_next": self.replay_next}
 
     def load_state_dict(self, state: dict) -> None:
