@@ -10,4 +10,4 @@ tar -xzf "$work"/learn2learn-0.2.0.tar.gz -C "$work"
 cd "$work/learn2learn-0.2.0"
 python -m cython -3 learn2learn/data/task_dataset.pyx learn2learn/data/meta_dataset.pyx learn2learn/data/transforms.pyx
 pip install --no-deps --no-build-isolation .
-python -c "import learn2learn; print('learn2learn', learn2learn.__version__, 'installed')"
+cd / && python -c "import learn2learn; print('learn2learn', learn2learn.__version__, 'installed')"
