@@ -157,7 +157,7 @@ class ModelConfig:
 class DeviceConfig:
     name: str = "auto"  # auto, cpu, cuda or cuda:N
     amp: bool = False  # bf16 autocast for the convolutional body (CPUs with AVX-512 bf16/AMX, recent GPUs)
-    channels_last: bool = False  # NHWC memory format for the convolutions
+    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU, same maths)
 
 
 @dataclass

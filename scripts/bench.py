@@ -1,17 +1,28 @@
-"""MAML training step, metalearn against learn2learn, side by side on this machine.
+"""metalearn against learn2learn, side by side on this machine: MAML and ProtoNet training.
 
-Both libraries train the same conv4 (metalearn.models.Conv4) from the same
-initial weights on the same ready-made task tensors (drawn beforehand from
-the real Omniglot training classes; random images when --data-root has no
-Omniglot). metalearn runs `MAML.meta_train_step`, the code path of the
-runner; learn2learn runs its Omniglot example's loop (`l2l.algorithms.MAML`,
-`clone()` and `adapt()` per task, one `backward()` per task). Each row runs
-in a fresh process; its peak resident memory is counted from after the
-tasks are drawn (the process with torch, model and tasks, then the steps). Before timing,
-a float64 check computes one meta-gradient with both and prints the largest
-relative difference.
+Two figures per setting:
+- step: the training step alone, on identical ready-made task tensors drawn
+  beforehand from the real Omniglot training classes (random images when
+  --data-root has no Omniglot). For MAML a float64 check first computes one
+  meta-gradient with both libraries and prints their largest difference.
+- iteration: the whole meta-training iteration on the real Omniglot, each
+  library drawing its own tasks: metalearn's on-device episode sampler,
+  learn2learn's Omniglot benchmark tasksets (extracted once into the cache).
 
-    python scripts/bench.py --quick              # a short run
+metalearn runs the runner's own code (`MAML` / `ProtoNet.meta_train_step`,
+`EpisodeSampler.sample`) with its defaults ("metalearn") and with bf16
+autocast on top ("metalearn-fast", device.amp=true). learn2learn runs its
+examples' code: `l2l.algorithms.MAML` with `clone()` / `adapt()` per task,
+and the ProtoNet example's loop, on its own conv4 (`ConvBase` with max-pool,
+the same network function, holding metalearn's initial weights).
+
+All implementations of a setting live in one process and take turns, one
+iteration each, so a slow spell of the machine hits them alike; a figure is
+the median over the timed iterations after one warm-up. Peak memory is the
+process's peak resident memory during that implementation's iterations (the
+baseline of torch, the data and the models included).
+
+    python scripts/bench.py --quick              # a short run (about 3 minutes)
     python scripts/bench.py --json bench.json    # the full run, rows also as JSON
 
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
@@ -32,17 +43,23 @@ import torch
 import torch.nn.functional as F
 
 from bench_step import task_split  # the same tasks as the strategy benchmark
+from metalearn.algorithms.batching import cpu_workers
 from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.protonet import ProtoNet
+from metalearn.config import DeviceConfig
 from metalearn.data import EpisodeSampler
+from metalearn.data.cache import cache_dir
 from metalearn.models import Conv4
 
-# (name, ways, shots, queries, inner steps, inner lr, meta-batch, orders)
+# (algo, setting, ways, shots, queries, inner steps, inner lr, meta-batch, orders, in --quick)
 SETTINGS = [
-    ("5w1s", 5, 1, 15, 1, 0.4, 32, ("second", "first")),
-    ("5w1s", 5, 1, 15, 1, 0.4, 8, ("second", "first")),
-    ("20w1s", 20, 1, 5, 5, 0.1, 16, ("second",)),
+    ("maml", "5w1s", 5, 1, 15, 1, 0.4, 32, ("second", "first"), True),
+    ("maml", "5w1s", 5, 1, 15, 1, 0.4, 8, ("second", "first"), False),
+    ("maml", "20w1s", 20, 1, 5, 5, 0.1, 16, ("second",), False),
+    ("protonet", "60w1s", 60, 1, 5, 0, 0.0, 1, ("-",), True),
 ]
-FAST = {"amp": True, "channels_last": True}
+IMPLS = {"metalearn": DeviceConfig(), "metalearn-fast": DeviceConfig(amp=True)}
+FIGURES = ("step", "iteration")
 
 
 def learn2learn_available() -> bool:
@@ -53,65 +70,177 @@ def learn2learn_available() -> bool:
     return True
 
 
-def make_model(ways: int, fast: bool, dtype=torch.float32) -> Conv4:
+def make_model(ways: int, device_cfg: DeviceConfig = DeviceConfig(channels_last=False),
+               dtype=torch.float32) -> Conv4:
     torch.manual_seed(0)
-    return Conv4(ways, **(FAST if fast else {})).to(dtype)
+    return Conv4(ways, amp=device_cfg.amp, channels_last=device_cfg.channels_last).to(dtype)
 
 
-class Learn2LearnStep:
-    """learn2learn's MAML Omniglot example, one meta-iteration on ready tensors."""
+# --- learn2learn, as its examples write it ------------------------------------
 
-    def __init__(self, model, inner_lr: float, inner_steps: int, first_order: bool):
+def learn2learn_model(ways: int, dtype=torch.float32) -> torch.nn.Module:
+    """learn2learn's own conv4 (conv, BatchNorm, ReLU, max-pool blocks) holding metalearn's initial weights.
+
+    ways=0 gives the embedding network (ProtoNet).
+    """
+    from learn2learn.vision.models import ConvBase
+
+    layers = [ConvBase(hidden=64, channels=1, max_pool=True, layers=4), torch.nn.Flatten()]
+    if ways:
+        layers.append(torch.nn.Linear(64, ways))
+    model = torch.nn.Sequential(*layers).to(dtype)
+    ours = make_model(ways, dtype=dtype).state_dict()
+    with torch.no_grad():
+        for theirs, mine in zip(learn2learn_names(ways), ours):
+            model.get_parameter(theirs).copy_(ours[mine])
+    return model
+
+
+def learn2learn_names(ways: int):
+    """learn2learn's parameter names in the order of metalearn's."""
+    body = [f"0.{i}.{part}.{kind}" for i in range(4) for part in ("conv", "normalize") for kind in ("weight", "bias")]
+    return body + (["2.weight", "2.bias"] if ways else [])
+
+
+class Learn2LearnMAML:
+    """learn2learn's MAML Omniglot example: clone() and adapt() per task, one backward() per task."""
+
+    def __init__(self, ways, inner_lr: float, inner_steps: int, first_order: bool, dtype=torch.float32):
         import learn2learn as l2l
 
-        self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order)
+        self.maml = l2l.algorithms.MAML(learn2learn_model(ways, dtype), lr=inner_lr, first_order=first_order)
         self.optimizer = torch.optim.Adam(self.maml.parameters(), lr=1e-3)
         self.inner_steps = inner_steps
 
+    def task_backward(self, sx, sy, qx, qy):
+        learner = self.maml.clone()
+        for _ in range(self.inner_steps):
+            learner.adapt(F.cross_entropy(learner(sx), sy))
+        F.cross_entropy(learner(qx), qy).backward()
+
     def gradients(self, episodes):
         self.optimizer.zero_grad()
-        tasks = len(episodes.support)
-        for sx, sy, qx, qy in zip(*episodes):
-            learner = self.maml.clone()
-            for _ in range(self.inner_steps):
-                learner.adapt(F.cross_entropy(learner(sx), sy))
-            F.cross_entropy(learner(qx), qy).backward()
+        for task in zip(*episodes):
+            self.task_backward(*task)
         for p in self.maml.parameters():
-            p.grad.data.mul_(1.0 / tasks)
-        return {name: p.grad for name, p in self.maml.module.named_parameters()}
+            p.grad.data.mul_(1.0 / len(episodes.support))
+        params = dict(self.maml.module.named_parameters())
+        ours = [name for name, _ in make_model(2).named_parameters()]
+        return {mine: params[theirs].grad for mine, theirs in zip(ours, learn2learn_names(2))}
 
     def meta_train_step(self, episodes):
         self.gradients(episodes)
         self.optimizer.step()
 
 
-def build(impl: str, setting: dict, first_order: bool, dtype=torch.float32):
-    ways, inner_lr, steps = setting["ways"], setting["inner_lr"], setting["inner_steps"]
-    model = make_model(ways, impl == "metalearn-fast", dtype)
+class Learn2LearnProtoNet:
+    """learn2learn's ProtoNet example: embed, class-mean prototypes, negative squared distances."""
+
+    def __init__(self, ways):
+        self.model = learn2learn_model(0)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def task_backward(self, sx, sy, qx, qy):
+        ways = int(sy.max()) + 1
+        embeddings = self.model(torch.cat([sx, qx]))
+        support, query = embeddings[: len(sx)], embeddings[len(sx):]
+        prototypes = torch.stack([support[sy == c].mean(dim=0) for c in range(ways)])
+        logits = -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(dim=2)
+        F.cross_entropy(logits, qy).backward()
+
+    def meta_train_step(self, episodes):
+        self.optimizer.zero_grad()
+        for task in zip(*episodes):
+            self.task_backward(*task)
+        self.optimizer.step()
+
+
+def learn2learn_tasks(row: dict):
+    """learn2learn's Omniglot benchmark tasksets on local files; a function drawing one task.
+
+    torchvision's Omniglot checks the zips' md5 against the original
+    download, which our re-encoded copies do not match, so the archives are
+    extracted once into the cache and that check is pointed at the folders.
+    """
+    import zipfile
+
+    import learn2learn as l2l
+    import torchvision
+
+    root = cache_dir(None) / "learn2learn-omniglot"
+    for part in ("images_background", "images_evaluation"):
+        if not (root / "omniglot-py" / part).is_dir():
+            with zipfile.ZipFile(Path(row["data_root"]) / "omniglot-py" / f"{part}.zip") as archive:
+                archive.extractall(root / "omniglot-py")
+    torchvision.datasets.Omniglot._check_integrity = lambda self: (Path(self.root) / self._get_target_folder()).is_dir()
+    tasksets = l2l.vision.benchmarks.get_tasksets("omniglot", train_ways=row["ways"],
+                                                  train_samples=row["shots"] + row["queries"],
+                                                  test_ways=row["ways"], test_samples=row["shots"] + row["queries"],
+                                                  root=str(root))
+    per_class = row["shots"] + row["queries"]
+    support = (torch.arange(row["ways"] * per_class) % per_class) < row["shots"]
+
+    def draw():
+        data, labels = tasksets.train.sample()
+        return data[support], labels[support], data[~support], labels[~support]
+
+    return draw
+
+
+# --- the implementations under test -------------------------------------------
+
+def build(impl: str, row: dict, dtype=torch.float32):
+    first_order = row["order"] == "first"
+    if row["algo"] == "protonet":
+        if impl == "learn2learn":
+            return Learn2LearnProtoNet(row["ways"])
+        return ProtoNet(make_model(0, IMPLS[impl], dtype), outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000,
+                        vectorize=False)
     if impl == "learn2learn":
-        return Learn2LearnStep(model, inner_lr, steps, first_order)
-    return MAML(model, inner_lr=inner_lr, inner_steps=steps, inner_steps_eval=1, outer_lr=1e-3,
-                first_order=first_order, vectorize=False)
+        return Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], first_order, dtype)
+    return MAML(make_model(row["ways"], IMPLS[impl], dtype), inner_lr=row["inner_lr"],
+                inner_steps=row["inner_steps"], inner_steps_eval=1, outer_lr=1e-3, first_order=first_order,
+                vectorize=False, workers=cpu_workers(torch.device("cpu")))
 
 
-def batches(setting: dict, count: int, meta_batch: int):
-    split = task_split(setting["data_root"])
-    sampler = EpisodeSampler(split, setting["ways"], setting["shots"], setting["queries"], "cpu", seed=0)
-    return [sampler.sample(meta_batch) for _ in range(count)]
+def sampler(row: dict, seed: int = 0) -> EpisodeSampler:
+    return EpisodeSampler(task_split(row["data_root"]), row["ways"], row["shots"], row["queries"], "cpu", seed=seed)
 
 
-def gradient_check(setting: dict, first_order: bool) -> float:
-    """Largest relative difference of one float64 meta-gradient (4 tasks), metalearn vs learn2learn."""
-    (episodes,) = batches(setting, 1, 4)
+def iteration(impl: str, algo, row: dict):
+    """One whole meta-training iteration: draw the meta-batch the library's own way, then step."""
+    if impl != "learn2learn":
+        own = sampler(row, seed=1)
+        return lambda: algo.meta_train_step(own.sample(row["meta_batch"]))
+    draw = learn2learn_tasks(row)
+
+    def run():
+        algo.optimizer.zero_grad()
+        for _ in range(row["meta_batch"]):
+            algo.task_backward(*draw())
+        if isinstance(algo, Learn2LearnMAML):
+            for p in algo.maml.parameters():
+                p.grad.data.mul_(1.0 / row["meta_batch"])
+        algo.optimizer.step()
+
+    return run
+
+
+def gradient_check(row: dict) -> float:
+    """Largest difference of one float64 MAML meta-gradient (4 tasks), metalearn vs learn2learn,
+    relative to the largest gradient entry (a conv bias before BatchNorm has a zero gradient)."""
+    episodes = sampler(row).sample(4)
     episodes = type(episodes)(episodes.support.double(), episodes.support_labels, episodes.query.double(),
                               episodes.query_labels)
-    ours = build("metalearn", setting, first_order, torch.float64).meta_gradients(episodes)
-    theirs = build("learn2learn", setting, first_order, torch.float64).gradients(episodes)
-    return max(((ours[n] - theirs[n]).norm() / theirs[n].norm().clamp_min(1e-30)).item() for n in theirs)
+    ours = build("metalearn", row, torch.float64).meta_gradients(episodes)
+    theirs = Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], row["order"] == "first",
+                             torch.float64).gradients(episodes)
+    scale = max(g.abs().max() for g in theirs.values())
+    return max(((ours[n] - theirs[n]).abs().max() / scale).item() for n in theirs)
 
 
 def reset_peak_memory() -> None:
-    """Start the peak resident-memory count afresh (Linux), so loading the dataset does not count."""
+    """Start the peak resident-memory count afresh (Linux)."""
     gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -127,73 +256,93 @@ def peak_memory_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_row(row: dict) -> dict:
-    """Time one implementation on one setting (called in a fresh process)."""
+def run_group(row: dict) -> list:
+    """Time every implementation of one setting and figure, taking turns (called in a fresh process)."""
     torch.manual_seed(0)
-    first_order = row["order"] == "first"
-    algo = build(row["impl"], row, first_order)
-    work = batches(row, row["warmup"] + row["iters"], row["meta_batch"])
-    reset_peak_memory()
-    times = []
-    for i, episodes in enumerate(work):
-        tick = time.perf_counter()
-        algo.meta_train_step(episodes)
-        if i >= row["warmup"]:
-            times.append(time.perf_counter() - tick)
-    median = statistics.median(times)
-    return {**row, "figure": "step", "it_per_s": 1 / median, "tasks_per_s": row["meta_batch"] / median,
-            "peak_mem_mib": peak_memory_mib()}
+    impls = row["impls"]
+    algos = {impl: build(impl, row) for impl in impls}
+    if row["figure"] == "step":
+        work = sampler(row).sample(row["meta_batch"] * (row["iters"] + 1))
+        batches = [type(work)(*(t[i * row["meta_batch"]:(i + 1) * row["meta_batch"]] for t in work))
+                   for i in range(row["iters"] + 1)]
+        steps = {impl: iter(batches) for impl in impls}
+        runs = {impl: (lambda a=algos[impl], s=steps[impl]: a.meta_train_step(next(s))) for impl in impls}
+    else:
+        runs = {impl: iteration(impl, algos[impl], row) for impl in impls}
+    times = {impl: [] for impl in impls}
+    peaks = {impl: 0.0 for impl in impls}
+    for i in range(row["iters"] + 1):
+        for impl in impls:
+            reset_peak_memory()
+            tick = time.perf_counter()
+            runs[impl]()
+            elapsed = time.perf_counter() - tick
+            peaks[impl] = max(peaks[impl], peak_memory_mib())
+            if i > 0:
+                times[impl].append(elapsed)
+    rows = []
+    for impl in impls:
+        median = statistics.median(times[impl])
+        rows.append({"algo": row["algo"], "setting": row["setting"], "order": row["order"],
+                     "meta_batch": row["meta_batch"], "figure": row["figure"], "impl": impl,
+                     "it_per_s": 1 / median, "tasks_per_s": row["meta_batch"] / median,
+                     "peak_mem_mib": peaks[impl], "iterations": row["iters"]})
+    return rows
 
 
-def in_subprocess(row: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True)
+def in_subprocess(row: dict) -> list:
+    out = subprocess.run([sys.executable, __file__, "--group", json.dumps(row)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"row {row} failed:\n{out.stderr}")
+        raise SystemExit(f"{row['algo']} {row['setting']} {row['figure']} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--quick", action="store_true", help="3 timed iterations and the 5-way settings only")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per row (default 10, quick 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 3)")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.row:
-        print(json.dumps(run_row(json.loads(args.row))))
+    if args.group:
+        print(json.dumps(run_group(json.loads(args.group))))
         return
 
     iters = args.iters or (3 if args.quick else 10)
-    impls = ["metalearn", "metalearn-fast"] + (["learn2learn"] if learn2learn_available() else [])
-    print(f"MAML conv4 training step on ready task tensors; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {iters} timed iterations after 1 warm-up, median")
-    if "learn2learn" not in impls:
+    have_l2l = learn2learn_available()
+    impls = list(IMPLS) + (["learn2learn"] if have_l2l else [])
+    print(f"metalearn vs learn2learn training on this CPU; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; median of {iters} iterations after 1 warm-up, implementations taking turns")
+    if not have_l2l:
         print("learn2learn is not installed: measuring metalearn only (bash scripts/install_learn2learn.sh adds it)")
-    print("metalearn-fast: device.amp=true device.channels_last=true")
-    header = f"{'setting':<8} {'order':<7} {'batch':>5} {'impl':<15} {'meta-it/s':>9} {'tasks/s':>8} " \
-             f"{'peak MiB':>9} {'vs l2l':>7}"
-    print(header)
+    print("metalearn: the runner's defaults (fp32, device.channels_last=true, one task per core); "
+          "metalearn-fast: plus device.amp=true (bf16 autocast)")
+    print(f"{'algo':<9} {'setting':<6} {'order':<6} {'batch':>5} {'figure':<9} {'impl':<15} {'meta-it/s':>9} "
+          f"{'tasks/s':>8} {'peak MiB':>9} {'vs l2l':>7}")
     rows = []
-    settings = [s for s in SETTINGS if not args.quick or s[0] == "5w1s"]
-    for name, ways, shots, queries, steps, inner_lr, meta_batch, orders in settings:
+    for algo, name, ways, shots, queries, steps, inner_lr, meta_batch, orders, quick in SETTINGS:
+        if args.quick and not quick:
+            continue
         for order in orders:
-            setting = {"algo": "maml", "setting": name, "ways": ways, "shots": shots, "queries": queries,
-                       "inner_steps": steps, "inner_lr": inner_lr, "meta_batch": meta_batch, "order": order,
-                       "data_root": args.data_root, "iters": iters, "warmup": 1}
-            if "learn2learn" in impls and meta_batch == max(s[6] for s in settings if s[0] == name):
-                check = gradient_check(setting, order == "first")
-                print(f"{name:<8} {order:<7} float64 meta-gradient, max relative difference to learn2learn: "
-                      f"{check:.1e}")
-            group = [in_subprocess({**setting, "impl": impl}) for impl in impls]
-            reference = next((r for r in group if r["impl"] == "learn2learn"), None)
-            for r in group:
-                if reference is not None and r["impl"] != "learn2learn":
-                    r["speedup_vs_learn2learn"] = r["tasks_per_s"] / reference["tasks_per_s"]
-                ratio = f"{r['speedup_vs_learn2learn']:.2f}x" if "speedup_vs_learn2learn" in r else ""
-                print(f"{name:<8} {order:<7} {meta_batch:>5} {r['impl']:<15} {r['it_per_s']:>9.3f} "
-                      f"{r['tasks_per_s']:>8.2f} {r['peak_mem_mib']:>9.0f} {ratio:>7}", flush=True)
-                rows.append({k: v for k, v in r.items() if k not in ("data_root", "warmup")})
+            row = {"algo": algo, "setting": name, "ways": ways, "shots": shots, "queries": queries,
+                   "inner_steps": steps, "inner_lr": inner_lr, "meta_batch": meta_batch, "order": order,
+                   "data_root": args.data_root, "iters": iters, "impls": impls}
+            if have_l2l and algo == "maml" and meta_batch == max(s[7] for s in SETTINGS if s[1] == name):
+                print(f"{algo:<9} {name:<6} {order:<6} float64 meta-gradient, largest difference to learn2learn: "
+                      f"{gradient_check(row):.1e} of the largest entry")
+            for figure in FIGURES:
+                group = in_subprocess({**row, "figure": figure})
+                reference = next((r for r in group if r["impl"] == "learn2learn"), None)
+                for r in group:
+                    if reference is not None and r["impl"] != "learn2learn":
+                        r["speedup_vs_learn2learn"] = r["tasks_per_s"] / reference["tasks_per_s"]
+                    ratio = f"{r['speedup_vs_learn2learn']:.2f}x" if "speedup_vs_learn2learn" in r else ""
+                    print(f"{algo:<9} {name:<6} {order:<6} {meta_batch:>5} {figure:<9} {r['impl']:<15} "
+                          f"{r['it_per_s']:>9.3f} {r['tasks_per_s']:>8.2f} {r['peak_mem_mib']:>9.0f} {ratio:>7}",
+                          flush=True)
+                    rows.append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"rows written to {args.json}")

@@ -578,3 +578,26 @@ def test_distill_loss_matches_hand_computation(temperature, weight):
     assert all(torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
     assert any(not torch.equal(student_before[n], p) for n, p in student.named_parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# --- the MAML family's task threads ---------------------------------------------
+
+@pytest.mark.parametrize("variant", ["maml", "fomaml", "anil", "metasgd"])
+def test_task_threads_give_the_one_thread_loop_results(variant):
+    """Splitting the meta-batch over two worker threads (the CPU default) changes neither the
+    meta-gradients nor a training step, for every member of the MAML family."""
+    batch = episodes(tasks=5)
+    kwargs = {"maml": {}, "fomaml": {"first_order": True}, "anil": {"head_only": True},
+              "metasgd": {"learn_inner_lr": True}}[variant]
+
+    def build(workers):
+        torch.manual_seed(1)
+        return MAML(tiny(), inner_lr=0.5, inner_steps=2, inner_steps_eval=2, outer_lr=1e-2, vectorize=False,
+                    workers=workers, **{"first_order": False, **kwargs})
+
+    one, two = build(1), build(2)
+    assert len(two._threads.replicas) == 2
+    assert_dicts_close(two.meta_gradients(batch), one.meta_gradients(batch), 1e-12)
+    assert one.meta_train_step(batch) == pytest.approx(two.meta_train_step(batch), rel=1e-12)
+    assert_dicts_close(params_of(two.model), params_of(one.model), 1e-12)
+    assert torch.get_num_threads() == 1  # the workers' one-thread setting is undone

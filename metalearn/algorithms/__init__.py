@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import Algorithm
-from metalearn.algorithms.batching import resolve_vectorize
+from metalearn.algorithms.batching import cpu_workers, resolve_vectorize
 from metalearn.algorithms.finetune import Distill, Finetune
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.protonet import ProtoNet
@@ -28,7 +28,7 @@ def _maml(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorith
     return MAML(model, inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_steps_eval=a.inner_steps_eval,
                 outer_lr=a.outer_lr, first_order=a.first_order, vectorize=resolve_vectorize(a.vectorize, device),
                 head_only=AdaptedParams(a.adapt) is AdaptedParams.head, learn_inner_lr=a.learn_inner_lr,
-                inner_lr_init=tuple(a.inner_lr_init))
+                inner_lr_init=tuple(a.inner_lr_init), workers=cpu_workers(device))
 
 
 def _reptile(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:

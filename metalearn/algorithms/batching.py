@@ -5,7 +5,9 @@ Both give the same numbers; which is faster depends on the device (on a
 the chip idle and vmap fills it), hence the `vectorize` setting.
 """
 
-from typing import Callable, Dict
+import copy
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List
 
 import torch
 
@@ -49,6 +51,43 @@ def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Call
         return stack([task_fn(*shared, *task) for task in zip(*batched)])
 
     return looped
+
+
+def cpu_workers(device: torch.device) -> int:
+    """Threads for a task loop: one per intra-op thread on a CPU, one on a GPU (the chip runs in parallel)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
+class TaskThreads:
+    """Splits a meta-batch's tasks across threads, each running its ops on one core.
+
+    A small task's ops (a 5-image support pass) barely use one core, so on a
+    CPU `workers` tasks at once on a core each beat one task at a time on all
+    cores. Each worker has its own copy of the model because functional_call
+    swaps a module's weights in place: the copies' own weights are never used,
+    only their structure (models with buffers would need them kept in sync).
+    """
+
+    def __init__(self, model: torch.nn.Module, workers: int):
+        self.model = model
+        self.replicas = [model] if workers <= 1 else [copy.deepcopy(model) for _ in range(workers)]
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def map(self, run: Callable, tasks: int) -> List:
+        """`run(model, task_slice)` over contiguous slices of range(tasks), one per worker; results in order."""
+        workers = min(len(self.replicas), tasks)
+        if self.pool is None or workers < 2:
+            return [run(self.model, slice(0, tasks))]
+        bounds = [tasks * i // workers for i in range(workers + 1)]
+        slices = [slice(bounds[i], bounds[i + 1]) for i in range(workers)]
+        for replica in self.replicas:
+            replica.train(self.model.training)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return list(self.pool.map(run, self.replicas[:workers], slices))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def detached_params(model: torch.nn.Module) -> Params:

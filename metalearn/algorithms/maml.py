@@ -7,10 +7,13 @@ differentiate the query loss. Second order differentiates through the inner
 updates; first order takes the query gradient at the adapted weights. ANIL
 adapts only the linear head (the body's support features are computed once
 per task); Meta-SGD learns one inner rate per adapted weight alongside the
-initialisation. The meta-batch runs the task function as one `vmap` or as a
-loop (the tests pin both against a naive autograd loop in float64).
-`vmap(grad(task))` is used rather than `grad(mean(vmap(task)))`, which gives
-wrong second-order gradients through the native batch norm in torch 2.14.
+initialisation. The meta-batch runs the task function as one `vmap`, or as
+a loop of the same maths in plain autograd: on a CPU torch.func's
+transforms cost more per task than the loop's own work saves, and the loop
+frees each task's graph before the next (the tests pin both against a naive
+autograd loop in float64). `vmap(grad(task))` is used rather than
+`grad(mean(vmap(task)))`, which gives wrong second-order gradients through
+the native batch norm in torch 2.14.
 """
 
 from typing import Dict, Sequence, Tuple
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, detached_params, over_tasks, sub_params
+from metalearn.algorithms.batching import Params, TaskThreads, detached_params, over_tasks, sub_params
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 
@@ -32,7 +35,7 @@ RATE_PREFIX = "inner_lr."
 class MAML(Algorithm):
     def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_steps_eval: int,
                  outer_lr: float, first_order: bool, vectorize: bool, head_only: bool = False,
-                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1)):
+                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1), workers: int = 1):
         if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
             raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
         if learn_inner_lr and first_order:
@@ -50,13 +53,15 @@ class MAML(Algorithm):
             self.rates = {name: torch.empty_like(p).uniform_(low, high).requires_grad_()
                           for name, p in model.named_parameters() if name in self.adapted_names}
         self.optimizer = torch.optim.Adam([*model.parameters(), *self.rates.values()], lr=outer_lr)
+        self.first_order = first_order
         task_fn = self._first_order_task if first_order else self._second_order_task
-        self._meta_grads = over_tasks(task_fn, vectorize)
+        self._meta_grads = self._vmapped(over_tasks(task_fn, True)) if vectorize else self._looped
+        self._threads = TaskThreads(model, 1 if vectorize else workers)
         self._predict = over_tasks(self._adapted_logits, vectorize)
 
     # --- pure per-task functions -------------------------------------------------
-    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = functional_call(self.model, params, (x,))
+    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, model=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = functional_call(self.model if model is None else model, params, (x,))
         return F.cross_entropy(logits, y), logits
 
     def _adapt(self, meta: Meta, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
@@ -78,8 +83,8 @@ class MAML(Algorithm):
             adapted = {name: p - rates.get(name, self.inner_lr) * g[name] for name, p in adapted.items()}
         return {**params, **adapted}
 
-    def _query_objective(self, params: Params, qx: torch.Tensor, qy: torch.Tensor):
-        loss, logits = self._loss(params, qx, qy)
+    def _query_objective(self, params: Params, qx: torch.Tensor, qy: torch.Tensor, model=None):
+        loss, logits = self._loss(params, qx, qy, model)
         accuracy = (logits.argmax(dim=-1) == qy).float().mean()
         return loss, (loss.detach(), accuracy)
 
@@ -98,6 +103,70 @@ class MAML(Algorithm):
         adapted = self._adapt(meta, sx, sy, self.inner_steps_eval)
         return functional_call(self.model, adapted, (qx,))
 
+    # --- the meta-batch: one vmap, or a loop in plain autograd ---------------------
+    @staticmethod
+    def _vmapped(task_grads):
+        """Mean meta-gradient, per-task losses and accuracies from the vmapped task function."""
+        def meta_grads(meta: Meta, *episodes):
+            grads, (losses, accuracies) = task_grads(meta, *episodes)
+            mean = {group: {name: g.mean(dim=0) for name, g in part.items()} for group, part in grads.items()}
+            return mean, (losses, accuracies)
+
+        return meta_grads
+
+    def _looped(self, meta: Meta, sx, sy, qx, qy):
+        """The same maths as the task functions, a task at a time with torch.autograd, on worker threads."""
+        leaves = {group: {name: t.detach().requires_grad_() for name, t in part.items()}
+                  for group, part in meta.items()}
+
+        def run(model, part: slice):
+            total = {group: {name: torch.zeros_like(t) for name, t in p.items()} for group, p in leaves.items()}
+            losses, accuracies = [], []
+            with torch.enable_grad():
+                for task in zip(sx[part], sy[part], qx[part], qy[part]):
+                    grads, loss, accuracy = self._task_autograd(model, leaves, *task)
+                    for group, p in grads.items():
+                        for name, g in p.items():
+                            total[group][name] += g
+                    losses.append(loss)
+                    accuracies.append(accuracy)
+            return total, losses, accuracies
+
+        results = self._threads.map(run, len(sx))
+        tasks = len(sx)
+        mean = {group: {name: sum(r[0][group][name] for r in results) / tasks for name in part}
+                for group, part in leaves.items()}
+        losses = torch.stack([loss for r in results for loss in r[1]])
+        accuracies = torch.stack([accuracy for r in results for accuracy in r[2]])
+        return mean, (losses, accuracies)
+
+    def _task_autograd(self, model: torch.nn.Module, leaves: Meta, sx, sy, qx, qy):
+        params, rates = leaves["params"], leaves["rates"]
+        second_order = not self.first_order
+        if self.head_only:
+            features = functional_call(model.features, sub_params(params, "features"), (sx,))
+
+            def inner_loss(adapted):
+                logits = functional_call(model.head, sub_params(adapted, "head"), (features,))
+                return F.cross_entropy(logits, sy)
+        else:
+            def inner_loss(adapted):
+                return self._loss(adapted, sx, sy, model)[0]
+
+        adapted = {name: params[name] for name in self.adapted_names}
+        for _ in range(self.inner_steps):
+            g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
+            adapted = {name: p - rates.get(name, self.inner_lr) * gi for (name, p), gi in zip(adapted.items(), g)}
+            if not second_order:
+                adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
+        final = {**params, **adapted}
+        loss, (detached_loss, accuracy) = self._query_objective(final, qx, qy, model)
+        targets = leaves if second_order else {"params": final, "rates": {}}
+        flat = [t for part in targets.values() for t in part.values()]
+        g = iter(torch.autograd.grad(loss, flat))
+        grads = {group: {name: next(g) for name in part} for group, part in targets.items()}
+        return grads, detached_loss, accuracy
+
     # --- the algorithm interface -----------------------------------------------
     def _meta(self) -> Meta:
         return {"params": detached_params(self.model),
@@ -113,9 +182,9 @@ class MAML(Algorithm):
         self.model.train()
         grads, (losses, accuracies) = self._meta_grads(self._meta(), *episodes)
         for name, p in self.model.named_parameters():
-            p.grad = grads["params"][name].mean(dim=0)
+            p.grad = grads["params"][name]
         for name, r in self.rates.items():
-            r.grad = grads["rates"][name].mean(dim=0)
+            r.grad = grads["rates"][name]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
@@ -126,8 +195,8 @@ class MAML(Algorithm):
         Weights by name; Meta-SGD's rates as "inner_lr.<weight name>".
         """
         grads, _ = self._meta_grads(self._meta(), *episodes)
-        flat = {name: g.mean(dim=0) for name, g in grads["params"].items()}
-        flat.update({RATE_PREFIX + name: g.mean(dim=0) for name, g in grads["rates"].items()})
+        flat = dict(grads["params"])
+        flat.update({RATE_PREFIX + name: g for name, g in grads["rates"].items()})
         return flat
 
     @torch.no_grad()

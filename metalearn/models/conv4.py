@@ -4,14 +4,31 @@ import torch
 from torch import nn
 
 
+class Conv2d(nn.Conv2d):
+    """A convolution that can hand on its output in channels-last memory format.
+
+    A one-channel image batch is both NCHW and NHWC to torch, so the first
+    convolution would keep NCHW for the whole network; converting its output
+    puts every later layer on the channels-last kernels.
+    """
+
+    channels_last = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+
+
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
         # Batch statistics at train and test time, as in MAML: no running
         # averages, so a functional call has no buffers to update.
         nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
+        # max-pool then ReLU equals ReLU then max-pool (both are monotone),
+        # and the ReLU then touches a quarter of the values.
         nn.MaxPool2d(2),
+        nn.ReLU(),
     )
 
 
@@ -37,7 +54,7 @@ class Features(nn.Sequential):
 
 
 class Conv4(nn.Module):
-    """4 x [conv3x3, BatchNorm, ReLU, max-pool 2x2] then a linear head; 28x28 -> 1x1.
+    """4 x [conv3x3, BatchNorm, max-pool 2x2, ReLU] then a linear head; 28x28 -> 1x1.
 
     `features` maps images to `hidden`-dimensional embeddings; with
     num_classes=0 the head is the identity and the model returns them.
@@ -56,6 +73,9 @@ class Conv4(nn.Module):
         self.features.amp, self.features.channels_last = amp, channels_last
         if channels_last:
             self.features.to(memory_format=torch.channels_last)
+            for module in self.features.modules():
+                if isinstance(module, Conv2d):
+                    module.channels_last = True
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x):
