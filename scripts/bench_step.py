@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from metalearn.algorithms.batching import cpu_workers
 from metalearn.algorithms.maml import MAML
+from metalearn.config import DeviceConfig
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.models import Conv4
 
@@ -42,9 +44,10 @@ def task_split(data_root: str) -> ClassSplit:
 def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
     torch.manual_seed(0)
     sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, "cpu", seed=0)
-    model = Conv4(args.ways)
+    defaults = DeviceConfig()  # the runner's: channels-last, fp32
+    model = Conv4(args.ways, amp=defaults.amp, channels_last=defaults.channels_last)
     algo = MAML(model, inner_lr=0.4, inner_steps=args.inner_steps, inner_steps_eval=1, outer_lr=1e-3,
-                first_order=first_order, vectorize=(strategy == "vmap"))
+                first_order=first_order, vectorize=(strategy == "vmap"), workers=cpu_workers(torch.device("cpu")))
     batches = [sampler.sample(args.meta_batch) for _ in range(args.warmup + args.iters)]
     times = []
     for i, batch in enumerate(batches):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalearn.models import Conv4
+from metalearn.models import Conv4, in_nchw
 
 
 def textbook_forward(model: Conv4, x: torch.Tensor) -> torch.Tensor:
@@ -48,3 +48,19 @@ def test_channels_last_reaches_every_layer():
             args[0].is_contiguous(memory_format=torch.channels_last)))
     model(torch.rand(4, 1, 28, 28))
     assert seen == [True] * 4
+
+
+def test_in_nchw_switches_the_layout_for_the_block_only():
+    """MAML's twice-differentiated passes run in NCHW: the same outputs, and channels-last again after."""
+    torch.manual_seed(0)
+    model = Conv4(5, channels_last=True).double()
+    seen = []
+    model.features[1][1].register_forward_pre_hook(lambda module, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    expected = model(x)
+    with in_nchw(model):
+        inside = model(x)
+    after = model(x)
+    assert seen == [True, False, True]
+    assert torch.allclose(inside, expected, rtol=1e-10, atol=1e-12) and torch.equal(after, expected)

@@ -1,21 +1,23 @@
-"""The MAML family with torch.func: MAML and first-order MAML (Finn, Abbeel &
-Levine 2017), ANIL (Raghu et al. 2020) and Meta-SGD (Li et al. 2017).
+"""The MAML family: MAML and first-order MAML (Finn, Abbeel & Levine 2017),
+ANIL (Raghu et al. 2020) and Meta-SGD (Li et al. 2017).
 
-One pure function computes a task's meta-gradient: adapt a copy of the
-weights on the support set with `inner_steps` gradient steps, then
-differentiate the query loss. Second order differentiates through the inner
-updates; first order takes the query gradient at the adapted weights. ANIL
-adapts only the linear head (the body's support features are computed once
-per task); Meta-SGD learns one inner rate per adapted weight alongside the
-initialisation. The meta-batch runs the task function as one `vmap`, or as
-a loop of the same maths in plain autograd: on a CPU torch.func's
-transforms cost more per task than the loop's own work saves, and the loop
-frees each task's graph before the next (the tests pin both against a naive
-autograd loop in float64). `vmap(grad(task))` is used rather than
-`grad(mean(vmap(task)))`, which gives wrong second-order gradients through
-the native batch norm in torch 2.14.
+A task's meta-gradient: adapt a copy of the weights on the support set with
+`inner_steps` gradient steps, then differentiate the query loss. Second
+order differentiates through the inner updates; first order takes the query
+gradient at the adapted weights. ANIL adapts only the linear head (the
+body's support features are computed once per task); Meta-SGD learns one
+inner rate per adapted weight alongside the initialisation.
+
+The meta-batch runs as one `vmap` of a pure torch.func task function (for
+GPUs), or as a loop of the same maths in plain autograd, split over one
+thread per core (for CPUs, where torch.func's transforms cost more per task
+than they save and a small task cannot fill several cores). The tests pin
+both against a naive autograd loop in float64. `vmap(grad(task))` is used
+rather than `grad(mean(vmap(task)))`, which gives wrong second-order
+gradients through the native batch norm in torch 2.14.
 """
 
+from contextlib import nullcontext
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -26,6 +28,7 @@ from metalearn.algorithms.base import Algorithm, load_model_state
 from metalearn.algorithms.batching import Params, TaskThreads, detached_params, over_tasks, sub_params
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
+from metalearn.models import in_nchw
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
 Meta = Dict[str, Params]
@@ -56,6 +59,10 @@ class MAML(Algorithm):
         self.first_order = first_order
         task_fn = self._first_order_task if first_order else self._second_order_task
         self._meta_grads = self._vmapped(over_tasks(task_fn, True)) if vectorize else self._looped
+        if not vectorize:
+            # Each pass takes its memory format from its input (see in_nchw); with NCHW weights
+            # the task threads measured 10-15% faster than with channels-last ones.
+            model.to(memory_format=torch.contiguous_format)
         self._threads = TaskThreads(model, 1 if vectorize else workers)
         self._predict = over_tasks(self._adapted_logits, vectorize)
 
@@ -154,11 +161,14 @@ class MAML(Algorithm):
                 return self._loss(adapted, sx, sy, model)[0]
 
         adapted = {name: params[name] for name in self.adapted_names}
-        for _ in range(self.inner_steps):
-            g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
-            adapted = {name: p - rates.get(name, self.inner_lr) * gi for (name, p), gi in zip(adapted.items(), g)}
-            if not second_order:
-                adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
+        # The inner passes are differentiated twice in second order: NCHW is faster there.
+        with in_nchw(model) if second_order else nullcontext():
+            for _ in range(self.inner_steps):
+                g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
+                adapted = {name: p - rates.get(name, self.inner_lr) * gi
+                           for (name, p), gi in zip(adapted.items(), g)}
+                if not second_order:
+                    adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
         final = {**params, **adapted}
         loss, (detached_loss, accuracy) = self._query_objective(final, qx, qy, model)
         targets = leaves if second_order else {"params": final, "rates": {}}

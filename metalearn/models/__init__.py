@@ -3,7 +3,7 @@
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.conv4 import Conv4
+from metalearn.models.conv4 import Conv4, in_nchw
 
 MODELS = {"conv4": Conv4}
 

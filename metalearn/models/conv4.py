@@ -1,5 +1,7 @@
 """The conv4 backbone of Vinyals et al. (2016) and Finn et al. (2017)."""
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -15,8 +17,11 @@ class Conv2d(nn.Conv2d):
     channels_last = False
 
     def forward(self, x):
-        y = super().forward(x)
-        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+        if not self.channels_last:
+            # NCHW-strided weights, or channels-last ones would pull the computation into NHWC
+            # (`contiguous()` keeps a one-channel filter's channels-last strides, `clone` does not).
+            return self._conv_forward(x, self.weight.clone(memory_format=torch.contiguous_format), self.bias)
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -53,6 +58,30 @@ class Features(nn.Sequential):
             return super().forward(x).float()
 
 
+def set_channels_last(model: nn.Module, on: bool) -> None:
+    """Switch the memory format the model computes in (the weights stay as they are)."""
+    for module in model.modules():
+        if isinstance(module, (Features, Conv2d)):
+            module.channels_last = on
+
+
+@contextmanager
+def in_nchw(model: nn.Module):
+    """Compute in NCHW inside the block, whatever device.channels_last says.
+
+    On a CPU channels-last BatchNorm's double backward is several times slower
+    than NCHW's, so passes that are differentiated twice (MAML's second-order
+    inner loop) run in NCHW. Not thread-safe: one model per thread.
+    """
+    saved = [(m, m.channels_last) for m in model.modules() if isinstance(m, (Features, Conv2d))]
+    set_channels_last(model, False)
+    try:
+        yield
+    finally:
+        for module, on in saved:
+            module.channels_last = on
+
+
 class Conv4(nn.Module):
     """4 x [conv3x3, BatchNorm, max-pool 2x2, ReLU] then a linear head; 28x28 -> 1x1.
 
@@ -70,12 +99,10 @@ class Conv4(nn.Module):
             conv_block(hidden, hidden),
             nn.Flatten(),
         )
-        self.features.amp, self.features.channels_last = amp, channels_last
+        self.features.amp = amp
+        set_channels_last(self, channels_last)
         if channels_last:
             self.features.to(memory_format=torch.channels_last)
-            for module in self.features.modules():
-                if isinstance(module, Conv2d):
-                    module.channels_last = True
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x):
