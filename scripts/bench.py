@@ -22,7 +22,7 @@ the median over the timed iterations after one warm-up. Peak memory is the
 process's peak resident memory during that implementation's iterations (the
 baseline of torch, the data and the models included).
 
-    python scripts/bench.py --quick              # a short run (about 3 minutes)
+    python scripts/bench.py --quick              # a short run (about 2 minutes)
     python scripts/bench.py --json bench.json    # the full run, rows also as JSON
 
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
@@ -301,8 +301,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--quick", action="store_true",
-                        help="3 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 3)")
+                        help="2 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 2)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,7 +310,7 @@ def main():
         print(json.dumps(run_group(json.loads(args.group))))
         return
 
-    iters = args.iters or (3 if args.quick else 10)
+    iters = args.iters or (2 if args.quick else 10)
     have_l2l = learn2learn_available()
     impls = list(IMPLS) + (["learn2learn"] if have_l2l else [])
     print(f"metalearn vs learn2learn training on this CPU; torch {torch.__version__}, {torch.get_num_threads()} "
