@@ -22,7 +22,7 @@ the median over the timed iterations after one warm-up. Peak memory is the
 process's peak resident memory during that implementation's iterations (the
 baseline of torch, the data and the models included).
 
-    python scripts/bench.py --quick              # a short run (about 2 minutes)
+    python scripts/bench.py --quick              # a short run (under 3 minutes)
     python scripts/bench.py --json bench.json    # the full run, rows also as JSON
 
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
