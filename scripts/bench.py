@@ -102,14 +102,38 @@ def learn2learn_names(ways: int):
     return body + (["2.weight", "2.bias"] if ways else [])
 
 
-class Learn2LearnMAML:
-    """learn2learn's MAML Omniglot example: clone() and adapt() per task, one backward() per task."""
+class Learn2LearnLoop:
+    """One backward() per task, gradients averaged over the meta-batch, then the optimizer's step."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        self.params = list(module.parameters())
+
+    def accumulate(self, tasks) -> None:
+        self.optimizer.zero_grad()
+        count = 0
+        for task in tasks:
+            self.task_backward(*task)
+            count += 1
+        for p in self.params:
+            p.grad.data.mul_(1.0 / count)
+
+    def train_on(self, tasks) -> None:
+        self.accumulate(tasks)
+        self.optimizer.step()
+
+    def meta_train_step(self, episodes) -> None:
+        self.train_on(zip(*episodes))
+
+
+class Learn2LearnMAML(Learn2LearnLoop):
+    """learn2learn's MAML Omniglot example: clone() and adapt() per task."""
 
     def __init__(self, ways, inner_lr: float, inner_steps: int, first_order: bool, dtype=torch.float32):
         import learn2learn as l2l
 
         self.maml = l2l.algorithms.MAML(learn2learn_model(ways, dtype), lr=inner_lr, first_order=first_order)
-        self.optimizer = torch.optim.Adam(self.maml.parameters(), lr=1e-3)
+        super().__init__(self.maml)
         self.inner_steps = inner_steps
 
     def task_backward(self, sx, sy, qx, qy):
@@ -119,26 +143,19 @@ class Learn2LearnMAML:
         F.cross_entropy(learner(qx), qy).backward()
 
     def gradients(self, episodes):
-        self.optimizer.zero_grad()
-        for task in zip(*episodes):
-            self.task_backward(*task)
-        for p in self.maml.parameters():
-            p.grad.data.mul_(1.0 / len(episodes.support))
+        """The meta-gradient by metalearn's parameter names."""
+        self.accumulate(zip(*episodes))
         params = dict(self.maml.module.named_parameters())
         ours = [name for name, _ in make_model(2).named_parameters()]
         return {mine: params[theirs].grad for mine, theirs in zip(ours, learn2learn_names(2))}
 
-    def meta_train_step(self, episodes):
-        self.gradients(episodes)
-        self.optimizer.step()
 
-
-class Learn2LearnProtoNet:
+class Learn2LearnProtoNet(Learn2LearnLoop):
     """learn2learn's ProtoNet example: embed, class-mean prototypes, negative squared distances."""
 
-    def __init__(self, ways):
+    def __init__(self):
         self.model = learn2learn_model(0)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        super().__init__(self.model)
 
     def task_backward(self, sx, sy, qx, qy):
         ways = int(sy.max()) + 1
@@ -147,12 +164,6 @@ class Learn2LearnProtoNet:
         prototypes = torch.stack([support[sy == c].mean(dim=0) for c in range(ways)])
         logits = -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(dim=2)
         F.cross_entropy(logits, qy).backward()
-
-    def meta_train_step(self, episodes):
-        self.optimizer.zero_grad()
-        for task in zip(*episodes):
-            self.task_backward(*task)
-        self.optimizer.step()
 
 
 def learn2learn_tasks(row: dict):
@@ -193,7 +204,7 @@ def build(impl: str, row: dict, dtype=torch.float32):
     first_order = row["order"] == "first"
     if row["algo"] == "protonet":
         if impl == "learn2learn":
-            return Learn2LearnProtoNet(row["ways"])
+            return Learn2LearnProtoNet()
         return ProtoNet(make_model(0, IMPLS[impl], dtype), outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000,
                         vectorize=False)
     if impl == "learn2learn":
@@ -213,17 +224,7 @@ def iteration(impl: str, algo, row: dict):
         own = sampler(row, seed=1)
         return lambda: algo.meta_train_step(own.sample(row["meta_batch"]))
     draw = learn2learn_tasks(row)
-
-    def run():
-        algo.optimizer.zero_grad()
-        for _ in range(row["meta_batch"]):
-            algo.task_backward(*draw())
-        if isinstance(algo, Learn2LearnMAML):
-            for p in algo.maml.parameters():
-                p.grad.data.mul_(1.0 / row["meta_batch"])
-        algo.optimizer.step()
-
-    return run
+    return lambda: algo.train_on(draw() for _ in range(row["meta_batch"]))
 
 
 def gradient_check(row: dict) -> float:

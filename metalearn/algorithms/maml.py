@@ -139,8 +139,8 @@ class MAML(Algorithm):
                     accuracies.append(accuracy)
             return total, losses, accuracies
 
-        results = self._threads.map(run, len(sx))
         tasks = len(sx)
+        results = self._threads.map(run, tasks)
         mean = {group: {name: sum(r[0][group][name] for r in results) / tasks for name in part}
                 for group, part in leaves.items()}
         losses = torch.stack([loss for r in results for loss in r[1]])
