@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from metalearn.device import switch
 from metalearn.errors import MetalearnError
 
 
@@ -42,6 +43,13 @@ class AdaptedParams(Enum):
     head = "head"  # ANIL: only the linear head; the body is reused as it is
 
 
+class InnerLoss(Enum):
+    mean = "mean"  # the mean cross-entropy over the support set
+    # Finn et al.'s code: the sum over the support set of each example's loss divided by the shots,
+    # i.e. ways x the mean, so the same inner_lr takes a ways-times larger step.
+    sum_over_shots = "sum_over_shots"
+
+
 class InnerOptimizer(Enum):
     sgd = "sgd"
     adam = "adam"
@@ -66,6 +74,7 @@ class MAMLConfig(AlgoConfig):
     inner_steps: int = 1
     inner_steps_eval: int = 10
     first_order: bool = False
+    inner_loss: InnerLoss = InnerLoss.mean
     vectorize: Vectorize = Vectorize.auto
     adapt: AdaptedParams = AdaptedParams.all
     # Meta-SGD: one learned inner rate per weight, first drawn uniformly from this range.
@@ -81,7 +90,8 @@ class ReptileConfig(AlgoConfig):
     inner_optimizer: InnerOptimizer = InnerOptimizer.adam
     inner_steps_eval: int = 50
     inner_batch_eval: int = 5
-    outer_lr_final: float = 0.0  # the outer step size anneals linearly from outer_lr to this
+    outer_lr_final: float = 0.0  # the outer step size anneals linearly from outer_lr to this ...
+    anneal_steps: Optional[int] = None  # ... over this many steps; null: train.steps when the run starts
     vectorize: Vectorize = Vectorize.auto
 
 
@@ -156,8 +166,10 @@ class ModelConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto, cpu, cuda or cuda:N
-    amp: bool = False  # bf16 autocast for the convolutional body (CPUs with AVX-512 bf16/AMX, recent GPUs)
-    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU, same maths)
+    # bf16 autocast for the convolutional body: auto (where the hardware has native bf16: AVX512-BF16 or AMX
+    # CPUs, bf16 GPUs), true or false. A string, as YAML reads true/false as booleans.
+    amp: str = "auto"
+    channels_last: bool = True  # NHWC memory format for the convolutions of a loop over tasks (same maths)
 
 
 @dataclass
@@ -166,6 +178,7 @@ class TrainLoopConfig:
     meta_batch_size: int = 32
     val_every: int = 500
     val_episodes: int = 100
+    val_seed: int = 0  # validation episodes: the same tasks at every validation, any meta-batch size
     ckpt_every: int = 500
     log_every: int = 50
 
@@ -174,6 +187,7 @@ class TrainLoopConfig:
 class EvalConfig:
     episodes: int = 600
     seed: int = 0  # fixed, so two checkpoints are scored on the same episodes
+    batch_size: Optional[int] = None  # episodes scored at once; null: all that fit on a GPU, 50 on a CPU
 
 
 @dataclass
@@ -236,11 +250,14 @@ def validate(cfg: DictConfig) -> None:
     for key in ("val_every", "val_episodes", "ckpt_every", "log_every"):
         _require(t[key] >= 1, f"train.{key} must be at least 1 (got {t[key]}).")
     _require(cfg.eval.episodes >= 1, f"eval.episodes must be at least 1 (got {cfg.eval.episodes}).")
+    if cfg.eval.get("batch_size") is not None:
+        _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1 or null (got {cfg.eval.batch_size}).")
+    switch(cfg.device.amp, "device.amp")
     for key in ("outer_lr", "inner_lr", "head_lr", "temperature"):
         if key in a:
             _require(a[key] > 0, f"algo.{key} must be positive (got {a[key]}).")
     for key in ("inner_steps", "inner_steps_eval", "inner_batch", "inner_batch_eval", "batch_size", "head_steps",
-                "lr_decay_every", "train_shots"):
+                "lr_decay_every", "train_shots", "anneal_steps"):
         if a.get(key) is not None:
             _require(a[key] >= 1, f"algo.{key} must be at least 1 (got {a[key]}).")
     if a.train_ways is not None:

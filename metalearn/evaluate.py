@@ -1,31 +1,37 @@
 """Episodic evaluation: mean accuracy +- 95% confidence interval over N episodes.
 
-`metalearn eval` and validation during training share `run_episodes`; episodes
-come from a sampler reseeded with a fixed seed, so two checkpoints are scored
-on exactly the same tasks.
+`metalearn eval` and validation during training share `run_episodes`.
+Episode i of a seed is one fixed task (see metalearn.data.sampler), so two
+checkpoints, two algorithms, any batch size and any device are scored on
+exactly the same tasks; `episode_digest` in each record fingerprints them.
 """
 
+import hashlib
 import json
 import logging
 import math
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import metalearn
 from metalearn.algorithms import Algorithm, build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
-from metalearn.device import resolve_device
+from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.errors import MetalearnError
 
 log = logging.getLogger(__name__)
+
+Z95 = 1.96  # two-sided 95% quantile of the normal distribution
+CPU_BATCH = 50  # episodes scored at once on a CPU: tasks run one by one there, this only bounds memory
 
 
 @dataclass
@@ -34,38 +40,64 @@ class EpisodeResult:
     ci95: float  # half-width of the 95% interval, same unit
     loss: float
     episodes: int
+    episode_digest: str = ""  # sha256 of the scored episodes' image ids
+    batch_size: int = 0  # episodes scored at once (the last size tried)
 
 
-def score_episodes(algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes: int, batch_size: int,
-                   desc: str) -> List[EpisodeResult]:
-    """Each algorithm's result on the same episodes; with several, the ensemble's last.
+def auto_batch_size(requested: Optional[int], episodes: int, device: torch.device) -> int:
+    """eval.batch_size, or by default all episodes at once on a GPU (halved on out-of-memory), 50 on a CPU."""
+    if requested is not None:
+        return min(requested, episodes)
+    return min(episodes, episodes if torch.device(device).type == "cuda" else CPU_BATCH)
+
+
+def score_episodes(algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes: int,
+                   batch_size: Optional[int], desc: str) -> List[EpisodeResult]:
+    """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
     The ensemble averages the members' class probabilities per query; its
-    log-probabilities serve as logits for accuracy and loss.
+    log-probabilities serve as logits for accuracy and loss. `batch_size`
+    episodes are scored at a time (None: auto_batch_size); it changes neither
+    the episodes nor the result.
     """
+    device = sampler.device
+    size = auto_batch_size(batch_size, episodes, device)
     scored = len(algos) + (len(algos) > 1)
     accuracies, losses = [[] for _ in range(scored)], [[] for _ in range(scored)]
+    digest = hashlib.sha256()
     with tqdm(total=episodes, desc=desc, unit="ep", leave=False, dynamic_ncols=True) as bar:
         done = 0
         while done < episodes:
-            count = min(batch_size, episodes - done)
-            batch = sampler.sample(count)
-            all_logits = [algo.predict(batch).float() for algo in algos]
+            count = min(size, episodes - done)
+            batch = sampler.episodes(done, count)
+            try:
+                all_logits = [algo.predict(batch).float() for algo in algos]
+            except torch.cuda.OutOfMemoryError:
+                if count == 1:
+                    raise MetalearnError("one evaluation episode does not fit in GPU memory: evaluate with fewer "
+                                         "data.queries, or on the CPU (device=cpu).") from None
+                size = count // 2
+                bar.write(f"out of GPU memory scoring {count} episodes at once: trying {size} (eval.batch_size)")
+                del batch
+                torch.cuda.empty_cache()
+                continue
+            digest.update(sampler.episode_ids(done, count).numpy().tobytes())
             if len(algos) > 1:
                 all_logits.append(torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log())
             labels = batch.query_labels
             for i, logits in enumerate(all_logits):
                 loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(count, -1)
-                losses[i].append(loss.mean(dim=1).cpu())
-                accuracies[i].append((logits.argmax(dim=-1) == labels).float().mean(dim=1).cpu())
+                losses[i].append(loss.double().mean(dim=1).cpu())
+                accuracies[i].append((logits.argmax(dim=-1) == labels).double().mean(dim=1).cpu())
             done += count
             bar.update(count)
     results = []
     for i in range(scored):
         accuracy = torch.cat(accuracies[i]).double()
         spread = accuracy.std().item() if episodes > 1 else 0.0
-        results.append(EpisodeResult(accuracy=accuracy.mean().item(), ci95=1.96 * spread / math.sqrt(episodes),
-                                     loss=torch.cat(losses[i]).mean().item(), episodes=episodes))
+        results.append(EpisodeResult(accuracy=accuracy.mean().item(), ci95=Z95 * spread / math.sqrt(episodes),
+                                     loss=torch.cat(losses[i]).double().mean().item(), episodes=episodes,
+                                     episode_digest=digest.hexdigest(), batch_size=size))
     return results
 
 
@@ -78,12 +110,36 @@ def _checkpoint_name(cfg: DictConfig) -> str:
     return cfg.checkpoint.value if hasattr(cfg.checkpoint, "value") else str(cfg.checkpoint)
 
 
-def _load_member(cfg: DictConfig, device: torch.device):
-    """The algorithm of one run with its checkpoint's weights, and the checkpoint's step."""
-    ckpt = load_checkpoint(checkpoint_path(Path(cfg.run), _checkpoint_name(cfg)))
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Member:
+    """One evaluated run: its algorithm with the checkpoint's weights, and what identifies the checkpoint."""
+
+    algo: Algorithm
+    step: int
+    sha256: str
+
+
+def _load_member(cfg: DictConfig, device: torch.device) -> Member:
+    path = checkpoint_path(Path(cfg.run), _checkpoint_name(cfg))
+    ckpt = load_checkpoint(path)
     algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0))
     algo.load_state_dict(ckpt["algo"])
-    return algo, ckpt["step"]
+    return Member(algo, ckpt["step"], file_sha256(path))
+
+
+def hardware(device: torch.device) -> str:
+    """The processor that computed a result, named so figures from different machines are not mixed up."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({cpu_isa()})"
 
 
 def _describe(result: EpisodeResult, data: DictConfig, what: str) -> str:
@@ -91,20 +147,28 @@ def _describe(result: EpisodeResult, data: DictConfig, what: str) -> str:
             f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {what})")
 
 
-def _record(result: EpisodeResult, cfg: DictConfig, step: int) -> dict:
+def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torch.device) -> dict:
+    """Everything that makes the result reproducible: the tasks, the model's settings, the checkpoint, the machine."""
     data = cfg.data
     return {
         **asdict(result),
         "dataset": data.name,
         "split": data.split,
+        "part": "test",
         "ways": data.ways,
         "shots": data.shots,
         "queries": data.queries,
-        "checkpoint": f"{_checkpoint_name(cfg)}.pt",
-        "step": step,
+        "seed": cfg.eval.seed,
         "algo": cfg.algo.name,
         "inner_steps_eval": cfg.algo.get("inner_steps_eval"),
-        "seed": cfg.eval.seed,
+        "batch_norm": getattr(member.algo.model, "batch_norm", "none"),
+        "checkpoint": f"{_checkpoint_name(cfg)}.pt",
+        "step": member.step,
+        "checkpoint_sha256": member.sha256,
+        "metalearn": metalearn.__version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "hardware": hardware(device),
         "time": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -158,9 +222,9 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     sampler = EpisodeSampler(load_split(data, "test"), data.ways, data.shots, data.queries, device,
                              seed=lead.eval.seed)
     members = [_load_member(member, device) for member in configs]
-    results = score_episodes([algo for algo, _ in members], sampler, lead.eval.episodes,
-                             lead.train.meta_batch_size, "evaluating")
-    records = [_record(result, member, step) for result, member, (_, step) in zip(results, configs, members)]
+    results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size,
+                             "evaluating")
+    records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
     for result, member in zip(results, configs):
         line = _describe(result, data, f"{_checkpoint_name(member)}.pt")
         print(line if len(configs) == 1 else f"{member.run}: {line}")

@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> Path:
     train_sampler = EpisodeSampler(train_split, ways, shots, queries, device, seed=cfg.seed,
                                    replay_fraction=data.replay.fraction, replay_size=data.replay.size)
     val_sampler = EpisodeSampler(load_split(data, "val"), data.ways, data.shots, data.queries, device,
-                                 seed=cfg.eval.seed)
+                                 seed=loop.val_seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     step, best_val, window = 0, -1.0, _new_window()
 
@@ -82,10 +82,12 @@ def train(cfg: DictConfig) -> Path:
         train_sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         step, best_val, window = ckpt["step"], ckpt["best_val_accuracy"], ckpt["window"]
+        algo.check_resume(loop.steps)
         metrics.truncate_after(step)
         log.info("resuming %s from step %d", run_dir, step)
     else:
-        log.info("run folder %s on %s", run_dir, device)
+        log.info("run folder %s", run_dir)
+    log.info("on %s: %s", device, algo.fast_paths.describe())
 
     def save(which: str) -> None:
         save_checkpoint(checkpoint_path(run_dir, which), {
@@ -129,8 +131,7 @@ def train(cfg: DictConfig) -> Path:
                               time=time.perf_counter() - started)
                 window = _new_window()
             if step % loop.val_every == 0 or step == loop.steps:
-                val_sampler.reseed(cfg.eval.seed)  # the same validation tasks every time
-                val = run_episodes(algo, val_sampler, loop.val_episodes, loop.meta_batch_size, "validating")
+                val = run_episodes(algo, val_sampler, loop.val_episodes, cfg.eval.batch_size, "validating")
                 metrics.write(step=step, split="val", loss=val.loss, accuracy=val.accuracy, ci95=val.ci95,
                               episodes=val.episodes, time=time.perf_counter() - started)
                 log.info("step %d: val accuracy %.2f%% ± %.2f", step, 100 * val.accuracy, 100 * val.ci95)

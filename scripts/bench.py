@@ -10,8 +10,12 @@ Two figures per setting:
   learn2learn's Omniglot benchmark tasksets (extracted once into the cache).
 
 metalearn runs the runner's own code (`MAML` / `ProtoNet.meta_train_step`,
-`EpisodeSampler.sample`) with its defaults ("metalearn") and with bf16
-autocast on top ("metalearn-fast", device.amp=true). learn2learn runs its
+`EpisodeSampler.sample`) in float32 with channels-last ("metalearn",
+device.amp=false), with bf16 autocast ("metalearn-bf16", device.amp=true) and,
+on request (--impls), in NCHW ("metalearn-nchw", device.channels_last=false).
+The header says which of float32 and bf16 device.amp=auto picks on this CPU,
+and every row names the CPU and its vector extensions (`cpu`, `isa`), so
+figures from different machines are never compared by mistake. learn2learn runs its
 examples' code: `l2l.algorithms.MAML` with `clone()` / `adapt()` per task,
 and the ProtoNet example's loop, on its own conv4 (`ConvBase` with max-pool,
 the same network function, holding metalearn's initial weights).
@@ -22,8 +26,9 @@ the median over the timed iterations after one warm-up. Peak memory is the
 process's peak resident memory during that implementation's iterations (the
 baseline of torch, the data and the models included).
 
-    python scripts/bench.py --quick              # a short run (under 3 minutes)
+    python scripts/bench.py --quick              # a short run (about 3 minutes)
     python scripts/bench.py --json bench.json    # the full run, rows also as JSON
+    python scripts/bench.py --quick --impls metalearn metalearn-nchw metalearn-bf16
 
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
 into the active environment; without it only metalearn is measured.
@@ -46,9 +51,9 @@ from bench_step import task_split  # the same tasks as the strategy benchmark
 from metalearn.algorithms.batching import cpu_workers
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.protonet import ProtoNet
-from metalearn.config import DeviceConfig
 from metalearn.data import EpisodeSampler
 from metalearn.data.cache import cache_dir
+from metalearn.device import cpu_isa, cpu_model, native_bf16
 from metalearn.models import Conv4
 
 # (algo, setting, ways, shots, queries, inner steps, inner lr, meta-batch, orders, in --quick)
@@ -58,7 +63,9 @@ SETTINGS = [
     ("maml", "20w1s", 20, 1, 5, 5, 0.1, 16, ("second",), False),
     ("protonet", "60w1s", 60, 1, 5, 0, 0.0, 1, ("-",), True),
 ]
-IMPLS = {"metalearn": DeviceConfig(), "metalearn-fast": DeviceConfig(amp=True)}
+# name: (bf16 autocast, channels-last), i.e. device.amp and device.channels_last
+IMPLS = {"metalearn": (False, True), "metalearn-bf16": (True, True), "metalearn-nchw": (False, False)}
+DEFAULT_IMPLS = ("metalearn", "metalearn-bf16")
 FIGURES = ("step", "iteration")
 
 
@@ -70,10 +77,10 @@ def learn2learn_available() -> bool:
     return True
 
 
-def make_model(ways: int, device_cfg: DeviceConfig = DeviceConfig(channels_last=False),
-               dtype=torch.float32) -> Conv4:
+def make_model(ways: int, fast=(False, False), dtype=torch.float32) -> Conv4:
     torch.manual_seed(0)
-    return Conv4(ways, amp=device_cfg.amp, channels_last=device_cfg.channels_last).to(dtype)
+    amp, channels_last = fast
+    return Conv4(ways, amp=amp, channels_last=channels_last).to(dtype)
 
 
 # --- learn2learn, as its examples write it ------------------------------------
@@ -305,6 +312,8 @@ def main():
                         help="2 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 2)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(DEFAULT_IMPLS),
+                        help="metalearn variants to measure (learn2learn joins when installed)")
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.group:
@@ -313,13 +322,17 @@ def main():
 
     iters = args.iters or (2 if args.quick else 10)
     have_l2l = learn2learn_available()
-    impls = list(IMPLS) + (["learn2learn"] if have_l2l else [])
-    print(f"metalearn vs learn2learn training on this CPU; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; median of {iters} iterations after 1 warm-up, implementations taking turns")
+    impls = list(args.impls) + (["learn2learn"] if have_l2l else [])
+    machine = {"cpu": cpu_model(), "isa": cpu_isa()}
+    bf16, why = native_bf16(torch.device("cpu"))
+    print(f"CPU: {machine['cpu']} ({machine['isa']}); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"metalearn vs learn2learn training; median of {iters} iterations after 1 warm-up, implementations "
+          f"taking turns")
     if not have_l2l:
         print("learn2learn is not installed: measuring metalearn only (bash scripts/install_learn2learn.sh adds it)")
-    print("metalearn: the runner's defaults (fp32, device.channels_last=true, one task per core); "
-          "metalearn-fast: plus device.amp=true (bf16 autocast)")
+    print("metalearn: float32, channels-last, one task per core; metalearn-bf16: device.amp=true (bf16 autocast); "
+          "metalearn-nchw: device.channels_last=false")
+    print(f"device.amp=auto (the default) picks {'bf16' if bf16 else 'float32'} here: {why}")
     print(f"{'algo':<9} {'setting':<6} {'order':<6} {'batch':>5} {'figure':<9} {'impl':<15} {'meta-it/s':>9} "
           f"{'tasks/s':>8} {'peak MiB':>9} {'vs l2l':>7}")
     rows = []
@@ -337,6 +350,7 @@ def main():
                 group = in_subprocess({**row, "figure": figure})
                 reference = next((r for r in group if r["impl"] == "learn2learn"), None)
                 for r in group:
+                    r.update(machine)
                     if reference is not None and r["impl"] != "learn2learn":
                         r["speedup_vs_learn2learn"] = r["tasks_per_s"] / reference["tasks_per_s"]
                     ratio = f"{r['speedup_vs_learn2learn']:.2f}x" if "speedup_vs_learn2learn" in r else ""

@@ -8,6 +8,10 @@ far (rows run in order, so a row's peak includes the rows before it).
 
     python scripts/bench_step.py                 # 5-way 1-shot, meta-batch 32
     python scripts/bench_step.py --iters 3 --meta-batch 8 --strategies loop
+    python scripts/bench_step.py --device cuda   # on a GPU, with the runner's defaults there
+
+The model computes on the fast paths the runner's defaults pick on that
+device (device.amp=auto, channels-last); --amp and --channels-last override.
 """
 
 import argparse
@@ -22,8 +26,8 @@ from omegaconf import OmegaConf
 
 from metalearn.algorithms.batching import cpu_workers
 from metalearn.algorithms.maml import MAML
-from metalearn.config import DeviceConfig
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
+from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
 from metalearn.models import Conv4
 
 
@@ -41,23 +45,44 @@ def task_split(data_root: str) -> ClassSplit:
                       torch.arange(100).repeat_interleave(20), "random images")
 
 
+def fast_paths(args):
+    """What the runner would pick on args.device, with --amp / --channels-last overriding it."""
+    device = torch.device(args.device)
+    fast = resolve_fast_paths(OmegaConf.create({"amp": args.amp, "channels_last": args.channels_last == "true"}),
+                              device)
+    return device, fast
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
+    device, fast = fast_paths(args)
     torch.manual_seed(0)
-    sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, "cpu", seed=0)
-    defaults = DeviceConfig()  # the runner's: channels-last, fp32
-    model = Conv4(args.ways, amp=defaults.amp, channels_last=defaults.channels_last)
+    sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, device, seed=0)
+    model = Conv4(args.ways, amp=fast.amp, channels_last=fast.channels_last).to(device)
     algo = MAML(model, inner_lr=0.4, inner_steps=args.inner_steps, inner_steps_eval=1, outer_lr=1e-3,
-                first_order=first_order, vectorize=(strategy == "vmap"), workers=cpu_workers(torch.device("cpu")))
+                first_order=first_order, vectorize=(strategy == "vmap"), workers=cpu_workers(device))
     batches = [sampler.sample(args.meta_batch) for _ in range(args.warmup + args.iters)]
     times = []
     for i, batch in enumerate(batches):
+        synchronize(device)
         tick = time.perf_counter()
         algo.meta_train_step(batch)
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - tick)
     median = statistics.median(times)
     return {"strategy": strategy, "order": "first" if first_order else "second",
             "it_per_s": 1 / median, "tasks_per_s": args.meta_batch / median}
+
+
+def processor(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads"
 
 
 def main():
@@ -71,11 +96,15 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--strategies", nargs="+", default=["loop", "vmap"], choices=["loop", "vmap"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=["auto", "true", "false"], help="as device.amp")
+    parser.add_argument("--channels-last", default="true", choices=["true", "false"], help="as device.channels_last")
     args = parser.parse_args()
     split = task_split(args.data_root)
-    print(f"tasks from {split.name}")
+    device, fast = fast_paths(args)
+    print(f"tasks from {split.name}; {processor(device)}; {fast.describe()}")
     print(f"MAML conv4 {args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner step(s), "
-          f"meta-batch {args.meta_batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"meta-batch {args.meta_batch}, torch {torch.__version__}")
     print(f"{'strategy':<8} {'order':<7} {'meta-it/s':>9} {'tasks/s':>8} {'peak RSS MiB':>13}")
     for strategy in args.strategies:
         for first_order in (False, True):

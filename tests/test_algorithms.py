@@ -119,7 +119,8 @@ def reptile(model, optimizer="sgd", vectorize=False, outer_lr=0.7, outer_lr_fina
             inner_lr=0.05, inner_steps=3, inner_batch=4):
     return Reptile(model, inner_lr=inner_lr, inner_steps=inner_steps, inner_batch=inner_batch,
                    inner_optimizer=optimizer, inner_steps_eval=4, inner_batch_eval=4, outer_lr=outer_lr,
-                   outer_lr_final=outer_lr_final, total_steps=total_steps, vectorize=vectorize)
+                   outer_lr_final=outer_lr_final, anneal_steps=None, train_steps=total_steps,
+                   vectorize=vectorize)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

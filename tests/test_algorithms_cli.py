@@ -9,11 +9,13 @@ import torch
 
 # Per algorithm: overrides that make a run tiny (the tiny train split has 12 classes).
 TINY_ALGO = {
+    "maml": ["algo.inner_steps_eval=2"],
+    "fomaml": ["algo.inner_steps_eval=2"],
     "anil": ["algo.inner_steps_eval=2"],
     "metasgd": [],
-    # A constant outer step: the anneal spans train.steps, which the resume test changes.
+    # The outer step anneals over 3 steps: the resume test's runs of 2 and 3 steps share one schedule.
     "reptile": ["algo.inner_steps=2", "algo.inner_batch=5", "algo.inner_steps_eval=2", "algo.inner_batch_eval=3",
-                "algo.outer_lr_final=1.0"],
+                "algo.anneal_steps=3"],
     "protonet": ["algo.train_ways=5"],
     "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
 }
@@ -66,6 +68,33 @@ def train_resume_eval(cli, overrides: list, tmp_path: Path, name: str) -> Path:
 @pytest.mark.parametrize("algo", ["anil", "metasgd", "reptile", "protonet"])
 def test_meta_learner_trains_resumes_and_evaluates(cli, tiny_overrides, tmp_path, algo):
     train_resume_eval(cli, overrides_for(algo, tiny_overrides), tmp_path, algo)
+
+
+@pytest.mark.parametrize("amp", ["true", "false"], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "anil", "metasgd", "reptile", "protonet"])
+def test_vmap_strategy_with_the_default_device_flags(cli, tiny_overrides, tmp_path, algo, amp):
+    """What a GPU's defaults pick (vmap, channels_last on by default, bf16 or not) trains, resumes exactly
+    and evaluates; on a CPU here."""
+    overrides = [*overrides_for(algo, tiny_overrides), "algo.vectorize=vmap", f"device.amp={amp}"]
+    assert not any(o.startswith("device.channels_last") for o in overrides)
+    run = train_resume_eval(cli, overrides, tmp_path, algo)
+    assert "channels_last: true" in (run / ".hydra" / "config.yaml").read_text()
+
+
+def test_extending_a_reptile_run_keeps_its_schedule_or_says_how(cli, tiny_overrides, tmp_path):
+    """The outer step size anneals over train.steps as the run started; a longer resume cannot restart it."""
+    run = tmp_path / "run"
+    reptile = [o for o in overrides_for("reptile", tiny_overrides) if not o.startswith("algo.anneal_steps")]
+    cli("train", *reptile, "train.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]["anneal_steps"] == 2
+    refused = cli("train", f"resume={run}", "train.steps=4", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "algo.anneal_steps=4" in refused.stderr and "algo.outer_lr_final" in refused.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # nothing lost
+    # going on at a final step size: the schedule that ended at step 2 is kept, eps stays at 0.5
+    cli("train", f"resume={run}", "train.steps=4", "algo.outer_lr_final=0.5", cwd=tmp_path)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]
+    assert state["step"] == 4 and state["anneal_steps"] == 2
 
 
 def test_metasgd_checkpoint_holds_the_learned_rates(cli, tiny_overrides, tmp_path):

@@ -28,7 +28,15 @@ def model64(seed=0):
     return Conv4(WAYS, hidden=4).double()
 
 
-def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order):
+def support_loss(logits, labels, inner_loss="mean"):
+    """The inner loss by hand: the mean cross-entropy, or Finn et al.'s sum of per-example losses over the shots."""
+    per_example = -logits.log_softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
+    if inner_loss == "mean":
+        return per_example.sum() / len(labels)
+    return per_example.sum() / (len(labels) // WAYS)
+
+
+def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order, inner_loss="mean"):
     """The textbook loop: per task, unrolled SGD with create_graph, mean over tasks."""
     names = [n for n, _ in model.named_parameters()]
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
@@ -36,7 +44,7 @@ def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order):
     for sx, sy, qx, qy in zip(*batch):
         fast = list(start)
         for _ in range(inner_steps):
-            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            loss = support_loss(functional_call(model, dict(zip(names, fast)), (sx,)), sy, inner_loss)
             grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
             fast = [w - inner_lr * g for w, g in zip(fast, grads)]
         if first_order:
@@ -47,15 +55,16 @@ def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order):
     return dict(zip(names, total))
 
 
+@pytest.mark.parametrize("inner_loss", ["mean", "sum_over_shots"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
-def test_meta_gradients_match_naive_loop(first_order, vectorize):
+def test_meta_gradients_match_naive_loop(first_order, vectorize, inner_loss):
     model = model64()
     batch = episodes()
     algo = MAML(model, inner_lr=0.3, inner_steps=2, inner_steps_eval=2, outer_lr=1e-3,
-                first_order=first_order, vectorize=vectorize)
+                first_order=first_order, vectorize=vectorize, sum_over_shots=inner_loss == "sum_over_shots")
     got = algo.meta_gradients(batch)
-    expected = naive_meta_gradient(model, batch, 0.3, 2, first_order)
+    expected = naive_meta_gradient(model, batch, 0.3, 2, first_order, inner_loss)
     assert got.keys() == expected.keys()
     # Relative to the largest gradient entry: conv biases ahead of BatchNorm have
     # exactly-zero gradients, so their own scale is rounding noise.
@@ -63,6 +72,27 @@ def test_meta_gradients_match_naive_loop(first_order, vectorize):
     for name in expected:
         assert (got[name] - expected[name]).abs().max() / scale < 1e-10, name
     assert any(g.abs().sum() > 0 for g in got.values())
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+def test_sum_over_shots_inner_step_by_hand(vectorize):
+    """One inner step on Finn et al.'s loss: theta - alpha * d/dtheta [sum_i CE_i / shots], which is the
+    mean loss's step taken ways times larger (3-way, 2 shots here)."""
+    model, batch = model64(), episodes(tasks=2, shots=2)
+    algo = MAML(model, inner_lr=0.05, inner_steps=1, inner_steps_eval=1, outer_lr=1e-3, first_order=False,
+                vectorize=vectorize, sum_over_shots=True)
+    got = algo.predict(batch)
+    names = [n for n, _ in model.named_parameters()]
+    for task, (sx, sy, qx, _) in enumerate(zip(*batch)):
+        theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        logits = functional_call(model, dict(zip(names, theta)), (sx,))
+        terms = [-torch.log_softmax(logits[i], dim=0)[sy[i]] for i in range(len(sy))]
+        grads = torch.autograd.grad(sum(terms) / 2, theta)
+        adapted = dict(zip(names, [t - 0.05 * g for t, g in zip(theta, grads)]))
+        assert torch.allclose(got[task], functional_call(model, adapted, (qx,)), rtol=1e-9, atol=1e-12)
+    mean_loss = MAML(model, inner_lr=0.05 * WAYS, inner_steps=1, inner_steps_eval=1, outer_lr=1e-3,
+                     first_order=False, vectorize=vectorize).predict(batch)
+    assert torch.allclose(got, mean_loss, rtol=1e-9, atol=1e-12)
 
 
 def test_second_and_first_order_differ():

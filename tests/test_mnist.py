@@ -108,11 +108,13 @@ def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mni
     assert "(8 episodes, mnist 5-way 1-shot, best.pt)" in out
 
     omniglot_run = tmp_path / "omniglot_run"
-    cli("train", *tiny_overrides, "train.steps=1", f"hydra.run.dir={omniglot_run}", cwd=tmp_path)
+    cli("train", *tiny_overrides, "train.steps=1", "data.shots=2", f"hydra.run.dir={omniglot_run}", cwd=tmp_path)
     out = cli("eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", cwd=tmp_path).stdout
-    assert "mnist 5-way 1-shot" in out
+    assert "mnist 5-way 2-shot" in out
     record = json.loads((omniglot_run / "evals.jsonl").read_text().splitlines()[-1])
     assert record["dataset"] == "mnist" and record["episodes"] == 10  # the run's own eval.episodes
+    # the run's task shape is kept: its shots and queries, not the MNIST config's defaults
+    assert (record["ways"], record["shots"], record["queries"]) == (5, 2, 3)
     too_many = cli("eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", "data.ways=6",
                    cwd=tmp_path, check=False)
     assert too_many.returncode != 0 and "choose data.ways <= 5" in too_many.stderr

@@ -74,8 +74,42 @@ def test_same_seed_same_episodes_and_state_resumes():
     expected = a.sample(8)
     b.load_state_dict(state)
     assert torch.equal(b.sample(8).query, expected.query)
-    a.reseed(7)
-    assert torch.equal(a.sample(8).support, first.support)
+    # the training stream is episodes 0, 1, 2, ... of the seed
+    assert torch.equal(a.episodes(0, 8).support, first.support)
+
+
+def test_episode_i_is_one_task_whatever_the_batching():
+    """Drawn 1, 5, 32 or 600 at a time, or as the first 600 of 1000: the same 600 tasks."""
+    sampler = EpisodeSampler(labelled_split(), 5, 1, 3, "cpu", seed=3)
+    reference = sampler.episode_ids(0, 600)
+    assert len({tuple(t.flatten().tolist()) for t in reference}) > 590  # tasks, not one task repeated
+    for size in (1, 5, 32, 600):
+        chunks = [sampler.episode_ids(start, min(size, 600 - start)) for start in range(0, 600, size)]
+        assert torch.equal(torch.cat(chunks), reference), size
+    assert torch.equal(sampler.episode_ids(0, 1000)[:600], reference)
+    # the images gathered are those ids' images
+    ep = sampler.episodes(10, 3)
+    images = torch.cat([ep.support.unflatten(1, (5, 1)), ep.query.unflatten(1, (5, 3))], dim=2)
+    expected = sampler.images[reference[10:13]].float() / 255
+    assert torch.equal(images, expected)
+
+
+def test_training_tasks_do_not_depend_on_the_meta_batch_size():
+    a = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=1)
+    b = EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=1)
+    by_two = torch.cat([a.sample_ids(2) for _ in range(6)])
+    by_four = torch.cat([b.sample_ids(4) for _ in range(3)])
+    assert torch.equal(by_two, by_four)
+
+
+def test_episodes_depend_on_seed_and_part_but_not_on_the_device():
+    split = labelled_split()
+    ids = EpisodeSampler(split, 5, 1, 2, "cpu", seed=0).episode_ids(0, 50)
+    # "meta" stands in for a GPU here: the ids are drawn on the CPU whatever the device
+    assert torch.equal(EpisodeSampler(split, 5, 1, 2, "meta", seed=0).episode_ids(0, 50), ids)
+    assert not torch.equal(EpisodeSampler(split, 5, 1, 2, "cpu", seed=1).episode_ids(0, 50), ids)
+    other_part = ClassSplit(split.images, split.labels, split.name, part="val")
+    assert not torch.equal(EpisodeSampler(other_part, 5, 1, 2, "cpu", seed=0).episode_ids(0, 50), ids)
 
 
 def test_impossible_tasks_say_what_is_possible():

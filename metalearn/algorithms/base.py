@@ -34,6 +34,9 @@ class Algorithm(ABC):
     def load_state_dict(self, state: dict) -> None:
         ...
 
+    def check_resume(self, train_steps: int) -> None:
+        """A resumed run is about to train to `train_steps`: refuse, with what to do, what cannot work."""
+
 
 def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
     """Load weights, turning a shape or key mismatch into an error that says which."""

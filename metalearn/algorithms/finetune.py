@@ -25,7 +25,8 @@ from metalearn.algorithms.base import Algorithm, load_model_state
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
-from metalearn.models import build_model
+from metalearn.device import PLAIN, FastPaths
+from metalearn.models import CHANNELS_LAST, NCHW, build_model
 
 
 class Finetune(Algorithm):
@@ -90,10 +91,10 @@ class Finetune(Algorithm):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def load_teacher(run_dir: str, num_classes: int, device: torch.device, device_cfg=None) -> torch.nn.Module:
+def load_teacher(run_dir: str, num_classes: int, device: torch.device, fast: FastPaths) -> torch.nn.Module:
     """The network of a finished finetune/distill run, frozen, for its soft targets.
 
-    It runs on the student's fast paths (device_cfg: amp, channels_last).
+    It runs on the student's fast paths (bf16 autocast, channels-last).
     """
     ckpt = load_checkpoint(checkpoint_path(Path(run_dir), "last"))
     algo_name = ckpt["config"]["algo"]["name"]
@@ -103,22 +104,23 @@ def load_teacher(run_dir: str, num_classes: int, device: torch.device, device_cf
     if ckpt.get("train_classes") != num_classes:
         raise MetalearnError(f"algo.teacher={run_dir} was trained on {ckpt.get('train_classes')} classes, this run "
                              f"has {num_classes}: distil on the dataset and split the teacher was trained on.")
-    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes, device_cfg).to(device)
+    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes, amp=fast.amp,
+                          layout=CHANNELS_LAST if fast.channels_last else NCHW).to(device)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
     return teacher.train().requires_grad_(False)  # batch statistics, as when it was trained
 
 
 class Distill(Finetune):
     def __init__(self, model: torch.nn.Module, teacher: str, temperature: float, distill_weight: float,
-                 device_cfg=None, **finetune_args):
+                 fast: FastPaths = PLAIN, **finetune_args):
         super().__init__(model, **finetune_args)
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
-        self.device_cfg = device_cfg
+        self.fast = fast
         self._teacher = None  # loaded at the first training step: evaluation does not need it
 
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device, self.device_cfg)
+            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device, self.fast)
         with torch.no_grad():
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True,

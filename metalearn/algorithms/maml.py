@@ -28,7 +28,7 @@ from metalearn.algorithms.base import Algorithm, load_model_state
 from metalearn.algorithms.batching import Params, TaskThreads, detached_params, over_tasks, sub_params
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
-from metalearn.models import in_nchw
+from metalearn.models import VMAP, in_nchw, set_layout
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
 Meta = Dict[str, Params]
@@ -38,13 +38,16 @@ RATE_PREFIX = "inner_lr."
 class MAML(Algorithm):
     def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_steps_eval: int,
                  outer_lr: float, first_order: bool, vectorize: bool, head_only: bool = False,
-                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1), workers: int = 1):
+                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1), workers: int = 1,
+                 sum_over_shots: bool = False):
         if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
             raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
         if learn_inner_lr and first_order:
             raise MetalearnError("learned inner rates (Meta-SGD) get no gradient in first order: "
                                  "set algo.first_order=false or algo.learn_inner_lr=false.")
         self.model = model
+        self.ways = model.head.out_features
+        self.sum_over_shots = sum_over_shots
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.inner_steps_eval = inner_steps_eval
@@ -59,14 +62,23 @@ class MAML(Algorithm):
         self.first_order = first_order
         task_fn = self._first_order_task if first_order else self._second_order_task
         self._meta_grads = self._vmapped(over_tasks(task_fn, True)) if vectorize else self._looped
-        if not vectorize:
+        if vectorize:
+            set_layout(model, VMAP)
+        else:
             # Each pass takes its memory format from its input (see in_nchw); with NCHW weights
             # the task threads measured 10-15% faster than with channels-last ones.
             model.to(memory_format=torch.contiguous_format)
         self._threads = TaskThreads(model, 1 if vectorize else workers)
-        self._predict = over_tasks(self._adapted_logits, vectorize)
+        self._predict = over_tasks(self._adapted_logits, True) if vectorize else self._predict_looped
 
     # --- pure per-task functions -------------------------------------------------
+    def _inner_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The support-set loss the inner loop descends: the mean cross-entropy, or as Finn et al.'s
+        code has it, the sum over the support set of each example's loss divided by the shots."""
+        if self.sum_over_shots:
+            return F.cross_entropy(logits, y, reduction="sum") / (y.shape[0] // self.ways)
+        return F.cross_entropy(logits, y)
+
     def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, model=None) -> Tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(self.model if model is None else model, params, (x,))
         return F.cross_entropy(logits, y), logits
@@ -77,11 +89,10 @@ class MAML(Algorithm):
             features = functional_call(self.model.features, sub_params(params, "features"), (x,))
 
             def inner_loss(adapted):
-                logits = functional_call(self.model.head, sub_params(adapted, "head"), (features,))
-                return F.cross_entropy(logits, y)
+                return self._inner_loss(functional_call(self.model.head, sub_params(adapted, "head"), (features,)), y)
         else:
             def inner_loss(adapted):
-                return self._loss(adapted, x, y)[0]
+                return self._inner_loss(functional_call(self.model, adapted, (x,)), y)
 
         adapted = {name: params[name] for name in self.adapted_names}
         inner_grad = grad(inner_loss)
@@ -147,29 +158,48 @@ class MAML(Algorithm):
         accuracies = torch.stack([accuracy for r in results for accuracy in r[2]])
         return mean, (losses, accuracies)
 
-    def _task_autograd(self, model: torch.nn.Module, leaves: Meta, sx, sy, qx, qy):
-        params, rates = leaves["params"], leaves["rates"]
-        second_order = not self.first_order
+    def _adapt_autograd(self, model: torch.nn.Module, params: Params, rates: Params, sx, sy, steps: int,
+                        second_order: bool) -> Params:
+        """`steps` inner SGD steps in plain autograd; second order keeps the graph through them."""
         if self.head_only:
             features = functional_call(model.features, sub_params(params, "features"), (sx,))
 
             def inner_loss(adapted):
-                logits = functional_call(model.head, sub_params(adapted, "head"), (features,))
-                return F.cross_entropy(logits, sy)
+                return self._inner_loss(functional_call(model.head, sub_params(adapted, "head"), (features,)), sy)
         else:
             def inner_loss(adapted):
-                return self._loss(adapted, sx, sy, model)[0]
+                return self._inner_loss(functional_call(model, adapted, (sx,)), sy)
 
         adapted = {name: params[name] for name in self.adapted_names}
+        for _ in range(steps):
+            g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
+            adapted = {name: p - rates.get(name, self.inner_lr) * gi for (name, p), gi in zip(adapted.items(), g)}
+            if not second_order:
+                adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
+        return {**params, **adapted}
+
+    def _predict_looped(self, meta: Meta, sx, sy, qx) -> torch.Tensor:
+        """Query logits after `inner_steps_eval` steps, a task at a time in plain autograd, on worker threads."""
+        params = {name: t.detach().requires_grad_() for name, t in meta["params"].items()}
+
+        def run(model, part: slice):
+            logits = []
+            for support, labels, query in zip(sx[part], sy[part], qx[part]):
+                with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
+                    adapted = self._adapt_autograd(model, params, meta["rates"], support, labels,
+                                                   self.inner_steps_eval, second_order=False)
+                with torch.no_grad():
+                    logits.append(functional_call(model, adapted, (query,)))
+            return logits
+
+        return torch.stack([x for part in self._threads.map(run, len(sx)) for x in part])
+
+    def _task_autograd(self, model: torch.nn.Module, leaves: Meta, sx, sy, qx, qy):
+        params, rates = leaves["params"], leaves["rates"]
+        second_order = not self.first_order
         # The inner passes are differentiated twice in second order: NCHW is faster there.
         with in_nchw(model) if second_order else nullcontext():
-            for _ in range(self.inner_steps):
-                g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
-                adapted = {name: p - rates.get(name, self.inner_lr) * gi
-                           for (name, p), gi in zip(adapted.items(), g)}
-                if not second_order:
-                    adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
-        final = {**params, **adapted}
+            final = self._adapt_autograd(model, params, rates, sx, sy, self.inner_steps, second_order)
         loss, (detached_loss, accuracy) = self._query_objective(final, qx, qy, model)
         targets = leaves if second_order else {"params": final, "rates": {}}
         flat = [t for part in targets.values() for t in part.values()]

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad
 from metalearn.algorithms.base import Algorithm, load_model_state
 from metalearn.algorithms.batching import Params, detached_params, over_tasks
 from metalearn.data import Episodes
+from metalearn.models import VMAP, set_layout
 
 
 def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
@@ -36,6 +37,8 @@ class ProtoNet(Algorithm):
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_decay_every, gamma=lr_decay)
         self.vectorize = vectorize
+        if vectorize:
+            set_layout(model, VMAP)
 
     def _logits(self, params: Params, sx, sy, qx, ways: int) -> torch.Tensor:
         embedded = functional_call(self.model, params, (torch.cat([sx, qx]),))

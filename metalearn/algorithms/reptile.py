@@ -4,7 +4,9 @@ Each task adapts a copy of the weights with `inner_steps` minibatch steps
 (Adam with beta1 = 0, as in the paper's code, or SGD) on its training images;
 the outer update moves the weights toward the tasks' adapted weights:
 theta <- theta + eps * (mean_i phi_i - theta), with eps annealed linearly from
-`outer_lr` to `outer_lr_final` over the run. The per-task adaptation is one
+`outer_lr` to `outer_lr_final` over `anneal_steps` steps (train.steps when
+the run starts, saved in its checkpoints: resuming with a larger
+train.steps keeps the schedule). The per-task adaptation is one
 pure torch.func function, run over the meta-batch as a vmap or a loop.
 Evaluation fine-tunes on the support set the same way (`inner_steps_eval`).
 
@@ -13,7 +15,8 @@ every task (there it carries over from task to task), which keeps the
 per-task function pure and the tasks of a meta-batch independent.
 """
 
-from typing import Dict
+import logging
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,10 @@ from torch.func import functional_call, grad
 from metalearn.algorithms.base import Algorithm, load_model_state
 from metalearn.algorithms.batching import Params, detached_params, over_tasks
 from metalearn.data import Episodes
+from metalearn.errors import MetalearnError
+from metalearn.models import VMAP, set_layout
+
+log = logging.getLogger(__name__)
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 
@@ -31,13 +38,17 @@ class Reptile(Algorithm):
 
     def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_batch: int,
                  inner_optimizer: str, inner_steps_eval: int, inner_batch_eval: int, outer_lr: float,
-                 outer_lr_final: float, total_steps: int, vectorize: bool):
+                 outer_lr_final: float, anneal_steps: Optional[int], train_steps: int, vectorize: bool):
         self.model = model
         self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
         self.adam = inner_optimizer == "adam"
         self.inner_steps_eval, self.inner_batch_eval = inner_steps_eval, inner_batch_eval
-        self.outer_lr, self.outer_lr_final, self.total_steps = outer_lr, outer_lr_final, total_steps
+        self.outer_lr, self.outer_lr_final = outer_lr, outer_lr_final
+        self.requested_anneal_steps = anneal_steps  # None: fixed when the run starts
+        self.anneal_steps = anneal_steps or train_steps
         self.step = 0
+        if vectorize:
+            set_layout(model, VMAP)
         self._adapt_tasks = over_tasks(
             lambda params, x, y, order: self._adapt(params, x, y, order, self.inner_steps, self.inner_batch), vectorize)
         self._predict = over_tasks(self._adapted_logits, vectorize)
@@ -83,7 +94,7 @@ class Reptile(Algorithm):
 
     def outer_step_size(self) -> float:
         """eps for the next outer update: linear from outer_lr to outer_lr_final over the run."""
-        done = min(self.step / max(self.total_steps, 1), 1.0)
+        done = min(self.step / self.anneal_steps, 1.0)
         return self.outer_lr + (self.outer_lr_final - self.outer_lr) * done
 
     def adapted_weights(self, episodes: Episodes):
@@ -112,8 +123,28 @@ class Reptile(Algorithm):
                              orders)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "step": self.step}
+        return {"model": self.model.state_dict(), "step": self.step, "anneal_steps": self.anneal_steps}
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         self.step = int(state["step"])
+        saved = int(state.get("anneal_steps", self.anneal_steps))
+        if self.requested_anneal_steps is None or self.requested_anneal_steps == saved:
+            self.anneal_steps = saved
+            return
+        before = self.outer_step_size()
+        self.anneal_steps = self.requested_anneal_steps
+        log.warning("algo.anneal_steps=%d replaces the run's %d: at step %d the outer step size eps jumps from "
+                    "%.4g to %.4g", self.anneal_steps, saved, self.step, before, self.outer_step_size())
+
+    def check_resume(self, train_steps: int) -> None:
+        if train_steps <= self.anneal_steps or self.outer_lr_final != 0:
+            return
+        stretched = self.outer_lr * (1 - self.step / train_steps)
+        raise MetalearnError(
+            f"algo=reptile anneals its outer step size eps from {self.outer_lr:g} to 0 over this run's first "
+            f"{self.anneal_steps} steps (fixed when the run started), so steps past {self.anneal_steps} would "
+            f"change nothing. To train to train.steps={train_steps}, resume with algo.anneal_steps={train_steps} "
+            f"(the schedule stretches: eps jumps from {self.outer_step_size():.4g} to {stretched:.4g} at step "
+            f"{self.step}), or with algo.outer_lr_final=<eps above 0> to go on at that step size after step "
+            f"{self.anneal_steps}.")

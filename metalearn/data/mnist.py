@@ -139,4 +139,5 @@ def load_split(data_cfg, part: str) -> ClassSplit:
         images=images[keep].unsqueeze(1).contiguous(),  # MNIST is already ink high
         labels=remap[labels[keep]],
         name=f"mnist/{part} (digits {','.join(map(str, digits.tolist()))})",
+        part=part,
     )

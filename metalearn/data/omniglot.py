@@ -177,4 +177,5 @@ def load_split(data_cfg, part: str) -> ClassSplit:
         images=selected.reshape(num_classes * DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE).contiguous(),
         labels=torch.arange(num_classes).repeat_interleave(DRAWINGS),
         name=f"omniglot/{data_cfg.split}/{part}",
+        part=part,
     )

@@ -1,10 +1,14 @@
-"""Seeded N-way K-shot Q-query episodes drawn with tensor ops on the device.
+"""Seeded N-way K-shot Q-query episodes: indexed tasks drawn on the CPU, images gathered on the device.
 
-The whole split lives on the device as uint8; a batch of tasks is a handful of
-kernel launches (random keys, argsort, one gather), with no DataLoader and no
-per-image Python.
+Episode `i` of a sampler is one fixed task, derived from (seed, part, i)
+alone: its classes and images do not depend on how many episodes are drawn
+at once, on the algorithm or on the device. So every algorithm, batch size
+and machine is scored on the same test tasks, and a training run draws the
+same tasks whatever its meta-batch size. The whole split lives on the device
+as uint8; a batch is one gather from it.
 """
 
+import hashlib
 from typing import NamedTuple
 
 import torch
@@ -53,13 +57,21 @@ def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int) -> No
         )
 
 
-class EpisodeSampler:
-    """Draws batches of tasks from one split.
+def episode_seed(seed: int, part: str, index: int) -> int:
+    """A 63-bit generator seed for episode `index` of `part`, stable across machines and versions of Python."""
+    digest = hashlib.blake2b(f"{seed}/{part}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    With `replay_fraction` > 0 (task replay), that share of every batch is
-    drawn again from a bounded buffer of earlier tasks (the same classes and
-    images), and the fresh tasks join the buffer, oldest replaced first. The
-    buffer is part of `state_dict`, so a resumed run replays the same tasks.
+
+class EpisodeSampler:
+    """Draws tasks from one split.
+
+    `episodes(start, count)` returns episodes start..start+count-1 (evaluation
+    and validation); `sample(count)` continues a training stream from a
+    counter kept in `state_dict`. With `replay_fraction` > 0 (task replay),
+    that share of every training batch is drawn again from a bounded buffer
+    of earlier tasks (the same classes and images), and the fresh tasks join
+    the buffer, oldest replaced first; the buffer is part of `state_dict`.
     """
 
     def __init__(self, split: ClassSplit, ways: int, shots: int, queries: int,
@@ -72,75 +84,82 @@ class EpisodeSampler:
                 f"and data.replay.size >= 1 when it is on (got {replay_size})."
             )
         self.ways, self.shots, self.queries = ways, shots, queries
-        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        self.device, self.dtype, self.seed, self.part = torch.device(device), dtype, seed, split.part
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         counts = split.class_counts()
-        # Image ids of each class in one padded table [classes, most images].
+        # Image ids of each class in one padded table [classes, most images] (on the CPU, like all draws).
         order = torch.argsort(split.labels, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         width = int(counts.max())
         position = torch.arange(width)
-        table = torch.where(position < counts[:, None], starts[:, None] + position, starts[:, None])
-        self.table = order[table].to(self.device)
-        self.counts = counts.to(self.device)
-        self.position = position.to(self.device)
-        self.generator = torch.Generator(device=self.device)
-        self.reseed(seed)
+        self.table = order[torch.where(position < counts[:, None], starts[:, None] + position, starts[:, None])]
+        self.padding = position >= counts[:, None]  # [classes, width]: slots past a class's last image
+        # Replay picks and classifier batches: a CPU generator, so every device draws the same.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+        self.next_episode = 0
         k = torch.arange(ways, device=self.device)
         self.support_labels = k.repeat_interleave(shots)
         self.query_labels = k.repeat_interleave(queries)
         self.replay_fraction = replay_fraction
         # Image ids of earlier tasks [replay_size, ways, shots+queries]; `replay_filled` rows are valid.
         self.replay_buffer = torch.zeros(replay_size if replay_fraction > 0 else 0, ways, shots + queries,
-                                         dtype=torch.long, device=self.device)
+                                         dtype=torch.long)
         self.replay_filled = 0
         self.replay_next = 0
 
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+    def episode_ids(self, start: int, count: int) -> torch.Tensor:
+        """Image ids [count, ways, shots+queries] of episodes start..start+count-1, on the CPU."""
+        n, per_class = self.ways, self.shots + self.queries
+        tasks = []
+        for index in range(start, start + count):
+            g = torch.Generator().manual_seed(episode_seed(self.seed, self.part, index))
+            classes = torch.randperm(len(self.table), generator=g)[:n]
+            # A random order of each chosen class's images; padding sorts last.
+            keys = torch.rand(n, self.table.shape[1], generator=g).masked_fill(self.padding[classes], 2.0)
+            tasks.append(self.table[classes[:, None], keys.argsort(dim=1)[:, :per_class]])
+        return torch.stack(tasks) if tasks else torch.zeros(0, n, per_class, dtype=torch.long)
 
-    def _fresh_ids(self, num_tasks: int) -> torch.Tensor:
-        """Image ids [T, ways, shots+queries] of new random tasks."""
-        n, k, q = self.ways, self.shots, self.queries
-        g, dev = self.generator, self.device
-        # A random permutation of the classes per task; its first `ways` are the task's.
-        classes = torch.rand(num_tasks, len(self.counts), generator=g, device=dev).argsort(dim=1)[:, :n]
-        # Likewise for the images of each chosen class; padding sorts last.
-        keys = torch.rand(num_tasks, n, self.position.numel(), generator=g, device=dev)
-        keys = keys.masked_fill(self.position >= self.counts[classes][..., None], 2.0)
-        picks = keys.argsort(dim=-1)[..., : k + q]
-        return self.table[classes[..., None], picks]
+    def episodes(self, start: int, count: int) -> Episodes:
+        """Episodes start..start+count-1: the same tasks for any batching, algorithm and device."""
+        return self.gather(self.episode_ids(start, count))
 
     def _replay(self, fresh: torch.Tensor, num_replayed: int) -> torch.Tensor:
         """Earlier tasks drawn from the buffer; then the fresh ones are stored."""
         replayed = self.replay_buffer[:0]
         if num_replayed:
-            picks = torch.randint(self.replay_filled, (num_replayed,), generator=self.generator, device=self.device)
+            picks = torch.randint(self.replay_filled, (num_replayed,), generator=self.generator)
             replayed = self.replay_buffer[picks]
         size = len(self.replay_buffer)
         stored = fresh[-size:]  # at most one buffer's worth
-        slots = (self.replay_next + torch.arange(len(stored), device=self.device)) % size
+        slots = (self.replay_next + torch.arange(len(stored))) % size
         self.replay_buffer[slots] = stored
         self.replay_next = (self.replay_next + len(stored)) % size
         self.replay_filled = min(self.replay_filled + len(stored), size)
         return replayed
 
-    def sample(self, num_tasks: int) -> Episodes:
+    def sample_ids(self, num_tasks: int) -> torch.Tensor:
+        """Image ids of the next training batch: fresh episodes from the counter, plus replayed ones."""
         num_replayed = min(round(self.replay_fraction * num_tasks), self.replay_filled)
-        ids = self._fresh_ids(num_tasks - num_replayed)
+        ids = self.episode_ids(self.next_episode, num_tasks - num_replayed)
+        self.next_episode += num_tasks - num_replayed
         if self.replay_fraction > 0:
             ids = torch.cat([ids, self._replay(ids, num_replayed)])
-        return self._gather(ids)
+        return ids
+
+    def sample(self, num_tasks: int) -> Episodes:
+        return self.gather(self.sample_ids(num_tasks))
 
     def sample_images(self, count: int) -> LabelledImages:
         """`count` images drawn uniformly from the whole split, for classifier pretraining."""
-        ids = torch.randint(len(self.images), (count,), generator=self.generator, device=self.device)
+        ids = torch.randint(len(self.images), (count,), generator=self.generator).to(self.device)
         return LabelledImages(self.images[ids].to(self.dtype).div_(255), self.labels[ids])
 
-    def _gather(self, ids: torch.Tensor) -> Episodes:
+    def gather(self, ids: torch.Tensor) -> Episodes:
+        """The episodes of image ids [T, ways, shots+queries], on the device."""
         num_tasks, n, k = len(ids), self.ways, self.shots
-        images = self.images[ids].to(self.dtype).div_(255)  # [T, ways, k+q, 1, H, W]
+        images = self.images[ids.to(self.device)].to(self.dtype).div_(255)  # [T, ways, k+q, 1, H, W]
         shape = images.shape[-3:]
         return Episodes(
             support=images[:, :, :k].reshape(num_tasks, n * k, *shape),
@@ -150,11 +169,18 @@ class EpisodeSampler:
         )
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(),
+        return {"next_episode": self.next_episode,
+                "generator": self.generator.get_state(),
                 "replay_buffer": self.replay_buffer[: self.replay_filled].clone(),
                 "replay_next": self.replay_next}
 
     def load_state_dict(self, state: dict) -> None:
+        if "next_episode" not in state:
+            raise MetalearnError(
+                "the checkpoint's task sampler comes from an older metalearn that drew tasks differently, so the "
+                "run cannot continue exactly: evaluate it (metalearn eval run=...) or start a new run."
+            )
+        self.next_episode = int(state["next_episode"])
         self.generator.set_state(state["generator"])
         saved = state.get("replay_buffer")
         if saved is not None and len(saved):
@@ -164,6 +190,6 @@ class EpisodeSampler:
                     f"(data.replay.size={len(self.replay_buffer)}, {self.ways}-way, "
                     f"{self.shots + self.queries} images per class): resume with the run's own settings."
                 )
-            self.replay_buffer[: len(saved)] = saved.to(self.device)
+            self.replay_buffer[: len(saved)] = saved
         self.replay_filled = 0 if saved is None else len(saved)
         self.replay_next = state.get("replay_next", 0)

@@ -10,6 +10,7 @@ class ClassSplit:
     images: torch.Tensor  # uint8 [num_images, 1, 28, 28], ink high
     labels: torch.Tensor  # int64 [num_images], class ids 0..num_classes-1
     name: str  # e.g. "omniglot/vinyals/train", used in messages
+    part: str = ""  # "train", "val" or "test": one of the keys each episode is derived from
 
     @property
     def num_classes(self) -> int:

@@ -5,23 +5,47 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+# How a model's convolutions lay out their activations:
+CHANNELS_LAST = "channels_last"  # NHWC, the fast kernels of a CPU's loop over tasks
+NCHW = "nchw"  # forced NCHW, also for weights that came out of a channels-last backward
+VMAP = "vmap"  # no explicit memory-format calls (vmap supports none) and float BatchNorm inputs
+LAYOUTS = (CHANNELS_LAST, NCHW, VMAP)
+
 
 class Conv2d(nn.Conv2d):
-    """A convolution that can hand on its output in channels-last memory format.
+    """A convolution that hands its output on in the model's layout.
 
     A one-channel image batch is both NCHW and NHWC to torch, so the first
     convolution would keep NCHW for the whole network; converting its output
     puts every later layer on the channels-last kernels.
     """
 
-    channels_last = False
+    layout = NCHW
 
     def forward(self, x):
-        if not self.channels_last:
+        if self.layout == CHANNELS_LAST:
+            return super().forward(x).contiguous(memory_format=torch.channels_last)
+        if self.layout == NCHW:
             # NCHW-strided weights, or channels-last ones would pull the computation into NHWC
             # (`contiguous()` keeps a one-channel filter's channels-last strides, `clone` does not).
             return self._conv_forward(x, self.weight.clone(memory_format=torch.contiguous_format), self.bias)
-        return super().forward(x).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that, in the vmap layout, normalises a bf16 input in float32.
+
+    Under vmap the backward of a bf16 input with float32 weights fails in
+    torch 2.14 ("expected scalar type BFloat16 but found Float"); the next
+    convolution casts back to bf16 under autocast, so only this op changes.
+    """
+
+    layout = NCHW
+
+    def forward(self, x):
+        if self.layout == VMAP and x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return super().forward(x)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -29,7 +53,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
         Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
         # Batch statistics at train and test time, as in MAML: no running
         # averages, so a functional call has no buffers to update.
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        BatchNorm2d(out_channels, track_running_stats=False),
         # max-pool then ReLU equals ReLU then max-pool (both are monotone),
         # and the ReLU then touches a quarter of the values.
         nn.MaxPool2d(2),
@@ -40,17 +64,17 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 class Features(nn.Sequential):
     """The convolutional body, optionally run on the hardware's fast paths.
 
-    `amp` runs it under bf16 autocast and `channels_last` feeds it NHWC
-    images; with amp it returns float32 embeddings, so heads, losses and
+    `amp` runs it under bf16 autocast and the channels-last layout feeds it
+    NHWC images; with amp it returns float32 embeddings, so heads, losses and
     the inner-loop updates stay in float32. Neither setting changes the
     parameters, so checkpoints move freely between them.
     """
 
     amp = False
-    channels_last = False
+    layout = NCHW
 
     def forward(self, x):
-        if self.channels_last:
+        if self.layout == CHANNELS_LAST:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.amp:
             return super().forward(x)
@@ -58,28 +82,40 @@ class Features(nn.Sequential):
             return super().forward(x).float()
 
 
-def set_channels_last(model: nn.Module, on: bool) -> None:
-    """Switch the memory format the model computes in (the weights stay as they are)."""
+_LAYOUT_MODULES = (Features, Conv2d, BatchNorm2d)
+
+
+def set_layout(model: nn.Module, layout: str) -> None:
+    """Switch the layout the model computes in; the weights follow (NHWC or NCHW storage)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for module in model.modules():
-        if isinstance(module, (Features, Conv2d)):
-            module.channels_last = on
+        if isinstance(module, _LAYOUT_MODULES):
+            module.layout = layout
+    model.to(memory_format=torch.channels_last if layout == CHANNELS_LAST else torch.contiguous_format)
+
+
+def set_channels_last(model: nn.Module, on: bool) -> None:
+    set_layout(model, CHANNELS_LAST if on else NCHW)
 
 
 @contextmanager
 def in_nchw(model: nn.Module):
-    """Compute in NCHW inside the block, whatever device.channels_last says.
+    """Compute in NCHW inside the block, whatever the model's layout (the weights stay as they are).
 
     On a CPU channels-last BatchNorm's double backward is several times slower
     than NCHW's, so passes that are differentiated twice (MAML's second-order
     inner loop) run in NCHW. Not thread-safe: one model per thread.
     """
-    saved = [(m, m.channels_last) for m in model.modules() if isinstance(m, (Features, Conv2d))]
-    set_channels_last(model, False)
+    saved = [(m, m.layout) for m in model.modules() if isinstance(m, _LAYOUT_MODULES)]
+    for module, layout in saved:
+        if layout == CHANNELS_LAST:
+            module.layout = NCHW
     try:
         yield
     finally:
-        for module, on in saved:
-            module.channels_last = on
+        for module, layout in saved:
+            module.layout = layout
 
 
 class Conv4(nn.Module):
@@ -88,6 +124,10 @@ class Conv4(nn.Module):
     `features` maps images to `hidden`-dimensional embeddings; with
     num_classes=0 the head is the identity and the model returns them.
     """
+
+    # BatchNorm normalises with the statistics of the batch it sees (a support or a query set), in
+    # training and at test time, as in the MAML paper: evaluation is transductive over each query set.
+    batch_norm = "transductive"
 
     def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1, amp: bool = False,
                  channels_last: bool = False):
@@ -100,10 +140,8 @@ class Conv4(nn.Module):
             nn.Flatten(),
         )
         self.features.amp = amp
-        set_channels_last(self, channels_last)
-        if channels_last:
-            self.features.to(memory_format=torch.channels_last)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        set_channels_last(self, channels_last)
 
     def forward(self, x):
         return self.head(self.features(x))
