@@ -19,6 +19,7 @@ from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.protonet import ProtoNet, prototype_logits
 from metalearn.algorithms.reptile import Reptile
 from metalearn.data import ClassSplit, EpisodeSampler, LabelledImages
+from metalearn.errors import MetalearnError
 
 WAYS = 3
 
@@ -161,6 +162,33 @@ def test_reptile_resumes_the_anneal_from_its_state():
     torch.manual_seed(3)
     algo.meta_train_step(batch)
     assert_dicts_close(params_of(model), expected, 1e-10)
+
+
+def test_reptile_schedule_is_the_one_the_run_started_with():
+    """Resumed with a longer train.steps, eps follows the saved schedule (4 steps), not the new length."""
+    model, batch = tiny(), episodes(tasks=2, shots=2, queries=1)
+    started = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=4, inner_steps=1)
+    state = {**started.state_dict(), "step": 2}
+    longer = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=40, inner_steps=1)
+    longer.load_state_dict(state)
+    assert longer.anneal_steps == 4 and longer.outer_step_size() == pytest.approx(0.6)
+    longer.check_resume(40)  # eps goes on at 0.2 after step 4: allowed
+    with_zero = reptile(model, outer_lr=1.0, outer_lr_final=0.0, total_steps=40, inner_steps=1)
+    with_zero.load_state_dict({**state, "anneal_steps": 4})
+    with pytest.raises(MetalearnError, match=r"algo.anneal_steps=40 .*eps jumps from 0.5 to 0.95"):
+        with_zero.check_resume(40)
+    with_zero.check_resume(4)
+
+
+def test_reptile_anneal_steps_given_on_resume_replaces_the_saved_schedule(caplog):
+    model = tiny()
+    algo = Reptile(model, inner_lr=0.05, inner_steps=1, inner_batch=4, inner_optimizer="sgd", inner_steps_eval=1,
+                   inner_batch_eval=4, outer_lr=1.0, outer_lr_final=0.0, anneal_steps=8, train_steps=8,
+                   vectorize=False)
+    with caplog.at_level("WARNING"):
+        algo.load_state_dict({"model": model.state_dict(), "step": 2, "anneal_steps": 4})
+    assert algo.anneal_steps == 8 and algo.outer_step_size() == pytest.approx(0.75)
+    assert "jumps from 0.5 to 0.75" in caplog.text
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

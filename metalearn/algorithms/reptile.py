@@ -128,9 +128,9 @@ class Reptile(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         self.step = int(state["step"])
-        saved = int(state.get("anneal_steps", self.anneal_steps))
+        self.anneal_steps = int(state.get("anneal_steps", self.anneal_steps))
+        saved = self.anneal_steps
         if self.requested_anneal_steps is None or self.requested_anneal_steps == saved:
-            self.anneal_steps = saved
             return
         before = self.outer_step_size()
         self.anneal_steps = self.requested_anneal_steps
