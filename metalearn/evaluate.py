@@ -189,7 +189,7 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
 
     from metalearn.cli import quoted, replay_run_overrides
 
-    given = [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].lstrip("+~") in ("run", "resume")]
+    given = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run", "resume")]
     configs = [compose("eval", overrides=replay_run_overrides(str(r), given, drop=("run", "resume"))
                        + [f"run={quoted(str(r))}"]) for r in cfg.run]
     first = configs[0]

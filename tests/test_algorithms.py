@@ -166,7 +166,7 @@ def test_reptile_resumes_the_anneal_from_its_state():
 
 def test_reptile_schedule_is_the_one_the_run_started_with():
     """Resumed with a longer train.steps, eps follows the saved schedule (4 steps), not the new length."""
-    model, batch = tiny(), episodes(tasks=2, shots=2, queries=1)
+    model = tiny()
     started = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=4, inner_steps=1)
     state = {**started.state_dict(), "step": 2}
     longer = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=40, inner_steps=1)

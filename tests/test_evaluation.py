@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metalearn.data import ClassSplit, EpisodeSampler, omniglot
+from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
 
 from test_algorithms_cli import overrides_for
@@ -79,6 +80,28 @@ def test_score_episodes_computes_accuracy_loss_interval_and_ensemble(batch_size)
     assert results[2].accuracy != results[0].accuracy  # the ensemble is not its first member
     ids = sampler.episode_ids(0, 40)
     assert {r.episode_digest for r in results} == {hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+
+
+class FitsEight(FixedLogits):
+    """Runs out of (GPU) memory on more than 8 episodes at once, or on any with `limit=0`."""
+
+    def __init__(self, salt: int, limit: int = 8):
+        super().__init__(salt)
+        self.limit = limit
+
+    def predict(self, episodes):
+        if episodes.num_tasks > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().predict(episodes)
+
+
+def test_out_of_memory_halves_the_batch_and_changes_nothing():
+    sampler = EpisodeSampler(coded_split(), WAYS, 1, QUERIES, "cpu", seed=0)
+    (result,) = score_episodes([FitsEight(1)], sampler, 40, 40, "test")
+    assert result.batch_size == 5  # 40, 20, 10 ran out of memory
+    assert_result(result, by_hand([FixedLogits(1)], sampler, 40))
+    with pytest.raises(MetalearnError, match="one evaluation episode does not fit in GPU memory"):
+        score_episodes([FitsEight(1, limit=0)], sampler, 4, None, "test")
 
 
 # --- through the CLI ---------------------------------------------------------------

@@ -93,7 +93,7 @@ class Reptile(Algorithm):
         return keys.argsort(dim=2).flatten(1)[:, :steps * batch].to(device)
 
     def outer_step_size(self) -> float:
-        """eps for the next outer update: linear from outer_lr to outer_lr_final over the run."""
+        """eps for the next outer update: linear from outer_lr to outer_lr_final over anneal_steps."""
         done = min(self.step / self.anneal_steps, 1.0)
         return self.outer_lr + (self.outer_lr_final - self.outer_lr) * done
 
