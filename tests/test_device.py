@@ -23,7 +23,7 @@ def avx2_only(monkeypatch):
 
 @pytest.fixture
 def amx(monkeypatch):
-    """A CPU like an Intel Xeon Sapphire Rapids: AVX-512 kernels with native bf16 and AMX."""
+    """A CPU like a recent Intel Xeon: AVX-512 kernels with native bf16 and AMX."""
     monkeypatch.setattr(dev, "_cpu_flag", lambda name: name in ("avx512_bf16", "amx_tile"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
 
