@@ -127,8 +127,7 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
     """
     saved = saved_overrides(run_dir)
     if _find(args, "data") is not None:
-        saved = [o for o in saved
-                 if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
+        saved = [o for o in saved if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
     merged: Dict[str, str] = {}
     for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
         key = _override_key(override)
@@ -156,8 +155,9 @@ def _prepare(command: str, args: List[str]) -> List[str]:
         return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}"]
     run = _find(args, "run")
     if run is None:
-        if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c"
-               for a in args):
+        if any(
+            a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c" for a in args
+        ):
             return args
         raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
     members = run_list(run)

@@ -121,8 +121,13 @@ class DistillConfig(FinetuneConfig):
     distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest is cross-entropy
 
 
-ALGO_SCHEMAS = {"maml": MAMLConfig, "reptile": ReptileConfig, "protonet": ProtoNetConfig,
-                "finetune": FinetuneConfig, "distill": DistillConfig}
+ALGO_SCHEMAS = {
+    "maml": MAMLConfig,
+    "reptile": ReptileConfig,
+    "protonet": ProtoNetConfig,
+    "finetune": FinetuneConfig,
+    "distill": DistillConfig,
+}
 
 
 @dataclass
@@ -256,8 +261,17 @@ def validate(cfg: DictConfig) -> None:
     for key in ("outer_lr", "inner_lr", "head_lr", "temperature"):
         if key in a:
             _require(a[key] > 0, f"algo.{key} must be positive (got {a[key]}).")
-    for key in ("inner_steps", "inner_steps_eval", "inner_batch", "inner_batch_eval", "batch_size", "head_steps",
-                "lr_decay_every", "train_shots", "anneal_steps"):
+    for key in (
+        "inner_steps",
+        "inner_steps_eval",
+        "inner_batch",
+        "inner_batch_eval",
+        "batch_size",
+        "head_steps",
+        "lr_decay_every",
+        "train_shots",
+        "anneal_steps",
+    ):
         if a.get(key) is not None:
             _require(a[key] >= 1, f"algo.{key} must be at least 1 (got {a[key]}).")
     if a.train_ways is not None:

@@ -112,8 +112,10 @@ class FastPaths:
     why: str
 
     def describe(self) -> str:
-        return (f"{'bf16 autocast' if self.amp else 'float32'}, "
-                f"{'channels-last' if self.channels_last else 'NCHW'} ({self.why})")
+        return (
+            f"{'bf16 autocast' if self.amp else 'float32'}, "
+            f"{'channels-last' if self.channels_last else 'NCHW'} ({self.why})"
+        )
 
 
 PLAIN = FastPaths(amp=False, channels_last=False, why="float32 in NCHW")
@@ -129,8 +131,11 @@ def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
         key = (str(device), reason)
         if key not in _warned:
             _warned.add(key)
-            log.warning("device.amp=true on hardware without native bf16 (%s): expect it to be slower than "
-                        "float32; device.amp=auto picks float32 here", reason)
+            log.warning(
+                "device.amp=true on hardware without native bf16 (%s): expect it to be slower than "
+                "float32; device.amp=auto picks float32 here",
+                reason,
+            )
     use_amp = amp == "true" or (amp == "auto" and native)
     why = f"device.amp={amp}: {reason}"
     return FastPaths(amp=use_amp, channels_last=bool(device_cfg.channels_last), why=why)

@@ -51,8 +51,9 @@ def auto_batch_size(requested: Optional[int], episodes: int, device: torch.devic
     return min(episodes, episodes if torch.device(device).type == "cuda" else CPU_BATCH)
 
 
-def score_episodes(algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes: int,
-                   batch_size: Optional[int], desc: str) -> List[EpisodeResult]:
+def score_episodes(
+    algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes: int, batch_size: Optional[int], desc: str
+) -> List[EpisodeResult]:
     """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
     The ensemble averages the members' class probabilities per query; its
@@ -74,8 +75,10 @@ def score_episodes(algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes
                 all_logits = [algo.predict(batch).float() for algo in algos]
             except torch.cuda.OutOfMemoryError:
                 if count == 1:
-                    raise MetalearnError("one evaluation episode does not fit in GPU memory: evaluate with fewer "
-                                         "data.queries, or on the CPU (device=cpu).") from None
+                    raise MetalearnError(
+                        "one evaluation episode does not fit in GPU memory: evaluate with fewer "
+                        "data.queries, or on the CPU (device=cpu)."
+                    ) from None
                 size = count // 2
                 bar.write(f"out of GPU memory scoring {count} episodes at once: trying {size} (eval.batch_size)")
                 del batch
@@ -95,14 +98,20 @@ def score_episodes(algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes
     for i in range(scored):
         accuracy = torch.cat(accuracies[i]).double()
         spread = accuracy.std().item() if episodes > 1 else 0.0
-        results.append(EpisodeResult(accuracy=accuracy.mean().item(), ci95=Z95 * spread / math.sqrt(episodes),
-                                     loss=torch.cat(losses[i]).double().mean().item(), episodes=episodes,
-                                     episode_digest=digest.hexdigest(), batch_size=size))
+        results.append(
+            EpisodeResult(
+                accuracy=accuracy.mean().item(),
+                ci95=Z95 * spread / math.sqrt(episodes),
+                loss=torch.cat(losses[i]).double().mean().item(),
+                episodes=episodes,
+                episode_digest=digest.hexdigest(),
+                batch_size=size,
+            )
+        )
     return results
 
 
-def run_episodes(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch_size: int,
-                 desc: str) -> EpisodeResult:
+def run_episodes(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch_size: int, desc: str) -> EpisodeResult:
     return score_episodes([algo], sampler, episodes, batch_size, desc)[0]
 
 
@@ -143,8 +152,10 @@ def hardware(device: torch.device) -> str:
 
 
 def _describe(result: EpisodeResult, data: DictConfig, what: str) -> str:
-    return (f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
-            f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {what})")
+    return (
+        f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
+        f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {what})"
+    )
 
 
 def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torch.device) -> dict:
@@ -190,8 +201,12 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
     from metalearn.cli import quoted, replay_run_overrides
 
     given = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run", "resume")]
-    configs = [compose("eval", overrides=replay_run_overrides(str(r), given, drop=("run", "resume"))
-                       + [f"run={quoted(str(r))}"]) for r in cfg.run]
+    configs = [
+        compose(
+            "eval", overrides=replay_run_overrides(str(r), given, drop=("run", "resume")) + [f"run={quoted(str(r))}"]
+        )
+        for r in cfg.run
+    ]
     first = configs[0]
     for other in configs[1:]:
         differing = [k for k in TASK_KEYS if other.data[k] != first.data[k]]
@@ -199,7 +214,8 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
             raise MetalearnError(
                 f"ensemble members must be scored on the same tasks, but {other.run} and {first.run} differ in "
                 f"{', '.join(f'data.{k} ({other.data[k]} vs {first.data[k]})' for k in differing)}: "
-                f"override them on the command line (e.g. data.ways=5) or ensemble runs of one setting.")
+                f"override them on the command line (e.g. data.ways=5) or ensemble runs of one setting."
+            )
     return configs
 
 
@@ -219,11 +235,9 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     lead = configs[0]
     device = resolve_device(lead.device.name)
     data = lead.data
-    sampler = EpisodeSampler(load_split(data, "test"), data.ways, data.shots, data.queries, device,
-                             seed=lead.eval.seed)
+    sampler = EpisodeSampler(load_split(data, "test"), data.ways, data.shots, data.queries, device, seed=lead.eval.seed)
     members = [_load_member(member, device) for member in configs]
-    results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size,
-                             "evaluating")
+    results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating")
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
     for result, member in zip(results, configs):
         line = _describe(result, data, f"{_checkpoint_name(member)}.pt")

@@ -24,8 +24,10 @@ def info(cfg: DictConfig) -> None:
             problems.setdefault(str(err), []).append(part)
             continue
         counts = split.class_counts()
-        print(f"  {part:<5} {split.num_classes:>5} classes {len(split.labels):>7} images "
-              f"({int(counts.min())}-{int(counts.max())} per class)  {split.name}")
+        print(
+            f"  {part:<5} {split.num_classes:>5} classes {len(split.labels):>7} images "
+            f"({int(counts.min())}-{int(counts.max())} per class)  {split.name}"
+        )
     print(f"data present: {'no' if problems else 'yes'}")
     for message, parts in problems.items():
         print(f"  {', '.join(parts)}: {message}")
@@ -48,8 +50,10 @@ def preview(cfg: DictConfig) -> Path:
     out = Path(cfg.out or f"preview-{data.name}-{part}-{data.ways}w{data.shots}s.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0], out)
-    print(f"episode preview ({data.name} {part}, {data.ways}-way {data.shots}-shot {data.queries}-query; "
-          f"one row per class: support | queries): {out}")
+    print(
+        f"episode preview ({data.name} {part}, {data.ways}-way {data.shots}-shot {data.queries}-query; "
+        f"one row per class: support | queries): {out}"
+    )
     return out
 
 

@@ -69,10 +69,19 @@ def train(cfg: DictConfig) -> Path:
     ways, shots, queries = training_episode_shape(cfg)
     if queries < 1 and algo.needs_queries:
         raise MetalearnError(f"algo={cfg.algo.name} trains on query images: algo.train_queries must be at least 1.")
-    train_sampler = EpisodeSampler(train_split, ways, shots, queries, device, seed=cfg.seed,
-                                   replay_fraction=data.replay.fraction, replay_size=data.replay.size)
-    val_sampler = EpisodeSampler(load_split(data, "val"), data.ways, data.shots, data.queries, device,
-                                 seed=loop.val_seed)
+    train_sampler = EpisodeSampler(
+        train_split,
+        ways,
+        shots,
+        queries,
+        device,
+        seed=cfg.seed,
+        replay_fraction=data.replay.fraction,
+        replay_size=data.replay.size,
+    )
+    val_sampler = EpisodeSampler(
+        load_split(data, "val"), data.ways, data.shots, data.queries, device, seed=loop.val_seed
+    )
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     step, best_val, window = 0, -1.0, _new_window()
 
@@ -90,24 +99,29 @@ def train(cfg: DictConfig) -> Path:
     log.info("on %s: %s", device, algo.fast_paths.describe())
 
     def save(which: str) -> None:
-        save_checkpoint(checkpoint_path(run_dir, which), {
-            "step": step,
-            "algo": algo.state_dict(),
-            "sampler": train_sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "best_val_accuracy": best_val,
-            "window": dict(window),
-            "train_classes": train_split.num_classes,
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        })
+        save_checkpoint(
+            checkpoint_path(run_dir, which),
+            {
+                "step": step,
+                "algo": algo.state_dict(),
+                "sampler": train_sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "best_val_accuracy": best_val,
+                "window": dict(window),
+                "train_classes": train_split.num_classes,
+                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            },
+        )
 
     rate_key = f"{algo.throughput_unit}_per_s"
     started = time.perf_counter()
     if step >= loop.steps:
         log.info("the run is already at step %d of train.steps=%d: nothing to train", step, loop.steps)
-    with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
-        total=loop.steps, initial=step, desc="meta-training", unit="step", dynamic_ncols=True
-    ) as bar:
+    with (
+        GracefulStop() as stop,
+        logging_redirect_tqdm(),
+        tqdm(total=loop.steps, initial=step, desc="meta-training", unit="step", dynamic_ncols=True) as bar,
+    ):
         while step < loop.steps and stop.signum is None:
             tick = time.perf_counter()
             batch = algo.sample(train_sampler, loop.meta_batch_size)
@@ -121,19 +135,36 @@ def train(cfg: DictConfig) -> Path:
             window["items"] += items
             window["seconds"] += seconds
             bar.update(1)
-            bar.set_postfix({"loss": f"{result['loss']:.3f}", "acc": f"{result['accuracy']:.3f}",
-                             rate_key: f"{items / seconds:.1f}"}, refresh=False)
+            bar.set_postfix(
+                {
+                    "loss": f"{result['loss']:.3f}",
+                    "acc": f"{result['accuracy']:.3f}",
+                    rate_key: f"{items / seconds:.1f}",
+                },
+                refresh=False,
+            )
 
             if step % loop.log_every == 0 or step == loop.steps:
-                metrics.write(step=step, split="train", loss=window["loss"] / window["steps"],
-                              accuracy=window["accuracy"] / window["steps"],
-                              **{rate_key: window["items"] / max(window["seconds"], 1e-9)},
-                              time=time.perf_counter() - started)
+                metrics.write(
+                    step=step,
+                    split="train",
+                    loss=window["loss"] / window["steps"],
+                    accuracy=window["accuracy"] / window["steps"],
+                    **{rate_key: window["items"] / max(window["seconds"], 1e-9)},
+                    time=time.perf_counter() - started,
+                )
                 window = _new_window()
             if step % loop.val_every == 0 or step == loop.steps:
                 val = run_episodes(algo, val_sampler, loop.val_episodes, cfg.eval.batch_size, "validating")
-                metrics.write(step=step, split="val", loss=val.loss, accuracy=val.accuracy, ci95=val.ci95,
-                              episodes=val.episodes, time=time.perf_counter() - started)
+                metrics.write(
+                    step=step,
+                    split="val",
+                    loss=val.loss,
+                    accuracy=val.accuracy,
+                    ci95=val.ci95,
+                    episodes=val.episodes,
+                    time=time.perf_counter() - started,
+                )
                 log.info("step %d: val accuracy %.2f%% ± %.2f", step, 100 * val.accuracy, 100 * val.ci95)
                 if val.accuracy > best_val:
                     best_val = val.accuracy

@@ -85,6 +85,7 @@ def make_model(ways: int, fast=(False, False), dtype=torch.float32) -> Conv4:
 
 # --- learn2learn, as its examples write it ------------------------------------
 
+
 def learn2learn_model(ways: int, dtype=torch.float32) -> torch.nn.Module:
     """learn2learn's own conv4 (conv, BatchNorm, ReLU, max-pool blocks) holding metalearn's initial weights.
 
@@ -167,7 +168,7 @@ class Learn2LearnProtoNet(Learn2LearnLoop):
     def task_backward(self, sx, sy, qx, qy):
         ways = int(sy.max()) + 1
         embeddings = self.model(torch.cat([sx, qx]))
-        support, query = embeddings[: len(sx)], embeddings[len(sx):]
+        support, query = embeddings[: len(sx)], embeddings[len(sx) :]
         prototypes = torch.stack([support[sy == c].mean(dim=0) for c in range(ways)])
         logits = -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(dim=2)
         F.cross_entropy(logits, qy).backward()
@@ -191,10 +192,14 @@ def learn2learn_tasks(row: dict):
             with zipfile.ZipFile(Path(row["data_root"]) / "omniglot-py" / f"{part}.zip") as archive:
                 archive.extractall(root / "omniglot-py")
     torchvision.datasets.Omniglot._check_integrity = lambda self: (Path(self.root) / self._get_target_folder()).is_dir()
-    tasksets = l2l.vision.benchmarks.get_tasksets("omniglot", train_ways=row["ways"],
-                                                  train_samples=row["shots"] + row["queries"],
-                                                  test_ways=row["ways"], test_samples=row["shots"] + row["queries"],
-                                                  root=str(root))
+    tasksets = l2l.vision.benchmarks.get_tasksets(
+        "omniglot",
+        train_ways=row["ways"],
+        train_samples=row["shots"] + row["queries"],
+        test_ways=row["ways"],
+        test_samples=row["shots"] + row["queries"],
+        root=str(root),
+    )
     per_class = row["shots"] + row["queries"]
     support = (torch.arange(row["ways"] * per_class) % per_class) < row["shots"]
 
@@ -207,18 +212,27 @@ def learn2learn_tasks(row: dict):
 
 # --- the implementations under test -------------------------------------------
 
+
 def build(impl: str, row: dict, dtype=torch.float32):
     first_order = row["order"] == "first"
     if row["algo"] == "protonet":
         if impl == "learn2learn":
             return Learn2LearnProtoNet()
-        return ProtoNet(make_model(0, IMPLS[impl], dtype), outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000,
-                        vectorize=False)
+        return ProtoNet(
+            make_model(0, IMPLS[impl], dtype), outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000, vectorize=False
+        )
     if impl == "learn2learn":
         return Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], first_order, dtype)
-    return MAML(make_model(row["ways"], IMPLS[impl], dtype), inner_lr=row["inner_lr"],
-                inner_steps=row["inner_steps"], inner_steps_eval=1, outer_lr=1e-3, first_order=first_order,
-                vectorize=False, workers=cpu_workers(torch.device("cpu")))
+    return MAML(
+        make_model(row["ways"], IMPLS[impl], dtype),
+        inner_lr=row["inner_lr"],
+        inner_steps=row["inner_steps"],
+        inner_steps_eval=1,
+        outer_lr=1e-3,
+        first_order=first_order,
+        vectorize=False,
+        workers=cpu_workers(torch.device("cpu")),
+    )
 
 
 def sampler(row: dict, seed: int = 0) -> EpisodeSampler:
@@ -238,11 +252,13 @@ def gradient_check(row: dict) -> float:
     """Largest difference of one float64 MAML meta-gradient (4 tasks), metalearn vs learn2learn,
     relative to the largest gradient entry (a conv bias before BatchNorm has a zero gradient)."""
     episodes = sampler(row).sample(4)
-    episodes = type(episodes)(episodes.support.double(), episodes.support_labels, episodes.query.double(),
-                              episodes.query_labels)
+    episodes = type(episodes)(
+        episodes.support.double(), episodes.support_labels, episodes.query.double(), episodes.query_labels
+    )
     ours = build("metalearn", row, torch.float64).meta_gradients(episodes)
-    theirs = Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], row["order"] == "first",
-                             torch.float64).gradients(episodes)
+    theirs = Learn2LearnMAML(
+        row["ways"], row["inner_lr"], row["inner_steps"], row["order"] == "first", torch.float64
+    ).gradients(episodes)
     scale = max(g.abs().max() for g in theirs.values())
     return max(((ours[n] - theirs[n]).abs().max() / scale).item() for n in theirs)
 
@@ -271,8 +287,10 @@ def run_group(row: dict) -> list:
     algos = {impl: build(impl, row) for impl in impls}
     if row["figure"] == "step":
         work = sampler(row).sample(row["meta_batch"] * (row["iters"] + 1))
-        batches = [type(work)(*(t[i * row["meta_batch"]:(i + 1) * row["meta_batch"]] for t in work))
-                   for i in range(row["iters"] + 1)]
+        batches = [
+            type(work)(*(t[i * row["meta_batch"] : (i + 1) * row["meta_batch"]] for t in work))
+            for i in range(row["iters"] + 1)
+        ]
         steps = {impl: iter(batches) for impl in impls}
         runs = {impl: (lambda a=algos[impl], s=steps[impl]: a.meta_train_step(next(s))) for impl in impls}
     else:
@@ -291,10 +309,20 @@ def run_group(row: dict) -> list:
     rows = []
     for impl in impls:
         median = statistics.median(times[impl])
-        rows.append({"algo": row["algo"], "setting": row["setting"], "order": row["order"],
-                     "meta_batch": row["meta_batch"], "figure": row["figure"], "impl": impl,
-                     "it_per_s": 1 / median, "tasks_per_s": row["meta_batch"] / median,
-                     "peak_mem_mib": peaks[impl], "iterations": row["iters"]})
+        rows.append(
+            {
+                "algo": row["algo"],
+                "setting": row["setting"],
+                "order": row["order"],
+                "meta_batch": row["meta_batch"],
+                "figure": row["figure"],
+                "impl": impl,
+                "it_per_s": 1 / median,
+                "tasks_per_s": row["meta_batch"] / median,
+                "peak_mem_mib": peaks[impl],
+                "iterations": row["iters"],
+            }
+        )
     return rows
 
 
@@ -308,12 +336,18 @@ def in_subprocess(row: dict) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--quick", action="store_true",
-                        help="2 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only"
+    )
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 2)")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(DEFAULT_IMPLS),
-                        help="metalearn variants to measure (learn2learn joins when installed)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=list(IMPLS),
+        default=list(DEFAULT_IMPLS),
+        help="metalearn variants to measure (learn2learn joins when installed)",
+    )
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.group:
@@ -326,26 +360,44 @@ def main():
     machine = {"cpu": cpu_model(), "isa": cpu_isa()}
     bf16, why = native_bf16(torch.device("cpu"))
     print(f"CPU: {machine['cpu']} ({machine['isa']}); torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"metalearn vs learn2learn training; median of {iters} iterations after 1 warm-up, implementations "
-          f"taking turns")
+    print(
+        f"metalearn vs learn2learn training; median of {iters} iterations after 1 warm-up, implementations taking turns"
+    )
     if not have_l2l:
         print("learn2learn is not installed: measuring metalearn only (bash scripts/install_learn2learn.sh adds it)")
-    print("metalearn: float32, channels-last, one task per core; metalearn-bf16: device.amp=true (bf16 autocast); "
-          "metalearn-nchw: device.channels_last=false")
+    print(
+        "metalearn: float32, channels-last, one task per core; metalearn-bf16: device.amp=true (bf16 autocast); "
+        "metalearn-nchw: device.channels_last=false"
+    )
     print(f"device.amp=auto (the default) picks {'bf16' if bf16 else 'float32'} here: {why}")
-    print(f"{'algo':<9} {'setting':<6} {'order':<6} {'batch':>5} {'figure':<9} {'impl':<15} {'meta-it/s':>9} "
-          f"{'tasks/s':>8} {'peak MiB':>9} {'vs l2l':>7}")
+    print(
+        f"{'algo':<9} {'setting':<6} {'order':<6} {'batch':>5} {'figure':<9} {'impl':<15} {'meta-it/s':>9} "
+        f"{'tasks/s':>8} {'peak MiB':>9} {'vs l2l':>7}"
+    )
     rows = []
     for algo, name, ways, shots, queries, steps, inner_lr, meta_batch, orders, quick in SETTINGS:
         if args.quick and not quick:
             continue
         for order in orders:
-            row = {"algo": algo, "setting": name, "ways": ways, "shots": shots, "queries": queries,
-                   "inner_steps": steps, "inner_lr": inner_lr, "meta_batch": meta_batch, "order": order,
-                   "data_root": args.data_root, "iters": iters, "impls": impls}
+            row = {
+                "algo": algo,
+                "setting": name,
+                "ways": ways,
+                "shots": shots,
+                "queries": queries,
+                "inner_steps": steps,
+                "inner_lr": inner_lr,
+                "meta_batch": meta_batch,
+                "order": order,
+                "data_root": args.data_root,
+                "iters": iters,
+                "impls": impls,
+            }
             if have_l2l and algo == "maml" and meta_batch == max(s[7] for s in SETTINGS if s[1] == name):
-                print(f"{algo:<9} {name:<6} {order:<6} float64 meta-gradient, largest difference to learn2learn: "
-                      f"{gradient_check(row):.1e} of the largest entry")
+                print(
+                    f"{algo:<9} {name:<6} {order:<6} float64 meta-gradient, largest difference to learn2learn: "
+                    f"{gradient_check(row):.1e} of the largest entry"
+                )
             for figure in FIGURES:
                 group = in_subprocess({**row, "figure": figure})
                 reference = next((r for r in group if r["impl"] == "learn2learn"), None)
@@ -354,9 +406,11 @@ def main():
                     if reference is not None and r["impl"] != "learn2learn":
                         r["speedup_vs_learn2learn"] = r["tasks_per_s"] / reference["tasks_per_s"]
                     ratio = f"{r['speedup_vs_learn2learn']:.2f}x" if "speedup_vs_learn2learn" in r else ""
-                    print(f"{algo:<9} {name:<6} {order:<6} {meta_batch:>5} {figure:<9} {r['impl']:<15} "
-                          f"{r['it_per_s']:>9.3f} {r['tasks_per_s']:>8.2f} {r['peak_mem_mib']:>9.0f} {ratio:>7}",
-                          flush=True)
+                    print(
+                        f"{algo:<9} {name:<6} {order:<6} {meta_batch:>5} {figure:<9} {r['impl']:<15} "
+                        f"{r['it_per_s']:>9.3f} {r['tasks_per_s']:>8.2f} {r['peak_mem_mib']:>9.0f} {ratio:>7}",
+                        flush=True,
+                    )
                     rows.append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

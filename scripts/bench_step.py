@@ -37,19 +37,24 @@ def peak_rss_mib() -> float:
 
 def task_split(data_root: str) -> ClassSplit:
     if (Path(data_root) / "omniglot-py").is_dir():
-        cfg = OmegaConf.create({"name": "omniglot", "root": data_root, "split": "vinyals", "cache_dir": None,
-                                "download": False})
+        cfg = OmegaConf.create(
+            {"name": "omniglot", "root": data_root, "split": "vinyals", "cache_dir": None, "download": False}
+        )
         return load_split(cfg, "train")
     generator = torch.Generator().manual_seed(0)
-    return ClassSplit(torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=generator, dtype=torch.uint8),
-                      torch.arange(100).repeat_interleave(20), "random images")
+    return ClassSplit(
+        torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=generator, dtype=torch.uint8),
+        torch.arange(100).repeat_interleave(20),
+        "random images",
+    )
 
 
 def fast_paths(args):
     """What the runner would pick on args.device, with --amp / --channels-last overriding it."""
     device = torch.device(args.device)
-    fast = resolve_fast_paths(OmegaConf.create({"amp": args.amp, "channels_last": args.channels_last == "true"}),
-                              device)
+    fast = resolve_fast_paths(
+        OmegaConf.create({"amp": args.amp, "channels_last": args.channels_last == "true"}), device
+    )
     return device, fast
 
 
@@ -63,8 +68,16 @@ def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
     torch.manual_seed(0)
     sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, device, seed=0)
     model = Conv4(args.ways, amp=fast.amp, channels_last=fast.channels_last).to(device)
-    algo = MAML(model, inner_lr=0.4, inner_steps=args.inner_steps, inner_steps_eval=1, outer_lr=1e-3,
-                first_order=first_order, vectorize=(strategy == "vmap"), workers=cpu_workers(device))
+    algo = MAML(
+        model,
+        inner_lr=0.4,
+        inner_steps=args.inner_steps,
+        inner_steps_eval=1,
+        outer_lr=1e-3,
+        first_order=first_order,
+        vectorize=(strategy == "vmap"),
+        workers=cpu_workers(device),
+    )
     batches = [sampler.sample(args.meta_batch) for _ in range(args.warmup + args.iters)]
     times = []
     for i, batch in enumerate(batches):
@@ -75,8 +88,12 @@ def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - tick)
     median = statistics.median(times)
-    return {"strategy": strategy, "order": "first" if first_order else "second",
-            "it_per_s": 1 / median, "tasks_per_s": args.meta_batch / median}
+    return {
+        "strategy": strategy,
+        "order": "first" if first_order else "second",
+        "it_per_s": 1 / median,
+        "tasks_per_s": args.meta_batch / median,
+    }
 
 
 def processor(device: torch.device) -> str:
@@ -103,14 +120,19 @@ def main():
     split = task_split(args.data_root)
     device, fast = fast_paths(args)
     print(f"tasks from {split.name}; {processor(device)}; {fast.describe()}")
-    print(f"MAML conv4 {args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner step(s), "
-          f"meta-batch {args.meta_batch}, torch {torch.__version__}")
+    print(
+        f"MAML conv4 {args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner step(s), "
+        f"meta-batch {args.meta_batch}, torch {torch.__version__}"
+    )
     print(f"{'strategy':<8} {'order':<7} {'meta-it/s':>9} {'tasks/s':>8} {'peak RSS MiB':>13}")
     for strategy in args.strategies:
         for first_order in (False, True):
             row = bench(split, strategy, first_order, args)
-            print(f"{row['strategy']:<8} {row['order']:<7} {row['it_per_s']:>9.3f} {row['tasks_per_s']:>8.2f} "
-                  f"{peak_rss_mib():>13.0f}", flush=True)
+            print(
+                f"{row['strategy']:<8} {row['order']:<7} {row['it_per_s']:>9.3f} {row['tasks_per_s']:>8.2f} "
+                f"{peak_rss_mib():>13.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,19 @@ from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths  # noqa: E40
 from metalearn.models import Conv4  # noqa: E402
 
 ALGOS = {  # algorithm: overrides that keep its run tiny
-    "maml": ["algo.inner_steps_eval=2"], "fomaml": ["algo.inner_steps_eval=2"],
-    "anil": ["algo.inner_steps_eval=2"], "metasgd": [],
-    "reptile": ["algo.inner_steps=2", "algo.inner_batch=5", "algo.inner_steps_eval=2", "algo.inner_batch_eval=3",
-                "algo.anneal_steps=4"],
-    "protonet": ["algo.train_ways=5"], "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
+    "maml": ["algo.inner_steps_eval=2"],
+    "fomaml": ["algo.inner_steps_eval=2"],
+    "anil": ["algo.inner_steps_eval=2"],
+    "metasgd": [],
+    "reptile": [
+        "algo.inner_steps=2",
+        "algo.inner_batch=5",
+        "algo.inner_steps_eval=2",
+        "algo.inner_batch_eval=3",
+        "algo.anneal_steps=4",
+    ],
+    "protonet": ["algo.train_ways=5"],
+    "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
 }
 
 
@@ -70,16 +78,27 @@ def cli(*args) -> str:
             metalearn([str(a) for a in args])
         except SystemExit as stop:
             if stop.code:
-                raise RuntimeError(f"metalearn {' '.join(map(str, args))} exited {stop.code}:\n"
-                                   f"{err.getvalue()[-3000:]}") from None
+                raise RuntimeError(
+                    f"metalearn {' '.join(map(str, args))} exited {stop.code}:\n{err.getvalue()[-3000:]}"
+                ) from None
     return out.getvalue()
 
 
 def train_and_eval(algo: str, base: Path, device: str) -> str:
     data = base / "data"
-    common = [f"data.root={data / 'root'}", f"data.split={data / 'split'}", f"data.cache_dir={data / 'cache'}",
-              "data.queries=3", "model.hidden=16", "train.meta_batch_size=4", "train.val_every=2",
-              "train.val_episodes=8", "train.ckpt_every=2", "eval.episodes=40", f"device={device}"]
+    common = [
+        f"data.root={data / 'root'}",
+        f"data.split={data / 'split'}",
+        f"data.cache_dir={data / 'cache'}",
+        "data.queries=3",
+        "model.hidden=16",
+        "train.meta_batch_size=4",
+        "train.val_every=2",
+        "train.val_episodes=8",
+        "train.ckpt_every=2",
+        "eval.episodes=40",
+        f"device={device}",
+    ]
     run = base / "runs" / algo
     teacher = [f"algo.teacher={base / 'runs' / 'finetune'}"] if algo == "distill" else []
     name = "finetune" if algo == "distill" else algo
@@ -87,15 +106,18 @@ def train_and_eval(algo: str, base: Path, device: str) -> str:
     cli("train", f"resume={run}", "train.steps=4")
     line = cli("eval", f"run={run}").strip().splitlines()[-1]
     log = (run / "train.log").read_text()
-    on = next((entry.split(" - ", 1)[1] for entry in log.splitlines() if " on cuda" in entry or " on cpu" in entry),
-              "")
+    on = next((entry.split(" - ", 1)[1] for entry in log.splitlines() if " on cuda" in entry or " on cpu" in entry), "")
     return f"{on}; {line}"
 
 
 def float64_tasks(device: torch.device):
     g = torch.Generator().manual_seed(0)
-    split = ClassSplit(torch.randint(0, 256, (12 * 20, 1, 28, 28), generator=g, dtype=torch.uint8),
-                       torch.arange(12).repeat_interleave(20), "random images", part="train")
+    split = ClassSplit(
+        torch.randint(0, 256, (12 * 20, 1, 28, 28), generator=g, dtype=torch.uint8),
+        torch.arange(12).repeat_interleave(20),
+        "random images",
+        part="train",
+    )
     return EpisodeSampler(split, 5, 1, 3, device, seed=0, dtype=torch.float64).sample(6)
 
 
@@ -106,8 +128,7 @@ def vmap_equals_loop(device: torch.device, **maml) -> str:
     for vectorize in (False, True):
         torch.manual_seed(0)
         model = Conv4(5, hidden=16, channels_last=True).double().to(device)
-        algo = MAML(model, inner_lr=0.3, inner_steps=2, inner_steps_eval=3, outer_lr=1e-3, vectorize=vectorize,
-                    **maml)
+        algo = MAML(model, inner_lr=0.3, inner_steps=2, inner_steps_eval=3, outer_lr=1e-3, vectorize=vectorize, **maml)
         results.append((algo.meta_gradients(batch), algo.predict(batch)))
     (loop_grads, loop_logits), (vmap_grads, vmap_logits) = results
     scale = max(g.abs().max() for g in loop_grads.values())
@@ -120,9 +141,23 @@ def vmap_equals_loop(device: torch.device, **maml) -> str:
 
 def throughput(device: str) -> str:
     """bench_step's table: both strategies, both orders, the runner's defaults on the device."""
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_step.py"), "--device", device,
-                          "--iters", "5", "--warmup", "2", "--data-root", "/nonexistent"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_step.py"),
+            "--device",
+            device,
+            "--iters",
+            "5",
+            "--warmup",
+            "2",
+            "--data-root",
+            "/nonexistent",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return "\n" + out.stdout.rstrip()
@@ -139,21 +174,30 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({cpu_isa()})"
     fast = resolve_fast_paths(type("Defaults", (), {"amp": "auto", "channels_last": True})(), device)
-    print(f"gpu_check on {name}; torch {torch.__version__}, CUDA {torch.version.cuda}; metalearn "
-          f"{package.__version__}; defaults here: {fast.describe()}", flush=True)
+    print(
+        f"gpu_check on {name}; torch {torch.__version__}, CUDA {torch.version.cuda}; metalearn "
+        f"{package.__version__}; defaults here: {fast.describe()}",
+        flush=True,
+    )
     checks = Checks()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         write_tiny_omniglot(base / "data" / "root")
         write_tiny_split(base / "data" / "split")
         for algo in [*ALGOS, "distill"]:
-            checks.run(f"{algo}: train, resume, eval with device={args.device}",
-                       lambda algo=algo: train_and_eval(algo, base, args.device))
-    for label, maml in [("MAML second order", {"first_order": False}), ("MAML first order", {"first_order": True}),
-                        ("ANIL", {"first_order": False, "head_only": True}),
-                        ("Meta-SGD", {"first_order": False, "learn_inner_lr": True})]:
-        checks.run(f"{label}: vmap = loop on {args.device} (float64)",
-                   lambda maml=maml: vmap_equals_loop(device, **maml))
+            checks.run(
+                f"{algo}: train, resume, eval with device={args.device}",
+                lambda algo=algo: train_and_eval(algo, base, args.device),
+            )
+    for label, maml in [
+        ("MAML second order", {"first_order": False}),
+        ("MAML first order", {"first_order": True}),
+        ("ANIL", {"first_order": False, "head_only": True}),
+        ("Meta-SGD", {"first_order": False, "learn_inner_lr": True}),
+    ]:
+        checks.run(
+            f"{label}: vmap = loop on {args.device} (float64)", lambda maml=maml: vmap_equals_loop(device, **maml)
+        )
     checks.run("MAML 5-way 1-shot meta-batch 32 throughput", lambda: throughput(args.device))
     print(f"gpu_check: {checks.passed} passed, {checks.failed} failed")
     raise SystemExit(1 if checks.failed else 0)

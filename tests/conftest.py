@@ -41,7 +41,7 @@ def drawing(character_seed: int, drawer: int) -> Image.Image:
     for _ in range(4):
         y, x = (torch.randint(15, 75, (2,), generator=g) + shift).tolist()
         h, w = torch.randint(6, 30, (2,), generator=g).tolist()
-        canvas[y:y + h, x:x + w] = 0
+        canvas[y : y + h, x : x + w] = 0
     return Image.fromarray(canvas.mul(255).numpy()).convert("1")
 
 
@@ -57,8 +57,9 @@ def write_tiny_omniglot(root: Path, as_zip: bool = True) -> Path:
             for d in range(1, 21):
                 buffer = io.BytesIO()
                 drawing(seed, d).save(buffer, format="PNG")
-                files.setdefault(archive, {})[f"{archive}/{alphabet}/character{c:02d}/{global_id:04d}_{d:02d}.png"] = \
+                files.setdefault(archive, {})[f"{archive}/{alphabet}/character{c:02d}/{global_id:04d}_{d:02d}.png"] = (
                     buffer.getvalue()
+                )
     for archive, members in files.items():
         if as_zip:
             with zipfile.ZipFile(base / f"{archive}.zip", "w") as z:

@@ -62,8 +62,11 @@ def tiny(num_classes=WAYS, seed=0, dtype=torch.float64, hidden=4):
 
 def episodes(tasks=3, shots=2, queries=2, ways=WAYS, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    split = ClassSplit(torch.randint(0, 256, (6 * 8, 1, 28, 28), generator=g, dtype=torch.uint8),
-                       torch.arange(6).repeat_interleave(8), "random")
+    split = ClassSplit(
+        torch.randint(0, 256, (6 * 8, 1, 28, 28), generator=g, dtype=torch.uint8),
+        torch.arange(6).repeat_interleave(8),
+        "random",
+    )
     return EpisodeSampler(split, ways, shots, queries, "cpu", seed=seed, dtype=dtype).sample(tasks)
 
 
@@ -84,6 +87,7 @@ def mean_over_tasks(per_task):
 
 
 # --- Reptile ------------------------------------------------------------------
+
 
 def naive_reptile(model, batch, seed, lr, steps, batch_size, optimizer, eps):
     """theta + eps * (mean_i phi_i - theta), phi_i from torch.optim on a copy of the model per task.
@@ -116,12 +120,31 @@ def naive_reptile(model, batch, seed, lr, steps, batch_size, optimizer, eps):
     return {n: theta[n] + eps * (phi[n] - theta[n]) for n in theta}
 
 
-def reptile(model, optimizer="sgd", vectorize=False, outer_lr=0.7, outer_lr_final=0.0, total_steps=10,
-            inner_lr=0.05, inner_steps=3, inner_batch=4):
-    return Reptile(model, inner_lr=inner_lr, inner_steps=inner_steps, inner_batch=inner_batch,
-                   inner_optimizer=optimizer, inner_steps_eval=4, inner_batch_eval=4, outer_lr=outer_lr,
-                   outer_lr_final=outer_lr_final, anneal_steps=None, train_steps=total_steps,
-                   vectorize=vectorize)
+def reptile(
+    model,
+    optimizer="sgd",
+    vectorize=False,
+    outer_lr=0.7,
+    outer_lr_final=0.0,
+    total_steps=10,
+    inner_lr=0.05,
+    inner_steps=3,
+    inner_batch=4,
+):
+    return Reptile(
+        model,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        inner_batch=inner_batch,
+        inner_optimizer=optimizer,
+        inner_steps_eval=4,
+        inner_batch_eval=4,
+        outer_lr=outer_lr,
+        outer_lr_final=outer_lr_final,
+        anneal_steps=None,
+        train_steps=total_steps,
+        vectorize=vectorize,
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -182,9 +205,20 @@ def test_reptile_schedule_is_the_one_the_run_started_with():
 
 def test_reptile_anneal_steps_given_on_resume_replaces_the_saved_schedule(caplog):
     model = tiny()
-    algo = Reptile(model, inner_lr=0.05, inner_steps=1, inner_batch=4, inner_optimizer="sgd", inner_steps_eval=1,
-                   inner_batch_eval=4, outer_lr=1.0, outer_lr_final=0.0, anneal_steps=8, train_steps=8,
-                   vectorize=False)
+    algo = Reptile(
+        model,
+        inner_lr=0.05,
+        inner_steps=1,
+        inner_batch=4,
+        inner_optimizer="sgd",
+        inner_steps_eval=1,
+        inner_batch_eval=4,
+        outer_lr=1.0,
+        outer_lr_final=0.0,
+        anneal_steps=8,
+        train_steps=8,
+        vectorize=False,
+    )
     with caplog.at_level("WARNING"):
         algo.load_state_dict({"model": model.state_dict(), "step": 2, "anneal_steps": 4})
     assert algo.anneal_steps == 8 and algo.outer_step_size() == pytest.approx(0.75)
@@ -236,6 +270,7 @@ def test_reptile_predict_fine_tunes_like_the_naive_loop_without_touching_the_rng
 
 # --- Meta-SGD -----------------------------------------------------------------
 
+
 def naive_metasgd_gradients(model, rates, batch, steps):
     """Per task phi = theta - alpha * grad L_support(theta) (unrolled, create_graph); d L_query / d(theta, alpha)."""
     names = [n for n, _ in model.named_parameters()]
@@ -255,8 +290,17 @@ def naive_metasgd_gradients(model, rates, batch, steps):
 
 
 def metasgd(model, vectorize=False, steps=1, outer_lr=1e-2):
-    return MAML(model, inner_lr=123.0, inner_steps=steps, inner_steps_eval=steps, outer_lr=outer_lr,
-                first_order=False, vectorize=vectorize, learn_inner_lr=True, inner_lr_init=(0.05, 0.3))
+    return MAML(
+        model,
+        inner_lr=123.0,
+        inner_steps=steps,
+        inner_steps_eval=steps,
+        outer_lr=outer_lr,
+        first_order=False,
+        vectorize=vectorize,
+        learn_inner_lr=True,
+        inner_lr_init=(0.05, 0.3),
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -267,8 +311,7 @@ def test_metasgd_rate_gradients_match_naive_autograd(vectorize, steps):
     model, batch = tiny(), episodes()
     algo = metasgd(model, vectorize, steps)
     assert set(algo.rates) == {n for n, _ in model.named_parameters()}
-    assert all(low >= 0.05 and high <= 0.3 for low, high in
-               ((r.min(), r.max()) for r in algo.rates.values()))
+    assert all(low >= 0.05 and high <= 0.3 for low, high in ((r.min(), r.max()) for r in algo.rates.values()))
     got = algo.meta_gradients(batch)
     expected = naive_metasgd_gradients(model, algo.rates, batch, steps)
     assert_dicts_close(got, expected, 1e-10)
@@ -331,12 +374,13 @@ def test_metasgd_rates_round_trip_through_state_dict():
 
 # --- ANIL ---------------------------------------------------------------------
 
+
 def naive_anil_gradients(model, batch, inner_lr, steps, first_order):
     """Per task: body features of support and query, only the head (W, b) adapted by unrolled SGD;
     gradient of the query loss w.r.t. all initial weights, mean over tasks."""
     names = [n for n, _ in model.named_parameters()]
     start = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    body = {n[len("features."):]: p for n, p in start.items() if n.startswith("features.")}
+    body = {n[len("features.") :]: p for n, p in start.items() if n.startswith("features.")}
     per_task = []
     for sx, sy, qx, qy in zip(*batch):
         support_features = functional_call(model.features, body, (sx,))
@@ -348,17 +392,27 @@ def naive_anil_gradients(model, batch, inner_lr, steps, first_order):
         if first_order:
             w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
         query_loss = F.cross_entropy(F.linear(functional_call(model.features, body, (qx,)), w, b), qy)
-        wrt = [start[n] for n in names if n.startswith("features.")] + ([w, b] if first_order else
-                                                                         [start["head.weight"], start["head.bias"]])
+        wrt = [start[n] for n in names if n.startswith("features.")] + (
+            [w, b] if first_order else [start["head.weight"], start["head.bias"]]
+        )
         grads = torch.autograd.grad(query_loss, wrt)
-        per_task.append(dict(zip([n for n in names if n.startswith("features.")] + ["head.weight", "head.bias"],
-                                 grads)))
+        per_task.append(
+            dict(zip([n for n in names if n.startswith("features.")] + ["head.weight", "head.bias"], grads))
+        )
     return mean_over_tasks(per_task)
 
 
 def anil(model, first_order=False, vectorize=False, steps=2):
-    return MAML(model, inner_lr=0.5, inner_steps=steps, inner_steps_eval=steps, outer_lr=1e-3,
-                first_order=first_order, vectorize=vectorize, head_only=True)
+    return MAML(
+        model,
+        inner_lr=0.5,
+        inner_steps=steps,
+        inner_steps_eval=steps,
+        outer_lr=1e-3,
+        first_order=first_order,
+        vectorize=vectorize,
+        head_only=True,
+    )
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
@@ -388,8 +442,16 @@ def test_first_order_anil_body_gradient_is_the_outer_loss_gradient(vectorize):
 def test_anil_predict_adapts_only_the_head():
     """predict keeps the body's weights and takes inner_steps_eval SGD steps on the head alone."""
     model, batch = tiny(), episodes()
-    algo = MAML(model, inner_lr=0.5, inner_steps=1, inner_steps_eval=3, outer_lr=1e-3, first_order=False,
-                vectorize=False, head_only=True)
+    algo = MAML(
+        model,
+        inner_lr=0.5,
+        inner_steps=1,
+        inner_steps_eval=3,
+        outer_lr=1e-3,
+        first_order=False,
+        vectorize=False,
+        head_only=True,
+    )
     expected = []
     with torch.no_grad():
         for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query):
@@ -406,6 +468,7 @@ def test_anil_predict_adapts_only_the_head():
 
 
 # --- ProtoNet -----------------------------------------------------------------
+
 
 def naive_prototype_logits(support, labels, query, ways):
     """-||q - mean of class c||^2 with plain Python loops."""
@@ -438,7 +501,7 @@ def naive_protonet_loss(model, batch, ways):
     total = 0
     for sx, sy, qx, qy in zip(*batch):
         embedded = model(torch.cat([sx, qx]))
-        logits = naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], ways)
+        logits = naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx) :], ways)
         total = total + F.cross_entropy(logits, qy)
     return total / len(batch.support)
 
@@ -455,7 +518,8 @@ def test_protonet_step_applies_the_naive_gradient(vectorize):
     algo = protonet(model, vectorize)
     captured = {}
     algo.optimizer.register_step_pre_hook(
-        lambda *_: captured.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+        lambda *_: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    )
     with torch.no_grad():
         expected_loss = naive_protonet_loss(reference, batch, 4).item()
     out = algo.meta_train_step(batch)
@@ -502,7 +566,7 @@ def test_protonet_loop_and_vmap_agree_and_predict_shape():
         expected = []
         for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query):
             embedded = model(torch.cat([sx, qx]))
-            expected.append(naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx):], WAYS))
+            expected.append(naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx) :], WAYS))
     assert torch.allclose(logits, torch.stack(expected), rtol=1e-9, atol=1e-10)
 
 
@@ -536,7 +600,7 @@ def test_fit_heads_separates_support_and_matches_per_task_sgd():
     g = torch.Generator().manual_seed(0)
     tasks, ways, shots, dim = 3, 4, 5, 6
     means = 3 * torch.randn(tasks, ways, 1, dim, generator=g, dtype=torch.float64)
-    support = (means + 0.3 * torch.randn(tasks, ways, shots, dim, generator=g, dtype=torch.float64))
+    support = means + 0.3 * torch.randn(tasks, ways, shots, dim, generator=g, dtype=torch.float64)
     support = support.reshape(tasks, ways * shots, dim)
     labels = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
     weight, bias = finetune(tiny()).fit_heads(support, labels, ways)
@@ -569,6 +633,7 @@ def test_finetune_predict_fits_heads_on_frozen_features():
 
 def naive_distill_loss(student_logits, teacher_logits, labels, temperature, weight):
     """(1 - w) CE + w T^2 KL(softmax(teacher/T) || softmax(student/T)), batch mean, from exp/log/sum."""
+
     def log_softmax(z):
         shifted = z - z.max(dim=-1, keepdim=True).values
         return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
@@ -577,12 +642,19 @@ def naive_distill_loss(student_logits, teacher_logits, labels, temperature, weig
     cross_entropy = -sum(log_p_student[i, labels[i]] for i in range(len(labels))) / len(labels)
     log_t, log_s = log_softmax(teacher_logits / temperature), log_softmax(student_logits / temperature)
     kl = sum((log_t[i].exp() * (log_t[i] - log_s[i])).sum() for i in range(len(labels))) / len(labels)
-    return (1 - weight) * cross_entropy + weight * temperature ** 2 * kl
+    return (1 - weight) * cross_entropy + weight * temperature**2 * kl
 
 
 def distill(student, teacher, temperature, weight):
-    algo = Distill(student, teacher="not-a-run-folder", temperature=temperature, distill_weight=weight,
-                   outer_lr=1e-3, batch_size=8, **HEAD)
+    algo = Distill(
+        student,
+        teacher="not-a-run-folder",
+        temperature=temperature,
+        distill_weight=weight,
+        outer_lr=1e-3,
+        batch_size=8,
+        **HEAD,
+    )
     algo._teacher = teacher.train().requires_grad_(False)
     return algo
 
@@ -593,12 +665,12 @@ def test_distill_loss_matches_hand_computation(temperature, weight):
     reports it, moves the student and leaves the teacher alone."""
     student, teacher = tiny(num_classes=5, seed=0), tiny(num_classes=5, seed=1)
     g = torch.Generator().manual_seed(0)
-    batch = LabelledImages(torch.rand(8, 1, 28, 28, generator=g, dtype=torch.float64),
-                           torch.randint(0, 5, (8,), generator=g))
+    batch = LabelledImages(
+        torch.rand(8, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
+    )
     algo = distill(student, teacher, temperature, weight)
     with torch.no_grad():
-        expected = naive_distill_loss(student(batch.images), teacher(batch.images), batch.labels,
-                                      temperature, weight)
+        expected = naive_distill_loss(student(batch.images), teacher(batch.images), batch.labels, temperature, weight)
         got = algo.loss(student(batch.images), batch)
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
     teacher_before, student_before = params_of(teacher), params_of(student)
@@ -611,18 +683,31 @@ def test_distill_loss_matches_hand_computation(temperature, weight):
 
 # --- the MAML family's task threads ---------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["maml", "fomaml", "anil", "metasgd"])
 def test_task_threads_give_the_one_thread_loop_results(variant):
     """Splitting the meta-batch over two worker threads (the CPU default) changes neither the
     meta-gradients nor a training step, for every member of the MAML family."""
     batch = episodes(tasks=5)
-    kwargs = {"maml": {}, "fomaml": {"first_order": True}, "anil": {"head_only": True},
-              "metasgd": {"learn_inner_lr": True}}[variant]
+    kwargs = {
+        "maml": {},
+        "fomaml": {"first_order": True},
+        "anil": {"head_only": True},
+        "metasgd": {"learn_inner_lr": True},
+    }[variant]
 
     def build(workers):
         torch.manual_seed(1)
-        return MAML(tiny(), inner_lr=0.5, inner_steps=2, inner_steps_eval=2, outer_lr=1e-2, vectorize=False,
-                    workers=workers, **{"first_order": False, **kwargs})
+        return MAML(
+            tiny(),
+            inner_lr=0.5,
+            inner_steps=2,
+            inner_steps_eval=2,
+            outer_lr=1e-2,
+            vectorize=False,
+            workers=workers,
+            **{"first_order": False, **kwargs},
+        )
 
     one, two = build(1), build(2)
     assert len(two._threads.replicas) == 2

@@ -14,8 +14,13 @@ TINY_ALGO = {
     "anil": ["algo.inner_steps_eval=2"],
     "metasgd": [],
     # The outer step anneals over 3 steps: the resume test's runs of 2 and 3 steps share one schedule.
-    "reptile": ["algo.inner_steps=2", "algo.inner_batch=5", "algo.inner_steps_eval=2", "algo.inner_batch_eval=3",
-                "algo.anneal_steps=3"],
+    "reptile": [
+        "algo.inner_steps=2",
+        "algo.inner_batch=5",
+        "algo.inner_steps_eval=2",
+        "algo.inner_batch_eval=3",
+        "algo.anneal_steps=3",
+    ],
     "protonet": ["algo.train_ways=5"],
     "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
 }
@@ -53,9 +58,13 @@ def train_resume_eval(cli, overrides: list, tmp_path: Path, name: str) -> Path:
     b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 3
     assert_same_state(a["algo"], b["algo"])
-    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("time", "tasks_per_s",  # noqa: E731
-                                                                                    "images_per_s")}
-                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    timings = ("time", "tasks_per_s", "images_per_s")
+
+    def strip(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
+
     assert strip(straight) == strip(split)
 
     out = cli("eval", f"run={split}", cwd=tmp_path).stdout
@@ -142,8 +151,11 @@ def test_ensemble_of_a_seed_sweep(cli, tiny_overrides, tmp_path):
     assert len(out) == 4
     for run, line in zip(runs, out):
         assert line.startswith(f"{run}: test accuracy")
-    assert re.fullmatch(r"ensemble of 3: test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, "
-                        r"mean class probabilities\)", out[3])
+    assert re.fullmatch(
+        r"ensemble of 3: test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, "
+        r"mean class probabilities\)",
+        out[3],
+    )
     alone = cli("eval", f"run={runs[1]}", cwd=tmp_path).stdout.strip()
     assert alone == out[1].split(": ", 1)[1]
     records = [json.loads((run / "evals.jsonl").read_text().splitlines()[0]) for run in runs]
@@ -174,6 +186,7 @@ def test_distill_inherits_the_finetune_settings():
     with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
         finetune = OmegaConf.to_container(compose("train", overrides=["algo=finetune"]))
         distill = OmegaConf.to_container(compose("train", overrides=["algo=distill", "algo.teacher=x"]))
-    assert {k: v for k, v in distill["algo"].items() if k in finetune["algo"] and k != "name"} == \
-        {k: v for k, v in finetune["algo"].items() if k != "name"}
+    assert {k: v for k, v in distill["algo"].items() if k in finetune["algo"] and k != "name"} == {
+        k: v for k, v in finetune["algo"].items() if k != "name"
+    }
     assert distill["train"] == finetune["train"]

@@ -70,8 +70,9 @@ def test_eval_uses_a_fixed_seed(cli, tiny_overrides, tmp_path):
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("replay", [[], ["data.replay.fraction=0.5", "data.replay.size=3"]],
-                         ids=["plain", "task_replay"])
+@pytest.mark.parametrize(
+    "replay", [[], ["data.replay.fraction=0.5", "data.replay.size=3"]], ids=["plain", "task_replay"]
+)
 def test_resumed_run_equals_a_straight_run(cli, tiny_overrides, tmp_path, replay):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*tiny_overrides, *replay, "train.steps=6", "train.val_every=3", "train.ckpt_every=1"]
@@ -92,9 +93,21 @@ def test_sigint_saves_last_and_the_run_resumes(tiny_overrides, tmp_path):
     exe = Path(sys.executable).parent / "metalearn"
     overrides = [o for o in tiny_overrides if not o.startswith("train.")]
     process = subprocess.Popen(
-        [str(exe), "train", *overrides, "train.steps=100000", "train.val_every=100000",
-         "train.ckpt_every=100000", "train.log_every=1", f"hydra.run.dir={run}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            str(exe),
+            "train",
+            *overrides,
+            "train.steps=100000",
+            "train.val_every=100000",
+            "train.ckpt_every=100000",
+            "train.log_every=1",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         if time.time() > deadline or process.poll() is not None:
@@ -107,8 +120,7 @@ def test_sigint_saves_last_and_the_run_resumes(tiny_overrides, tmp_path):
     assert "Traceback" not in stderr and f"resume with: metalearn train resume={run}" in stdout
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] >= 3
-    metalearn_cli("train", f"resume={run}", f"train.steps={saved['step'] + 2}", "train.val_every=1000",
-                  cwd=tmp_path)
+    metalearn_cli("train", f"resume={run}", f"train.steps={saved['step'] + 2}", "train.val_every=1000", cwd=tmp_path)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == saved["step"] + 2
     assert [r["step"] for r in metrics(run) if r["split"] == "train"] == list(range(1, saved["step"] + 3))
 

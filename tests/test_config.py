@@ -78,8 +78,9 @@ def test_experiment_preset_composes_with_the_settings_it_names(preset):
         # step size 0.4 and one step (5-way) or 0.1 and five steps (20-way), 32 or 16 tasks a batch
         assert cfg.algo.inner_loss.value == "sum_over_shots"
         assert cfg.algo.train_queries == shots and cfg.algo.inner_steps_eval == 10
-        assert (cfg.algo.inner_lr, cfg.algo.inner_steps, cfg.train.meta_batch_size) == \
-            ((0.4, 1, 32) if ways == 5 else (0.1, 5, 16))
+        assert (cfg.algo.inner_lr, cfg.algo.inner_steps, cfg.train.meta_batch_size) == (
+            (0.4, 1, 32) if ways == 5 else (0.1, 5, 16)
+        )
         assert cfg.algo.first_order == (algo == "fomaml") and cfg.train.steps == 60000
     if algo == "metasgd":
         assert cfg.algo.inner_loss.value == "mean" and cfg.algo.learn_inner_lr

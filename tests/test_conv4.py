@@ -12,8 +12,7 @@ def textbook_forward(model: Conv4, x: torch.Tensor) -> torch.Tensor:
     state = dict(model.named_parameters())
     for i in range(4):
         x = F.conv2d(x, state[f"features.{i}.0.weight"], state[f"features.{i}.0.bias"], padding=1)
-        x = F.batch_norm(x, None, None, state[f"features.{i}.1.weight"], state[f"features.{i}.1.bias"],
-                         training=True)
+        x = F.batch_norm(x, None, None, state[f"features.{i}.1.weight"], state[f"features.{i}.1.bias"], training=True)
         x = F.max_pool2d(F.relu(x), 2)
     return F.linear(x.flatten(1), state["head.weight"], state["head.bias"])
 
@@ -44,8 +43,9 @@ def test_channels_last_reaches_every_layer():
     model = Conv4(5, channels_last=True)
     seen = []
     for block in model.features[:4]:
-        block[1].register_forward_pre_hook(lambda module, args: seen.append(
-            args[0].is_contiguous(memory_format=torch.channels_last)))
+        block[1].register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
     model(torch.rand(4, 1, 28, 28))
     assert seen == [True] * 4
 
@@ -55,8 +55,9 @@ def test_in_nchw_switches_the_layout_for_the_block_only():
     torch.manual_seed(0)
     model = Conv4(5, channels_last=True).double()
     seen = []
-    model.features[1][1].register_forward_pre_hook(lambda module, args: seen.append(
-        args[0].is_contiguous(memory_format=torch.channels_last)))
+    model.features[1][1].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
     expected = model(x)
     with in_nchw(model):

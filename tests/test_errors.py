@@ -13,11 +13,22 @@ def trained_run(tiny_data, tmp_path_factory):
     """One finished tiny run that the eval error tests can damage copies of."""
     base = tmp_path_factory.mktemp("errors")
     run = base / "run"
-    metalearn_cli("train", f"data.root={tiny_data['root']}", f"data.split={tiny_data['split']}",
-                  f"data.cache_dir={tiny_data['cache']}", "data.queries=3", "model.hidden=8",
-                  "train.steps=1", "train.meta_batch_size=1", "train.val_episodes=2", "eval.episodes=10",
-                  "algo.inner_steps_eval=2", "device=cpu",
-                  f"hydra.run.dir={run}", cwd=base)
+    metalearn_cli(
+        "train",
+        f"data.root={tiny_data['root']}",
+        f"data.split={tiny_data['split']}",
+        f"data.cache_dir={tiny_data['cache']}",
+        "data.queries=3",
+        "model.hidden=8",
+        "train.steps=1",
+        "train.meta_batch_size=1",
+        "train.val_episodes=2",
+        "eval.episodes=10",
+        "algo.inner_steps_eval=2",
+        "device=cpu",
+        f"hydra.run.dir={run}",
+        cwd=base,
+    )
     return run
 
 
@@ -34,13 +45,24 @@ def test_more_ways_than_classes(tiny_overrides, tmp_path):
 
 
 def test_more_shots_and_queries_than_drawings(tiny_overrides, tmp_path):
-    fails("train", *tiny_overrides, "data.shots=5", "data.queries=16",
-          match="choose data.shots + data.queries <= 20", cwd=tmp_path)
+    fails(
+        "train",
+        *tiny_overrides,
+        "data.shots=5",
+        "data.queries=16",
+        match="choose data.shots + data.queries <= 20",
+        cwd=tmp_path,
+    )
 
 
 def test_missing_dataset(tmp_path):
-    fails("train", f"data.root={tmp_path}/nothing", f"data.cache_dir={tmp_path}/cache",
-          match="images_background.zip", cwd=tmp_path)
+    fails(
+        "train",
+        f"data.root={tmp_path}/nothing",
+        f"data.cache_dir={tmp_path}/cache",
+        match="images_background.zip",
+        cwd=tmp_path,
+    )
 
 
 def test_unknown_key_and_wrong_type(tiny_overrides, tmp_path):
@@ -95,8 +117,11 @@ def test_eval_needs_a_run_folder(trained_run, tmp_path):
 
 
 def test_a_finished_run_folder_is_not_overwritten(trained_run, tiny_overrides, tmp_path):
-    kept = [trained_run / "checkpoints" / "last.pt", trained_run / ".hydra" / "overrides.yaml",
-            trained_run / ".hydra" / "config.yaml"]
+    kept = [
+        trained_run / "checkpoints" / "last.pt",
+        trained_run / ".hydra" / "overrides.yaml",
+        trained_run / ".hydra" / "config.yaml",
+    ]
     before = [path.read_bytes() for path in kept]
     fails("train", *tiny_overrides, f"hydra.run.dir={trained_run}", match="resume=", cwd=tmp_path)
     assert [path.read_bytes() for path in kept] == before

@@ -106,9 +106,17 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing():
 
 # --- through the CLI ---------------------------------------------------------------
 
+
 def tiny_data_cfg(tiny_data):
-    return OmegaConf.create({"name": "omniglot", "root": str(tiny_data["root"]), "split": str(tiny_data["split"]),
-                             "cache_dir": str(tiny_data["cache"]), "download": False})
+    return OmegaConf.create(
+        {
+            "name": "omniglot",
+            "root": str(tiny_data["root"]),
+            "split": str(tiny_data["split"]),
+            "cache_dir": str(tiny_data["cache"]),
+            "download": False,
+        }
+    )
 
 
 def test_eval_scores_the_test_split(cli, tiny_overrides, tiny_data, tmp_path):
@@ -171,8 +179,9 @@ def test_best_checkpoint_is_the_best_validation(cli, tiny_overrides, tmp_path, m
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["step"] == 2 and best["best_val_accuracy"] == 0.9
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert last["step"] == 4 and not torch.equal(best["algo"]["model"]["head.weight"],
-                                                 last["algo"]["model"]["head.weight"])
+    assert last["step"] == 4 and not torch.equal(
+        best["algo"]["model"]["head.weight"], last["algo"]["model"]["head.weight"]
+    )
 
 
 def test_a_resumed_run_drops_the_lines_a_crash_left_behind(cli, tiny_overrides, tmp_path):
@@ -188,8 +197,10 @@ def test_a_resumed_run_drops_the_lines_a_crash_left_behind(cli, tiny_overrides, 
     cli("train", f"resume={crashed}", "train.steps=6", cwd=tmp_path)
 
     def lines(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "tasks_per_s")}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("time", "tasks_per_s")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert lines(crashed) == lines(straight)
     assert [r["step"] for r in lines(crashed) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]

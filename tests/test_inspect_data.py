@@ -8,8 +8,11 @@ from metalearn.data import EpisodeSampler, load_split
 
 
 def data_args(tiny_data):
-    return [f"data.root={tiny_data['root']}", f"data.split={tiny_data['split']}",
-            f"data.cache_dir={tiny_data['cache']}"]
+    return [
+        f"data.root={tiny_data['root']}",
+        f"data.split={tiny_data['split']}",
+        f"data.cache_dir={tiny_data['cache']}",
+    ]
 
 
 def test_info_lists_each_part_and_the_cache(cli, tiny_data, tmp_path):
@@ -24,21 +27,38 @@ def test_info_lists_each_part_and_the_cache(cli, tiny_data, tmp_path):
 
 def test_preview_draws_the_sampled_episode(cli, tiny_data, tmp_path):
     out_png = tmp_path / "episode.png"
-    out = cli("data", "preview", *data_args(tiny_data), "data.ways=3", "data.shots=2", "data.queries=4",
-              "part=val", "seed=3", f"out={out_png}", cwd=tmp_path).stdout
+    out = cli(
+        "data",
+        "preview",
+        *data_args(tiny_data),
+        "data.ways=3",
+        "data.shots=2",
+        "data.queries=4",
+        "part=val",
+        "seed=3",
+        f"out={out_png}",
+        cwd=tmp_path,
+    ).stdout
     assert str(out_png) in out
     image = Image.open(out_png).convert("L")
     picture = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width).float()
     cols, rows = 2 + 1 + 4, 3
     assert picture.shape == (2 * (rows * 30 + 2), 2 * (cols * 30 + 2))
     picture = picture[::2, ::2]  # undo the 2x zoom
-    cfg = OmegaConf.create({"name": "omniglot", "root": str(tiny_data["root"]), "split": str(tiny_data["split"]),
-                            "cache_dir": str(tiny_data["cache"]), "download": False})
+    cfg = OmegaConf.create(
+        {
+            "name": "omniglot",
+            "root": str(tiny_data["root"]),
+            "split": str(tiny_data["split"]),
+            "cache_dir": str(tiny_data["cache"]),
+            "download": False,
+        }
+    )
     episode = EpisodeSampler(load_split(cfg, "val"), 3, 2, 4, "cpu", seed=3).sample(1)
 
     def tile(row, col):
         top, left = 2 + row * 30, 2 + col * 30
-        return picture[top:top + 28, left:left + 28] / 255
+        return picture[top : top + 28, left : left + 28] / 255
 
     for row in range(rows):
         assert torch.allclose(tile(row, 0), episode.support[0, 2 * row, 0], atol=1 / 255)

@@ -19,8 +19,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs-before-redesign"
 
 def data_here(tiny_data) -> list:
     """The fixture runs name the tiny data where it was made; point them at this session's copy."""
-    return [f"data.root={tiny_data['root']}", f"data.split={tiny_data['split']}",
-            f"data.cache_dir={tiny_data['cache']}"]
+    return [
+        f"data.root={tiny_data['root']}",
+        f"data.split={tiny_data['split']}",
+        f"data.cache_dir={tiny_data['cache']}",
+    ]
 
 
 @pytest.mark.parametrize("algo", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
@@ -34,8 +37,11 @@ def test_a_run_from_before_evaluates_and_resumes_exactly(cli, tiny_data, tmp_pat
     cli("train", f"resume={run}", "train.steps=3", *data_here(tiny_data), cwd=tmp_path)
     saved = [o for o in (run / ".hydra" / "overrides.yaml").read_text().splitlines() if o.startswith("- ")]
     made_now = tmp_path / f"{algo}-now"
-    overrides = [o[2:] for o in saved if o[2:].split("=")[0] not in ("data.root", "data.split", "data.cache_dir",
-                                                                      "train.steps", "resume")]
+    overrides = [
+        o[2:]
+        for o in saved
+        if o[2:].split("=")[0] not in ("data.root", "data.split", "data.cache_dir", "train.steps", "resume")
+    ]
     cli("train", *overrides, *data_here(tiny_data), "train.steps=3", f"hydra.run.dir={made_now}", cwd=tmp_path)
     resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     straight = torch.load(made_now / "checkpoints" / "last.pt", weights_only=True)

@@ -18,8 +18,11 @@ WAYS = 3
 
 def episodes(tasks=3, shots=2, queries=2, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    split = ClassSplit(torch.randint(0, 256, (6 * 8, 1, 28, 28), generator=g, dtype=torch.uint8),
-                       torch.arange(6).repeat_interleave(8), "random")
+    split = ClassSplit(
+        torch.randint(0, 256, (6 * 8, 1, 28, 28), generator=g, dtype=torch.uint8),
+        torch.arange(6).repeat_interleave(8),
+        "random",
+    )
     return EpisodeSampler(split, WAYS, shots, queries, "cpu", seed=0, dtype=dtype).sample(tasks)
 
 
@@ -61,8 +64,16 @@ def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order, inner_
 def test_meta_gradients_match_naive_loop(first_order, vectorize, inner_loss):
     model = model64()
     batch = episodes()
-    algo = MAML(model, inner_lr=0.3, inner_steps=2, inner_steps_eval=2, outer_lr=1e-3,
-                first_order=first_order, vectorize=vectorize, sum_over_shots=inner_loss == "sum_over_shots")
+    algo = MAML(
+        model,
+        inner_lr=0.3,
+        inner_steps=2,
+        inner_steps_eval=2,
+        outer_lr=1e-3,
+        first_order=first_order,
+        vectorize=vectorize,
+        sum_over_shots=inner_loss == "sum_over_shots",
+    )
     got = algo.meta_gradients(batch)
     expected = naive_meta_gradient(model, batch, 0.3, 2, first_order, inner_loss)
     assert got.keys() == expected.keys()
@@ -79,8 +90,16 @@ def test_sum_over_shots_inner_step_by_hand(vectorize):
     """One inner step on Finn et al.'s loss: theta - alpha * d/dtheta [sum_i CE_i / shots], which is the
     mean loss's step taken ways times larger (3-way, 2 shots here)."""
     model, batch = model64(), episodes(tasks=2, shots=2)
-    algo = MAML(model, inner_lr=0.05, inner_steps=1, inner_steps_eval=1, outer_lr=1e-3, first_order=False,
-                vectorize=vectorize, sum_over_shots=True)
+    algo = MAML(
+        model,
+        inner_lr=0.05,
+        inner_steps=1,
+        inner_steps_eval=1,
+        outer_lr=1e-3,
+        first_order=False,
+        vectorize=vectorize,
+        sum_over_shots=True,
+    )
     got = algo.predict(batch)
     names = [n for n, _ in model.named_parameters()]
     for task, (sx, sy, qx, _) in enumerate(zip(*batch)):
@@ -90,8 +109,15 @@ def test_sum_over_shots_inner_step_by_hand(vectorize):
         grads = torch.autograd.grad(sum(terms) / 2, theta)
         adapted = dict(zip(names, [t - 0.05 * g for t, g in zip(theta, grads)]))
         assert torch.allclose(got[task], functional_call(model, adapted, (qx,)), rtol=1e-9, atol=1e-12)
-    mean_loss = MAML(model, inner_lr=0.05 * WAYS, inner_steps=1, inner_steps_eval=1, outer_lr=1e-3,
-                     first_order=False, vectorize=vectorize).predict(batch)
+    mean_loss = MAML(
+        model,
+        inner_lr=0.05 * WAYS,
+        inner_steps=1,
+        inner_steps_eval=1,
+        outer_lr=1e-3,
+        first_order=False,
+        vectorize=vectorize,
+    ).predict(batch)
     assert torch.allclose(got, mean_loss, rtol=1e-9, atol=1e-12)
 
 
@@ -118,8 +144,15 @@ def test_predict_adapts_with_inner_steps_eval():
     same = batch._replace(query=batch.support, query_labels=batch.support_labels)
     losses = []
     for steps in (1, 5):
-        algo = MAML(model, inner_lr=0.3, inner_steps=1, inner_steps_eval=steps, outer_lr=1e-3,
-                    first_order=False, vectorize=False)
+        algo = MAML(
+            model,
+            inner_lr=0.3,
+            inner_steps=1,
+            inner_steps_eval=steps,
+            outer_lr=1e-3,
+            first_order=False,
+            vectorize=False,
+        )
         logits = algo.predict(same)
         losses.append(F.cross_entropy(logits.flatten(0, 1), same.query_labels.flatten()).item())
     assert losses[1] < losses[0]
@@ -127,8 +160,9 @@ def test_predict_adapts_with_inner_steps_eval():
 
 def test_meta_train_step_updates_weights_and_reports_metrics():
     model = Conv4(WAYS, hidden=4)
-    algo = MAML(model, inner_lr=0.4, inner_steps=1, inner_steps_eval=1, outer_lr=1e-2, first_order=False,
-                vectorize=False)
+    algo = MAML(
+        model, inner_lr=0.4, inner_steps=1, inner_steps_eval=1, outer_lr=1e-2, first_order=False, vectorize=False
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = algo.meta_train_step(episodes(dtype=torch.float32))
     assert set(out) >= {"loss", "accuracy"} and 0 <= out["accuracy"] <= 1 and out["loss"] > 0

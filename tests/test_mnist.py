@@ -37,9 +37,16 @@ def write_tiny_mnist(root: Path, compress: bool = True) -> Path:
 
 
 def mnist_cfg(root, cache, train=(0, 1, 2, 3, 4), val=(5, 6, 7, 8, 9), test=(5, 6, 7, 8, 9)):
-    return OmegaConf.create({"name": "mnist", "root": str(root), "split": "digits", "cache_dir": str(cache),
-                             "download": False, "classes": {"train": list(train), "val": list(val),
-                                                            "test": list(test)}})
+    return OmegaConf.create(
+        {
+            "name": "mnist",
+            "root": str(root),
+            "split": "digits",
+            "cache_dir": str(cache),
+            "download": False,
+            "classes": {"train": list(train), "val": list(val), "test": list(test)},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +106,17 @@ def test_missing_and_corrupt_files_are_clear_errors(tiny_mnist, tmp_path):
 
 
 def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mnist, tmp_path):
-    mnist_args = ["data=mnist", f"data.root={tiny_mnist}", f"data.cache_dir={tmp_path}/cache", "data.queries=3",
-                  "model.hidden=8", "train.steps=2", "train.meta_batch_size=2", "train.val_episodes=4",
-                  "device=cpu"]
+    mnist_args = [
+        "data=mnist",
+        f"data.root={tiny_mnist}",
+        f"data.cache_dir={tmp_path}/cache",
+        "data.queries=3",
+        "model.hidden=8",
+        "train.steps=2",
+        "train.meta_batch_size=2",
+        "train.val_episodes=4",
+        "device=cpu",
+    ]
     run = tmp_path / "mnist_run"
     cli("train", "algo=fomaml", *mnist_args, f"hydra.run.dir={run}", cwd=tmp_path)
     out = cli("eval", f"run={run}", "eval.episodes=8", cwd=tmp_path).stdout
@@ -115,6 +130,7 @@ def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mni
     assert record["dataset"] == "mnist" and record["episodes"] == 10  # the run's own eval.episodes
     # the run's task shape is kept: its shots and queries, not the MNIST config's defaults
     assert (record["ways"], record["shots"], record["queries"]) == (5, 2, 3)
-    too_many = cli("eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", "data.ways=6",
-                   cwd=tmp_path, check=False)
+    too_many = cli(
+        "eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", "data.ways=6", cwd=tmp_path, check=False
+    )
     assert too_many.returncode != 0 and "choose data.ways <= 5" in too_many.stderr

@@ -13,8 +13,16 @@ from metalearn.errors import MetalearnError
 
 
 def data_cfg(root, split, cache, **extra):
-    return OmegaConf.create({"name": "omniglot", "root": str(root), "split": str(split),
-                             "cache_dir": str(cache), "download": False, **extra})
+    return OmegaConf.create(
+        {
+            "name": "omniglot",
+            "root": str(root),
+            "split": str(split),
+            "cache_dir": str(cache),
+            "download": False,
+            **extra,
+        }
+    )
 
 
 def listing(folder: Path):

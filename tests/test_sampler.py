@@ -43,8 +43,9 @@ def test_tasks_are_consistent_and_images_distinct(uneven):
     for t in range(50):
         # one dataset class per task label, the same in support and query
         mapping = {}
-        for cls, label in zip(torch.cat([s_cls[t], q_cls[t]]).tolist(),
-                              torch.cat([ep.support_labels[t], ep.query_labels[t]]).tolist()):
+        for cls, label in zip(
+            torch.cat([s_cls[t], q_cls[t]]).tolist(), torch.cat([ep.support_labels[t], ep.query_labels[t]]).tolist()
+        ):
             assert mapping.setdefault(label, cls) == cls
         assert len(set(mapping.values())) == 5  # distinct classes
         # no image appears twice in a task (support and query disjoint)
@@ -141,8 +142,18 @@ def test_replay_mixes_earlier_tasks_into_each_batch():
 
 
 def test_replay_is_deterministic_and_resumes_exactly():
-    make = lambda: EpisodeSampler(labelled_split(), 5, 1, 2, "cpu", seed=4, replay_fraction=0.5,  # noqa: E731
-                                  replay_size=5)
+    def make():
+        return EpisodeSampler(
+            labelled_split(),
+            5,
+            1,
+            2,
+            "cpu",
+            seed=4,
+            replay_fraction=0.5,
+            replay_size=5,
+        )
+
     a, b = make(), make()
     for _ in range(3):
         assert torch.equal(a.sample(4).support, b.sample(4).support)

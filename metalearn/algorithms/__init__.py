@@ -29,14 +29,25 @@ def _model(cfg: DictConfig, device: torch.device, fast: FastPaths, num_classes: 
 def _maml(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
     a = cfg.algo
     if a.train_ways not in (None, cfg.data.ways):
-        raise MetalearnError(f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
-                             f"{cfg.data.ways}-way tasks: leave algo.train_ways unset.")
+        raise MetalearnError(
+            f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
+            f"{cfg.data.ways}-way tasks: leave algo.train_ways unset."
+        )
     vectorize = resolve_vectorize(a.vectorize, device)
-    return MAML(_model(cfg, device, fast, cfg.data.ways), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                inner_steps_eval=a.inner_steps_eval, outer_lr=a.outer_lr, first_order=a.first_order,
-                vectorize=vectorize, head_only=AdaptedParams(a.adapt) is AdaptedParams.head,
-                learn_inner_lr=a.learn_inner_lr, inner_lr_init=tuple(a.inner_lr_init), workers=cpu_workers(device),
-                sum_over_shots=InnerLoss(a.inner_loss) is InnerLoss.sum_over_shots)
+    return MAML(
+        _model(cfg, device, fast, cfg.data.ways),
+        inner_lr=a.inner_lr,
+        inner_steps=a.inner_steps,
+        inner_steps_eval=a.inner_steps_eval,
+        outer_lr=a.outer_lr,
+        first_order=a.first_order,
+        vectorize=vectorize,
+        head_only=AdaptedParams(a.adapt) is AdaptedParams.head,
+        learn_inner_lr=a.learn_inner_lr,
+        inner_lr_init=tuple(a.inner_lr_init),
+        workers=cpu_workers(device),
+        sum_over_shots=InnerLoss(a.inner_loss) is InnerLoss.sum_over_shots,
+    )
 
 
 def _reptile(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
@@ -44,23 +55,44 @@ def _reptile(cfg: DictConfig, device: torch.device, train_classes: int, fast: Fa
     if a.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(f"algo=reptile fine-tunes a {cfg.data.ways}-way head: leave algo.train_ways unset.")
     vectorize = resolve_vectorize(a.vectorize, device)
-    return Reptile(_model(cfg, device, fast, cfg.data.ways), inner_lr=a.inner_lr,
-                   inner_steps=a.inner_steps, inner_batch=a.inner_batch,
-                   inner_optimizer=InnerOptimizer(a.inner_optimizer).value, inner_steps_eval=a.inner_steps_eval,
-                   inner_batch_eval=a.inner_batch_eval, outer_lr=a.outer_lr, outer_lr_final=a.outer_lr_final,
-                   anneal_steps=a.anneal_steps, train_steps=cfg.train.steps, vectorize=vectorize)
+    return Reptile(
+        _model(cfg, device, fast, cfg.data.ways),
+        inner_lr=a.inner_lr,
+        inner_steps=a.inner_steps,
+        inner_batch=a.inner_batch,
+        inner_optimizer=InnerOptimizer(a.inner_optimizer).value,
+        inner_steps_eval=a.inner_steps_eval,
+        inner_batch_eval=a.inner_batch_eval,
+        outer_lr=a.outer_lr,
+        outer_lr_final=a.outer_lr_final,
+        anneal_steps=a.anneal_steps,
+        train_steps=cfg.train.steps,
+        vectorize=vectorize,
+    )
 
 
 def _protonet(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
     a = cfg.algo
     vectorize = resolve_vectorize(a.vectorize, device)
-    return ProtoNet(_model(cfg, device, fast, 0), outer_lr=a.outer_lr, lr_decay=a.lr_decay,
-                    lr_decay_every=a.lr_decay_every, vectorize=vectorize)
+    return ProtoNet(
+        _model(cfg, device, fast, 0),
+        outer_lr=a.outer_lr,
+        lr_decay=a.lr_decay,
+        lr_decay_every=a.lr_decay_every,
+        vectorize=vectorize,
+    )
 
 
 def _finetune_args(a: DictConfig) -> dict:
-    return dict(outer_lr=a.outer_lr, batch_size=a.batch_size, head_lr=a.head_lr, head_momentum=a.head_momentum,
-                head_dampening=a.head_dampening, head_weight_decay=a.head_weight_decay, head_steps=a.head_steps)
+    return dict(
+        outer_lr=a.outer_lr,
+        batch_size=a.batch_size,
+        head_lr=a.head_lr,
+        head_momentum=a.head_momentum,
+        head_dampening=a.head_dampening,
+        head_weight_decay=a.head_weight_decay,
+        head_steps=a.head_steps,
+    )
 
 
 def _finetune(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
@@ -70,14 +102,30 @@ def _finetune(cfg: DictConfig, device: torch.device, train_classes: int, fast: F
 def _distill(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
     a = cfg.algo
     if OmegaConf.is_missing(a, "teacher"):
-        raise MetalearnError("algo=distill learns from a finished run: add algo.teacher=<folder of a finetune or "
-                             "distill run trained on the same data and split>.")
-    return Distill(_model(cfg, device, fast, train_classes), teacher=a.teacher, temperature=a.temperature,
-                   distill_weight=a.distill_weight, fast=fast, **_finetune_args(a))
+        raise MetalearnError(
+            "algo=distill learns from a finished run: add algo.teacher=<folder of a finetune or "
+            "distill run trained on the same data and split>."
+        )
+    return Distill(
+        _model(cfg, device, fast, train_classes),
+        teacher=a.teacher,
+        temperature=a.temperature,
+        distill_weight=a.distill_weight,
+        fast=fast,
+        **_finetune_args(a),
+    )
 
 
-ALGORITHMS = {"maml": _maml, "fomaml": _maml, "anil": _maml, "metasgd": _maml, "reptile": _reptile,
-              "protonet": _protonet, "finetune": _finetune, "distill": _distill}
+ALGORITHMS = {
+    "maml": _maml,
+    "fomaml": _maml,
+    "anil": _maml,
+    "metasgd": _maml,
+    "reptile": _reptile,
+    "protonet": _protonet,
+    "finetune": _finetune,
+    "distill": _distill,
+}
 
 
 def build_algorithm(cfg: DictConfig, device: torch.device, train_classes: int) -> Algorithm:

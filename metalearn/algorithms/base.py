@@ -31,8 +31,7 @@ class Algorithm(ABC):
         """Everything needed to resume: plain tensors and containers only."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict) -> None:
-        ...
+    def load_state_dict(self, state: dict) -> None: ...
 
     def check_resume(self, train_steps: int) -> None:
         """A resumed run is about to train to `train_steps`: refuse, with what to do, what cannot work."""

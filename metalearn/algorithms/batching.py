@@ -40,6 +40,7 @@ def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Call
     The first `shared_args` arguments (the meta-parameters) are the same for every task.
     """
     if vectorize:
+
         def vectorized(*args):
             in_dims = (None,) * shared_args + (0,) * (len(args) - shared_args)
             return torch.func.vmap(task_fn, in_dims=in_dims)(*args)

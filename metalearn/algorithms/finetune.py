@@ -33,8 +33,17 @@ class Finetune(Algorithm):
     needs_queries = False
     throughput_unit = "images"
 
-    def __init__(self, model: torch.nn.Module, outer_lr: float, batch_size: int, head_lr: float,
-                 head_momentum: float, head_dampening: float, head_weight_decay: float, head_steps: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        outer_lr: float,
+        batch_size: int,
+        head_lr: float,
+        head_momentum: float,
+        head_dampening: float,
+        head_weight_decay: float,
+        head_steps: int,
+    ):
         self.model = model
         self.batch_size = batch_size
         self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
@@ -61,8 +70,13 @@ class Finetune(Algorithm):
         """Linear heads (weight [T, ways, dim], bias [T, ways]) fitted on each task's support embeddings."""
         weight = support.new_zeros(support.shape[0], ways, support.shape[-1], requires_grad=True)
         bias = support.new_zeros(support.shape[0], ways, requires_grad=True)
-        optimizer = torch.optim.SGD([weight, bias], lr=self.head_lr, momentum=self.head_momentum,
-                                    dampening=self.head_dampening, weight_decay=self.head_weight_decay)
+        optimizer = torch.optim.SGD(
+            [weight, bias],
+            lr=self.head_lr,
+            momentum=self.head_momentum,
+            dampening=self.head_dampening,
+            weight_decay=self.head_weight_decay,
+        )
         with torch.enable_grad():
             for _ in range(self.head_steps):
                 logits = torch.baddbmm(bias[:, None, :], support, weight.transpose(1, 2))
@@ -77,8 +91,9 @@ class Finetune(Algorithm):
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
         shots = episodes.support.shape[1]
-        embedded = torch.stack([self.model.features(torch.cat([sx, qx]))
-                                for sx, qx in zip(episodes.support, episodes.query)])
+        embedded = torch.stack(
+            [self.model.features(torch.cat([sx, qx])) for sx, qx in zip(episodes.support, episodes.query)]
+        )
         support, query = embedded[:, :shots], embedded[:, shots:]
         weight, bias = self.fit_heads(support, episodes.support_labels, episodes.ways)
         return torch.baddbmm(bias[:, None, :], query, weight.transpose(1, 2))
@@ -99,20 +114,35 @@ def load_teacher(run_dir: str, num_classes: int, device: torch.device, fast: Fas
     ckpt = load_checkpoint(checkpoint_path(Path(run_dir), "last"))
     algo_name = ckpt["config"]["algo"]["name"]
     if algo_name not in ("finetune", "distill"):
-        raise MetalearnError(f"algo.teacher={run_dir} is a {algo_name} run; the teacher must be a finetune or "
-                             f"distill run (a classifier over the meta-train classes).")
+        raise MetalearnError(
+            f"algo.teacher={run_dir} is a {algo_name} run; the teacher must be a finetune or "
+            f"distill run (a classifier over the meta-train classes)."
+        )
     if ckpt.get("train_classes") != num_classes:
-        raise MetalearnError(f"algo.teacher={run_dir} was trained on {ckpt.get('train_classes')} classes, this run "
-                             f"has {num_classes}: distil on the dataset and split the teacher was trained on.")
-    teacher = build_model(OmegaConf.create(ckpt["config"]["model"]), num_classes, amp=fast.amp,
-                          layout=CHANNELS_LAST if fast.channels_last else NCHW).to(device)
+        raise MetalearnError(
+            f"algo.teacher={run_dir} was trained on {ckpt.get('train_classes')} classes, this run "
+            f"has {num_classes}: distil on the dataset and split the teacher was trained on."
+        )
+    teacher = build_model(
+        OmegaConf.create(ckpt["config"]["model"]),
+        num_classes,
+        amp=fast.amp,
+        layout=CHANNELS_LAST if fast.channels_last else NCHW,
+    ).to(device)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
     return teacher.train().requires_grad_(False)  # batch statistics, as when it was trained
 
 
 class Distill(Finetune):
-    def __init__(self, model: torch.nn.Module, teacher: str, temperature: float, distill_weight: float,
-                 fast: FastPaths = PLAIN, **finetune_args):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        teacher: str,
+        temperature: float,
+        distill_weight: float,
+        fast: FastPaths = PLAIN,
+        **finetune_args,
+    ):
         super().__init__(model, **finetune_args)
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
         self.fast = fast
@@ -123,6 +153,10 @@ class Distill(Finetune):
             self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device, self.fast)
         with torch.no_grad():
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
-        soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True,
-                        reduction="batchmean") * self.temperature ** 2
+        soft = (
+            F.kl_div(
+                F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True, reduction="batchmean"
+            )
+            * self.temperature**2
+        )
         return (1 - self.distill_weight) * F.cross_entropy(logits, batch.labels) + self.distill_weight * soft

@@ -36,15 +36,28 @@ RATE_PREFIX = "inner_lr."
 
 
 class MAML(Algorithm):
-    def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_steps_eval: int,
-                 outer_lr: float, first_order: bool, vectorize: bool, head_only: bool = False,
-                 learn_inner_lr: bool = False, inner_lr_init: Sequence[float] = (0.005, 0.1), workers: int = 1,
-                 sum_over_shots: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        inner_steps_eval: int,
+        outer_lr: float,
+        first_order: bool,
+        vectorize: bool,
+        head_only: bool = False,
+        learn_inner_lr: bool = False,
+        inner_lr_init: Sequence[float] = (0.005, 0.1),
+        workers: int = 1,
+        sum_over_shots: bool = False,
+    ):
         if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
             raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
         if learn_inner_lr and first_order:
-            raise MetalearnError("learned inner rates (Meta-SGD) get no gradient in first order: "
-                                 "set algo.first_order=false or algo.learn_inner_lr=false.")
+            raise MetalearnError(
+                "learned inner rates (Meta-SGD) get no gradient in first order: "
+                "set algo.first_order=false or algo.learn_inner_lr=false."
+            )
         self.model = model
         self.ways = model.head.out_features
         self.sum_over_shots = sum_over_shots
@@ -56,8 +69,11 @@ class MAML(Algorithm):
         self.rates: Params = {}
         if learn_inner_lr:
             low, high = inner_lr_init
-            self.rates = {name: torch.empty_like(p).uniform_(low, high).requires_grad_()
-                          for name, p in model.named_parameters() if name in self.adapted_names}
+            self.rates = {
+                name: torch.empty_like(p).uniform_(low, high).requires_grad_()
+                for name, p in model.named_parameters()
+                if name in self.adapted_names
+            }
         self.optimizer = torch.optim.Adam([*model.parameters(), *self.rates.values()], lr=outer_lr)
         self.first_order = first_order
         task_fn = self._first_order_task if first_order else self._second_order_task
@@ -91,6 +107,7 @@ class MAML(Algorithm):
             def inner_loss(adapted):
                 return self._inner_loss(functional_call(self.model.head, sub_params(adapted, "head"), (features,)), y)
         else:
+
             def inner_loss(adapted):
                 return self._inner_loss(functional_call(self.model, adapted, (x,)), y)
 
@@ -125,6 +142,7 @@ class MAML(Algorithm):
     @staticmethod
     def _vmapped(task_grads):
         """Mean meta-gradient, per-task losses and accuracies from the vmapped task function."""
+
         def meta_grads(meta: Meta, *episodes):
             grads, (losses, accuracies) = task_grads(meta, *episodes)
             mean = {group: {name: g.mean(dim=0) for name, g in part.items()} for group, part in grads.items()}
@@ -134,8 +152,9 @@ class MAML(Algorithm):
 
     def _looped(self, meta: Meta, sx, sy, qx, qy):
         """The same maths as the task functions, a task at a time with torch.autograd, on worker threads."""
-        leaves = {group: {name: t.detach().requires_grad_() for name, t in part.items()}
-                  for group, part in meta.items()}
+        leaves = {
+            group: {name: t.detach().requires_grad_() for name, t in part.items()} for group, part in meta.items()
+        }
 
         def run(model, part: slice):
             total = {group: {name: torch.zeros_like(t) for name, t in p.items()} for group, p in leaves.items()}
@@ -152,14 +171,17 @@ class MAML(Algorithm):
 
         tasks = len(sx)
         results = self._threads.map(run, tasks)
-        mean = {group: {name: sum(r[0][group][name] for r in results) / tasks for name in part}
-                for group, part in leaves.items()}
+        mean = {
+            group: {name: sum(r[0][group][name] for r in results) / tasks for name in part}
+            for group, part in leaves.items()
+        }
         losses = torch.stack([loss for r in results for loss in r[1]])
         accuracies = torch.stack([accuracy for r in results for accuracy in r[2]])
         return mean, (losses, accuracies)
 
-    def _adapt_autograd(self, model: torch.nn.Module, params: Params, rates: Params, sx, sy, steps: int,
-                        second_order: bool) -> Params:
+    def _adapt_autograd(
+        self, model: torch.nn.Module, params: Params, rates: Params, sx, sy, steps: int, second_order: bool
+    ) -> Params:
         """`steps` inner SGD steps in plain autograd; second order keeps the graph through them."""
         if self.head_only:
             features = functional_call(model.features, sub_params(params, "features"), (sx,))
@@ -167,6 +189,7 @@ class MAML(Algorithm):
             def inner_loss(adapted):
                 return self._inner_loss(functional_call(model.head, sub_params(adapted, "head"), (features,)), sy)
         else:
+
             def inner_loss(adapted):
                 return self._inner_loss(functional_call(model, adapted, (sx,)), sy)
 
@@ -186,8 +209,9 @@ class MAML(Algorithm):
             logits = []
             for support, labels, query in zip(sx[part], sy[part], qx[part]):
                 with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
-                    adapted = self._adapt_autograd(model, params, meta["rates"], support, labels,
-                                                   self.inner_steps_eval, second_order=False)
+                    adapted = self._adapt_autograd(
+                        model, params, meta["rates"], support, labels, self.inner_steps_eval, second_order=False
+                    )
                 with torch.no_grad():
                     logits.append(functional_call(model, adapted, (query,)))
             return logits
@@ -209,14 +233,14 @@ class MAML(Algorithm):
 
     # --- the algorithm interface -----------------------------------------------
     def _meta(self) -> Meta:
-        return {"params": detached_params(self.model),
-                "rates": {name: r.detach() for name, r in self.rates.items()}}
+        return {"params": detached_params(self.model), "rates": {name: r.detach() for name, r in self.rates.items()}}
 
     def _check_ways(self, episodes: Episodes) -> None:
         ways = self.model.head.out_features
         if episodes.support_labels.shape[1] % ways or int(episodes.support_labels.max()) >= ways:
-            raise MetalearnError(f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: "
-                                 f"use data.ways={ways}.")
+            raise MetalearnError(
+                f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: use data.ways={ways}."
+            )
 
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
         self.model.train()
@@ -246,15 +270,20 @@ class MAML(Algorithm):
         return self._predict(self._meta(), episodes.support, episodes.support_labels, episodes.query)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "inner_lr": {name: r.detach().clone() for name, r in self.rates.items()}}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "inner_lr": {name: r.detach().clone() for name, r in self.rates.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         saved_rates = state.get("inner_lr", {})
         if set(saved_rates) != set(self.rates):
-            raise MetalearnError("The checkpoint's learned inner rates (Meta-SGD) do not match this algorithm: "
-                                 "evaluate or resume with the run's own algo settings.")
+            raise MetalearnError(
+                "The checkpoint's learned inner rates (Meta-SGD) do not match this algorithm: "
+                "evaluate or resume with the run's own algo settings."
+            )
         with torch.no_grad():
             for name, r in self.rates.items():
                 r.copy_(saved_rates[name])

@@ -21,8 +21,9 @@ from metalearn.data import Episodes
 from metalearn.models import VMAP, set_layout
 
 
-def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-                     ways: int) -> torch.Tensor:
+def prototype_logits(
+    support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int
+) -> torch.Tensor:
     """Negative squared distances [queries, ways] from query embeddings to the class means of the support."""
     # [support, ways]; a comparison, as F.one_hot's range check reads the labels and fails under vmap.
     one_hot = (support_labels[:, None] == torch.arange(ways, device=support.device)).to(support.dtype)
@@ -31,8 +32,7 @@ def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query:
 
 
 class ProtoNet(Algorithm):
-    def __init__(self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int,
-                 vectorize: bool):
+    def __init__(self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int, vectorize: bool):
         self.model = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_decay_every, gamma=lr_decay)
@@ -42,7 +42,7 @@ class ProtoNet(Algorithm):
 
     def _logits(self, params: Params, sx, sy, qx, ways: int) -> torch.Tensor:
         embedded = functional_call(self.model, params, (torch.cat([sx, qx]),))
-        return prototype_logits(embedded[: sx.shape[0]], sy, embedded[sx.shape[0]:], ways)
+        return prototype_logits(embedded[: sx.shape[0]], sy, embedded[sx.shape[0] :], ways)
 
     def _task_loss(self, params: Params, sx, sy, qx, qy, ways: int):
         logits = self._logits(params, sx, sy, qx, ways)
@@ -69,8 +69,11 @@ class ProtoNet(Algorithm):
         return logits(detached_params(self.model), episodes.support, episodes.support_labels, episodes.query)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")

@@ -36,9 +36,21 @@ ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 class Reptile(Algorithm):
     needs_queries = False
 
-    def __init__(self, model: torch.nn.Module, inner_lr: float, inner_steps: int, inner_batch: int,
-                 inner_optimizer: str, inner_steps_eval: int, inner_batch_eval: int, outer_lr: float,
-                 outer_lr_final: float, anneal_steps: Optional[int], train_steps: int, vectorize: bool):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        inner_batch: int,
+        inner_optimizer: str,
+        inner_steps_eval: int,
+        inner_batch_eval: int,
+        outer_lr: float,
+        outer_lr_final: float,
+        anneal_steps: Optional[int],
+        train_steps: int,
+        vectorize: bool,
+    ):
         self.model = model
         self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
         self.adam = inner_optimizer == "adam"
@@ -50,7 +62,8 @@ class Reptile(Algorithm):
         if vectorize:
             set_layout(model, VMAP)
         self._adapt_tasks = over_tasks(
-            lambda params, x, y, order: self._adapt(params, x, y, order, self.inner_steps, self.inner_batch), vectorize)
+            lambda params, x, y, order: self._adapt(params, x, y, order, self.inner_steps, self.inner_batch), vectorize
+        )
         self._predict = over_tasks(self._adapted_logits, vectorize)
 
     # --- pure per-task functions -------------------------------------------------
@@ -59,22 +72,23 @@ class Reptile(Algorithm):
         loss = F.cross_entropy(logits, y)
         return loss, (loss.detach(), (logits.argmax(dim=-1) == y).float().mean())
 
-    def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, steps: int,
-               batch: int):
+    def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, steps: int, batch: int):
         """`steps` minibatch steps, taking consecutive slices of `order` (the task's image indices)."""
         loss_grad = grad(self._loss, has_aux=True)
         second_moment = {name: torch.zeros_like(p) for name, p in params.items()}
         losses, accuracies = [], []
         for step in range(steps):
-            picks = order[step * batch:(step + 1) * batch]
+            picks = order[step * batch : (step + 1) * batch]
             g, (loss, accuracy) = loss_grad(params, x[picks], y[picks])
             losses.append(loss)
             accuracies.append(accuracy)
             if self.adam:  # beta1 = 0: the step is the gradient over a running RMS
                 correction = 1 - ADAM_BETA2 ** (step + 1)
                 second_moment = {n: ADAM_BETA2 * v + (1 - ADAM_BETA2) * g[n] ** 2 for n, v in second_moment.items()}
-                params = {n: p - self.inner_lr * g[n] / ((second_moment[n] / correction).sqrt() + ADAM_EPS)
-                          for n, p in params.items()}
+                params = {
+                    n: p - self.inner_lr * g[n] / ((second_moment[n] / correction).sqrt() + ADAM_EPS)
+                    for n, p in params.items()
+                }
             else:
                 params = {n: p - self.inner_lr * g[n] for n, p in params.items()}
         return params, (torch.stack(losses).mean(), torch.stack(accuracies).mean())
@@ -90,7 +104,7 @@ class Reptile(Algorithm):
         paper's code reshuffles the task's images after each pass (minibatches span the seams)."""
         passes = -(-steps * batch // size)
         keys = torch.rand(num_tasks, passes, size, generator=generator)
-        return keys.argsort(dim=2).flatten(1)[:, :steps * batch].to(device)
+        return keys.argsort(dim=2).flatten(1)[:, : steps * batch].to(device)
 
     def outer_step_size(self) -> float:
         """eps for the next outer update: linear from outer_lr to outer_lr_final over anneal_steps."""
@@ -99,8 +113,9 @@ class Reptile(Algorithm):
 
     def adapted_weights(self, episodes: Episodes):
         """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
-        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps, self.inner_batch,
-                              episodes.support.device)
+        orders = self._orders(
+            episodes.num_tasks, episodes.support.shape[1], self.inner_steps, self.inner_batch, episodes.support.device
+        )
         return self._adapt_tasks(detached_params(self.model), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
@@ -117,10 +132,17 @@ class Reptile(Algorithm):
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
         # Fine-tuning minibatches in a fixed order, so evaluation does not touch the training RNG.
-        orders = self._orders(episodes.num_tasks, episodes.support.shape[1], self.inner_steps_eval,
-                              self.inner_batch_eval, episodes.support.device, torch.Generator().manual_seed(0))
-        return self._predict(detached_params(self.model), episodes.support, episodes.support_labels, episodes.query,
-                             orders)
+        orders = self._orders(
+            episodes.num_tasks,
+            episodes.support.shape[1],
+            self.inner_steps_eval,
+            self.inner_batch_eval,
+            episodes.support.device,
+            torch.Generator().manual_seed(0),
+        )
+        return self._predict(
+            detached_params(self.model), episodes.support, episodes.support_labels, episodes.query, orders
+        )
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "step": self.step, "anneal_steps": self.anneal_steps}
@@ -134,8 +156,14 @@ class Reptile(Algorithm):
             return
         before = self.outer_step_size()
         self.anneal_steps = self.requested_anneal_steps
-        log.warning("algo.anneal_steps=%d replaces the run's %d: at step %d the outer step size eps jumps from "
-                    "%.4g to %.4g", self.anneal_steps, saved, self.step, before, self.outer_step_size())
+        log.warning(
+            "algo.anneal_steps=%d replaces the run's %d: at step %d the outer step size eps jumps from %.4g to %.4g",
+            self.anneal_steps,
+            saved,
+            self.step,
+            before,
+            self.outer_step_size(),
+        )
 
     def check_resume(self, train_steps: int) -> None:
         if train_steps <= self.anneal_steps or self.outer_lr_final != 0:
@@ -147,4 +175,5 @@ class Reptile(Algorithm):
             f"change nothing. To train to train.steps={train_steps}, resume with algo.anneal_steps={train_steps} "
             f"(the schedule stretches: eps jumps from {self.outer_step_size():.4g} to {stretched:.4g} at step "
             f"{self.step}), or with algo.outer_lr_final=<eps above 0> to go on at that step size after step "
-            f"{self.anneal_steps}.")
+            f"{self.anneal_steps}."
+        )

@@ -47,7 +47,7 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
     """An IDX file (big-endian header: magic, sizes; then uint8 data) as a tensor."""
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     dims = 3 if kind == "images" else 1
-    header = [int.from_bytes(data[4 * i:4 * i + 4], "big") for i in range(1 + dims)]
+    header = [int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in range(1 + dims)]
     size = 1
     for n in header[1:]:
         size *= n
@@ -107,9 +107,7 @@ def check_classes(classes) -> None:
     for part in ("train", "val", "test"):
         digits = list(classes[part])
         if not digits or any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
-            raise MetalearnError(
-                f"data.classes.{part}={digits} must list distinct digits from 0 to 9 (at least one)."
-            )
+            raise MetalearnError(f"data.classes.{part}={digits} must list distinct digits from 0 to 9 (at least one).")
     for part in ("val", "test"):
         shared = sorted(set(classes.train) & set(classes[part]))
         if shared:

@@ -74,9 +74,18 @@ class EpisodeSampler:
     the buffer, oldest replaced first; the buffer is part of `state_dict`.
     """
 
-    def __init__(self, split: ClassSplit, ways: int, shots: int, queries: int,
-                 device: torch.device, seed: int, dtype: torch.dtype = torch.float32,
-                 replay_fraction: float = 0.0, replay_size: int = 0):
+    def __init__(
+        self,
+        split: ClassSplit,
+        ways: int,
+        shots: int,
+        queries: int,
+        device: torch.device,
+        seed: int,
+        dtype: torch.dtype = torch.float32,
+        replay_fraction: float = 0.0,
+        replay_size: int = 0,
+    ):
         check_feasible(split, ways, shots, queries)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):
             raise MetalearnError(
@@ -104,8 +113,9 @@ class EpisodeSampler:
         self.query_labels = k.repeat_interleave(queries)
         self.replay_fraction = replay_fraction
         # Image ids of earlier tasks [replay_size, ways, shots+queries]; `replay_filled` rows are valid.
-        self.replay_buffer = torch.zeros(replay_size if replay_fraction > 0 else 0, ways, shots + queries,
-                                         dtype=torch.long)
+        self.replay_buffer = torch.zeros(
+            replay_size if replay_fraction > 0 else 0, ways, shots + queries, dtype=torch.long
+        )
         self.replay_filled = 0
         self.replay_next = 0
 
@@ -169,10 +179,12 @@ class EpisodeSampler:
         )
 
     def state_dict(self) -> dict:
-        return {"next_episode": self.next_episode,
-                "generator": self.generator.get_state(),
-                "replay_buffer": self.replay_buffer[: self.replay_filled].clone(),
-                "replay_next": self.replay_next}
+        return {
+            "next_episode": self.next_episode,
+            "generator": self.generator.get_state(),
+            "replay_buffer": self.replay_buffer[: self.replay_filled].clone(),
+            "replay_next": self.replay_next,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "next_episode" not in state:

@@ -129,8 +129,9 @@ class Conv4(nn.Module):
     # training and at test time, as in the MAML paper: evaluation is transductive over each query set.
     batch_norm = "transductive"
 
-    def __init__(self, num_classes: int, hidden: int = 64, in_channels: int = 1, amp: bool = False,
-                 channels_last: bool = False):
+    def __init__(
+        self, num_classes: int, hidden: int = 64, in_channels: int = 1, amp: bool = False, channels_last: bool = False
+    ):
         super().__init__()
         self.features = Features(
             conv_block(in_channels, hidden),
