@@ -1,11 +1,11 @@
-"""Checkpoints: atomic save, safe load (weights_only), and the run-folder layout."""
+"""Checkpoints: where a run keeps them, atomic save, safe load (weights_only)."""
 
 from pathlib import Path
 
 import torch
 
-from metalearn.data.cache import atomic_torch_save
 from metalearn.errors import MetalearnError
+from metalearn.io import atomic_torch_save
 
 FORMAT = "metalearn-checkpoint"
 VERSION = 1
@@ -13,15 +13,6 @@ VERSION = 1
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A new run never lands in a folder that already holds one."""
-    if checkpoint_path(run_dir, "last").exists():
-        raise MetalearnError(
-            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
-            f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
-        )
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -10,14 +10,22 @@ override given now still applies.
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from metalearn.checkpoint import refuse_existing_run
 from metalearn.config import register_schemas
 from metalearn.errors import MetalearnError
+from metalearn.runs import (
+    find_override,
+    override_key,
+    quoted,
+    refuse_existing_run,
+    replay_run_overrides,
+    run_list,
+    saved_overrides,
+)
 
 CONFIG_PATH = "pkg://metalearn.conf"
 USAGE = """usage: metalearn <command> [overrides ...]
@@ -87,73 +95,21 @@ COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
 DATA_ACTIONS = ("info", "preview")
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def quoted(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _find(args: List[str], key: str):
-    values = [a.split("=", 1)[1] for a in args if "=" in a and _override_key(a) == key]
-    return values[-1] if values else None
-
-
-# Keys that mean the same for every dataset; the others (data.split,
-# data.classes) belong to one dataset and are not carried to another.
-PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.ways", "data.shots", "data.queries")
-
-
-def saved_overrides(run_dir: str) -> List[str]:
-    """The overrides a run was started with, or an error if the folder is not a run."""
-    folder = Path(run_dir)
-    saved_path = folder / ".hydra" / "overrides.yaml"
-    if not folder.is_dir():
-        raise MetalearnError(f"run folder {folder} does not exist.")
-    if not saved_path.is_file():
-        raise MetalearnError(
-            f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
-            f"(give the folder that `metalearn train` printed at the end)."
-        )
-    return list(OmegaConf.load(saved_path))
-
-
-def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
-    """The run's saved task overrides, then `args`; a key given in `args` wins.
-
-    Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
-    shape and data folders but not its dataset-specific keys.
-    """
-    saved = saved_overrides(run_dir)
-    if _find(args, "data") is not None:
-        saved = [o for o in saved if not _override_key(o).startswith("data.") or _override_key(o) in PORTABLE_DATA_KEYS]
-    merged: Dict[str, str] = {}
-    for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
-        key = _override_key(override)
-        if key not in drop and not key.startswith("hydra."):
-            merged.pop(key, None)
-            merged[key] = override
-    flags = [a for a in args if "=" not in a or a.startswith("-")]
-    hydra_args = [a for a in args if "=" in a and _override_key(a).startswith("hydra.")]
-    return flags + list(merged.values()) + hydra_args
-
-
 def _prepare(command: str, args: List[str]) -> List[str]:
     if command == "data":
         if not args or args[0] not in DATA_ACTIONS:
             raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")
         return [f"action={args[0]}", *args[1:]]
     if command == "train":
-        run = _find(args, "resume")
+        run = find_override(args, "resume")
         if run is None:
-            run_dir = _find(args, "hydra.run.dir")
+            run_dir = find_override(args, "hydra.run.dir")
             if run_dir is not None:  # checked before Hydra rewrites <run>/.hydra
                 refuse_existing_run(Path(run_dir.strip("'\"")))
             return args
         replayed = replay_run_overrides(run, args, drop=("resume",))
         return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}"]
-    run = _find(args, "run")
+    run = find_override(args, "run")
     if run is None:
         if any(
             a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c" for a in args
@@ -167,19 +123,8 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     # An ensemble: each member's config is composed in evaluate(); its log goes to the first.
     for member in members:
         saved_overrides(member)  # each folder must be a run
-    given = [a for a in args if _override_key(a) != "run"]
+    given = [a for a in args if override_key(a) != "run"]
     return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={quoted(members[0])}"]
-
-
-def run_list(value: str) -> List[str]:
-    """`run=<folder>` or `run=[<folder>,<folder>,...]` as a list of folders."""
-    value = value.strip()
-    if not (value.startswith("[") and value.endswith("]")):
-        return [value.strip("'\"")]
-    members = [m.strip().strip("'\"") for m in value[1:-1].split(",") if m.strip()]
-    if not members:
-        raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
-    return members
 
 
 def main(argv: List[str] = None) -> None:

@@ -27,6 +27,7 @@ from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.errors import MetalearnError
+from metalearn.runs import quoted, replay_run_overrides
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,6 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
     """One composed config per run of `run=[a,b,...]`: each run's saved overrides, then this command's."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
-
-    from metalearn.cli import quoted, replay_run_overrides
 
     given = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("run", "resume")]
     configs = [

@@ -18,13 +18,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn.algorithms import build_algorithm
-from metalearn.checkpoint import checkpoint_path, load_checkpoint, refuse_existing_run, save_checkpoint
+from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from metalearn.config import training_episode_shape, validate
 from metalearn.errors import MetalearnError
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import resolve_device
 from metalearn.evaluate import run_episodes
 from metalearn.metrics import MetricsLog
+from metalearn.runs import refuse_existing_run
 
 log = logging.getLogger(__name__)
 

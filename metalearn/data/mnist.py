@@ -13,9 +13,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from metalearn.data.cache import atomic_torch_save, cache_dir
+from metalearn.data.cache import cache_dir
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
+from metalearn.io import atomic_torch_save
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

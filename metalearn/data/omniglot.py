@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metalearn.data.cache import atomic_torch_save, cache_dir
+from metalearn.data.cache import cache_dir
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
+from metalearn.io import atomic_torch_save
 
 ARCHIVES = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28

@@ -1,0 +1,86 @@
+"""Run folders: refusing to overwrite one, and composing a run's config again from its saved overrides.
+
+`metalearn train resume=<run>` and `metalearn eval run=<run>` replay the
+overrides a run was started with (.hydra/overrides.yaml) before the new ones,
+so the run's own config is composed again and any override given now wins.
+"""
+
+from pathlib import Path
+from typing import Dict, List
+
+from omegaconf import OmegaConf
+
+from metalearn.checkpoint import checkpoint_path
+from metalearn.errors import MetalearnError
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never lands in a folder that already holds one."""
+    if checkpoint_path(run_dir, "last").exists():
+        raise MetalearnError(
+            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
+            f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
+        )
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_override(args: List[str], key: str):
+    values = [a.split("=", 1)[1] for a in args if "=" in a and override_key(a) == key]
+    return values[-1] if values else None
+
+
+# Keys that mean the same for every dataset; the others (data.split,
+# data.classes) belong to one dataset and are not carried to another.
+PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.ways", "data.shots", "data.queries")
+
+
+def saved_overrides(run_dir: str) -> List[str]:
+    """The overrides a run was started with, or an error if the folder is not a run."""
+    folder = Path(run_dir)
+    saved_path = folder / ".hydra" / "overrides.yaml"
+    if not folder.is_dir():
+        raise MetalearnError(f"run folder {folder} does not exist.")
+    if not saved_path.is_file():
+        raise MetalearnError(
+            f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
+            f"(give the folder that `metalearn train` printed at the end)."
+        )
+    return list(OmegaConf.load(saved_path))
+
+
+def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
+    """The run's saved task overrides, then `args`; a key given in `args` wins.
+
+    Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
+    shape and data folders but not its dataset-specific keys.
+    """
+    saved = saved_overrides(run_dir)
+    if find_override(args, "data") is not None:
+        saved = [o for o in saved if not override_key(o).startswith("data.") or override_key(o) in PORTABLE_DATA_KEYS]
+    merged: Dict[str, str] = {}
+    for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
+        key = override_key(override)
+        if key not in drop and not key.startswith("hydra."):
+            merged.pop(key, None)
+            merged[key] = override
+    flags = [a for a in args if "=" not in a or a.startswith("-")]
+    hydra_args = [a for a in args if "=" in a and override_key(a).startswith("hydra.")]
+    return flags + list(merged.values()) + hydra_args
+
+
+def run_list(value: str) -> List[str]:
+    """`run=<folder>` or `run=[<folder>,<folder>,...]` as a list of folders."""
+    value = value.strip()
+    if not (value.startswith("[") and value.endswith("]")):
+        return [value.strip("'\"")]
+    members = [m.strip().strip("'\"") for m in value[1:-1].split(",") if m.strip()]
+    if not members:
+        raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
+    return members
