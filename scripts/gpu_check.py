@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tiny generated Omniglot of the test suite
 
-from conftest import write_tiny_omniglot, write_tiny_split  # noqa: E402
+from helpers.data import write_tiny_omniglot, write_tiny_split  # noqa: E402
 
 from metalearn.algorithms.maml import MAML  # noqa: E402
 from metalearn.cli import main as metalearn  # noqa: E402

@@ -2,76 +2,11 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-# Per algorithm: overrides that make a run tiny (the tiny train split has 12 classes).
-TINY_ALGO = {
-    "maml": ["algo.inner_steps_eval=2"],
-    "fomaml": ["algo.inner_steps_eval=2"],
-    "anil": ["algo.inner_steps_eval=2"],
-    "metasgd": [],
-    # The outer step anneals over 3 steps: the resume test's runs of 2 and 3 steps share one schedule.
-    "reptile": [
-        "algo.inner_steps=2",
-        "algo.inner_batch=5",
-        "algo.inner_steps_eval=2",
-        "algo.inner_batch_eval=3",
-        "algo.anneal_steps=3",
-    ],
-    "protonet": ["algo.train_ways=5"],
-    "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
-}
-
-
-def overrides_for(algo: str, tiny_overrides: list) -> list:
-    plain = [o for o in tiny_overrides if not o.startswith("algo.")]
-    return [f"algo={algo}", *plain, *TINY_ALGO.get(algo, [])]
-
-
-def assert_same_state(a, b, where="algo"):
-    """Nested checkpoint contents are equal, tensors exactly."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def train_resume_eval(cli, overrides: list, tmp_path: Path, name: str) -> Path:
-    """A 3-step run equals a 2-step run resumed to 3 steps; the resumed run evaluates."""
-    straight, split = tmp_path / f"{name}-straight", tmp_path / f"{name}-split"
-    common = [*overrides, "train.val_every=2", "train.ckpt_every=1"]
-    cli("train", *common, "train.steps=3", f"hydra.run.dir={straight}", cwd=tmp_path)
-    cli("train", *common, "train.steps=2", f"hydra.run.dir={split}", cwd=tmp_path)
-    cli("train", f"resume={split}", "train.steps=3", cwd=tmp_path)
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 3
-    assert_same_state(a["algo"], b["algo"])
-
-    timings = ("time", "tasks_per_s", "images_per_s")
-
-    def strip(run):
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
-
-    assert strip(straight) == strip(split)
-
-    out = cli("eval", f"run={split}", cwd=tmp_path).stdout
-    assert re.search(r"test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, best\.pt\)", out)
-    (record,) = [json.loads(line) for line in (split / "evals.jsonl").read_text().splitlines()]
-    assert record["algo"] == overrides[0].split("=")[1] and 0 <= record["accuracy"] <= 1
-    return split
+from helpers.runs import overrides_for, train_resume_eval
 
 
 @pytest.mark.parametrize("algo", ["anil", "metasgd", "reptile", "protonet"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metalearn_cli
+from helpers.cli import metalearn_cli
 
 
 def metrics(run: Path, keys=("step", "split", "loss", "accuracy")):

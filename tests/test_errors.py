@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import metalearn_in_process as metalearn_cli
+from helpers.cli import metalearn_in_process as metalearn_cli
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from metalearn.data import ClassSplit, EpisodeSampler, omniglot
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
 
-from test_algorithms_cli import overrides_for
+from helpers.runs import overrides_for
 
 WAYS, QUERIES = 4, 3
 

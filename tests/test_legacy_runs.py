@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_algorithms_cli import assert_same_state
+from helpers.runs import assert_same_state
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs-before-redesign"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_SPLIT, write_tiny_omniglot, write_tiny_split
+from helpers.data import TINY_SPLIT, write_tiny_omniglot, write_tiny_split
 from metalearn.data import load_split, omniglot
 from metalearn.errors import MetalearnError
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO
+from helpers.data import REPO
 
 
 def test_wheel_ships_configs_and_split_lists(tmp_path):

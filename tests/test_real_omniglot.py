@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, metalearn_cli
+from helpers.cli import metalearn_cli
+from helpers.data import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(
     not (SHARED_DATA / "omniglot-py" / "images_background.zip").is_file(),

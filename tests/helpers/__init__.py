@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: generated data, CLI runners, tiny runs."""

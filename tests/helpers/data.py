@@ -1,0 +1,68 @@
+"""A tiny Omniglot generated on the fly, in the real archives' format, and where the real data lives."""
+
+import io
+import zipfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tiny Omniglot: alphabet -> (archive, number of characters).
+TINY_ALPHABETS = {"Alpha": ("images_background", 8), "Beta": ("images_evaluation", 4)}
+TINY_SPLIT = {
+    # train: 6 characters x 2 rotations = 12 classes; val: 2 x 4 = 8; test: 4 x 4 = 16
+    "train": [f"Alpha/character{c:02d}/rot{r:03d}" for c in range(1, 7) for r in (0, 90)],
+    "val": [f"Alpha/character{c:02d}/rot{r:03d}" for c in (7, 8) for r in (0, 90, 180, 270)],
+    "test": [f"Beta/character{c:02d}/rot{r:03d}" for c in range(1, 5) for r in (0, 90, 180, 270)],
+}
+
+
+def drawing(character_seed: int, drawer: int) -> Image.Image:
+    """A 105x105 1-bit image, ink black on white like Omniglot: the character's
+    strokes (fixed by its seed), slightly shifted per drawer."""
+    g = torch.Generator().manual_seed(character_seed)
+    canvas = torch.ones(105, 105, dtype=torch.uint8)
+    shift = torch.randint(-3, 4, (2,), generator=torch.Generator().manual_seed(1000 * character_seed + drawer))
+    for _ in range(4):
+        y, x = (torch.randint(15, 75, (2,), generator=g) + shift).tolist()
+        h, w = torch.randint(6, 30, (2,), generator=g).tolist()
+        canvas[y : y + h, x : x + w] = 0
+    return Image.fromarray(canvas.mul(255).numpy()).convert("1")
+
+
+def write_tiny_omniglot(root: Path, as_zip: bool = True) -> Path:
+    base = root / "omniglot-py"
+    base.mkdir(parents=True, exist_ok=True)
+    seed, global_id = 0, 0
+    files = {}
+    for alphabet, (archive, characters) in TINY_ALPHABETS.items():
+        for c in range(1, characters + 1):
+            seed += 1
+            global_id += 1
+            for d in range(1, 21):
+                buffer = io.BytesIO()
+                drawing(seed, d).save(buffer, format="PNG")
+                files.setdefault(archive, {})[f"{archive}/{alphabet}/character{c:02d}/{global_id:04d}_{d:02d}.png"] = (
+                    buffer.getvalue()
+                )
+    for archive, members in files.items():
+        if as_zip:
+            with zipfile.ZipFile(base / f"{archive}.zip", "w") as z:
+                for name, data in members.items():
+                    z.writestr(name, data)
+        else:
+            for name, data in members.items():
+                path = base / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+    return root
+
+
+def write_tiny_split(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, classes in TINY_SPLIT.items():
+        (folder / f"{part}.txt").write_text("\n".join(classes) + "\n")
+    return folder
