@@ -1,6 +1,7 @@
 """Fixtures: the tiny generated Omniglot, overrides for a tiny run, and the in-process CLI."""
 
 import pytest
+import torch
 
 from helpers.cli import metalearn_in_process
 from helpers.data import write_tiny_omniglot, write_tiny_split
@@ -39,3 +40,12 @@ def tiny_overrides(tiny_data) -> list:
 @pytest.fixture
 def cli():
     return metalearn_in_process
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors this small run fastest on one thread; a second one only contends for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
