@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tiny generated Omniglot of the test suite
 
 from helpers.data import write_tiny_omniglot, write_tiny_split  # noqa: E402
+from helpers.runs import TINY_ALGO  # noqa: E402
 
 from metalearn.algorithms.maml import MAML  # noqa: E402
 from metalearn.cli import main as metalearn  # noqa: E402
@@ -36,21 +37,7 @@ from metalearn.data import ClassSplit, EpisodeSampler  # noqa: E402
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
-ALGOS = {  # algorithm: overrides that keep its run tiny
-    "maml": ["algo.inner_steps_eval=2"],
-    "fomaml": ["algo.inner_steps_eval=2"],
-    "anil": ["algo.inner_steps_eval=2"],
-    "metasgd": [],
-    "reptile": [
-        "algo.inner_steps=2",
-        "algo.inner_batch=5",
-        "algo.inner_steps_eval=2",
-        "algo.inner_batch_eval=3",
-        "algo.anneal_steps=4",
-    ],
-    "protonet": ["algo.train_ways=5"],
-    "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
-}
+ALGOS = [*TINY_ALGO, "distill"]  # each with the test suite's overrides for a tiny run
 
 
 class Checks:
@@ -102,8 +89,8 @@ def train_and_eval(algo: str, base: Path, device: str) -> str:
     run = base / "runs" / algo
     teacher = [f"algo.teacher={base / 'runs' / 'finetune'}"] if algo == "distill" else []
     name = "finetune" if algo == "distill" else algo
-    cli("train", f"algo={algo}", *common, *ALGOS[name], *teacher, "train.steps=2", f"hydra.run.dir={run}")
-    cli("train", f"resume={run}", "train.steps=4")
+    cli("train", f"algo={algo}", *common, *TINY_ALGO[name], *teacher, "train.steps=2", f"hydra.run.dir={run}")
+    cli("train", f"resume={run}", "train.steps=3")
     line = cli("eval", f"run={run}").strip().splitlines()[-1]
     log = (run / "train.log").read_text()
     on = next((entry.split(" - ", 1)[1] for entry in log.splitlines() if " on cuda" in entry or " on cpu" in entry), "")
@@ -184,7 +171,7 @@ def main():
         base = Path(tmp)
         write_tiny_omniglot(base / "data" / "root")
         write_tiny_split(base / "data" / "split")
-        for algo in [*ALGOS, "distill"]:
+        for algo in ALGOS:
             checks.run(
                 f"{algo}: train, resume, eval with device={args.device}",
                 lambda algo=algo: train_and_eval(algo, base, args.device),
