@@ -43,9 +43,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from bench_step import task_split  # the same tasks as the strategy benchmark
 from metalearn.algorithms.batching import cpu_workers
@@ -54,14 +56,27 @@ from metalearn.algorithms.protonet import ProtoNet
 from metalearn.data import EpisodeSampler
 from metalearn.data.cache import cache_dir
 from metalearn.device import cpu_isa, cpu_model, native_bf16
-from metalearn.models import Conv4
+from metalearn.models import CHANNELS_LAST, NCHW, build_model
 
-# (algo, setting, ways, shots, queries, inner steps, inner lr, meta-batch, orders, in --quick)
+
+class Setting(NamedTuple):
+    algo: str
+    setting: str
+    ways: int
+    shots: int
+    queries: int
+    inner_steps: int
+    inner_lr: float
+    meta_batch: int
+    orders: Tuple[str, ...]
+    quick: bool  # measured by --quick too
+
+
 SETTINGS = [
-    ("maml", "5w1s", 5, 1, 15, 1, 0.4, 32, ("second", "first"), True),
-    ("maml", "5w1s", 5, 1, 15, 1, 0.4, 8, ("second", "first"), False),
-    ("maml", "20w1s", 20, 1, 5, 5, 0.1, 16, ("second",), False),
-    ("protonet", "60w1s", 60, 1, 5, 0, 0.0, 1, ("-",), True),
+    Setting("maml", "5w1s", 5, 1, 15, 1, 0.4, 32, ("second", "first"), True),
+    Setting("maml", "5w1s", 5, 1, 15, 1, 0.4, 8, ("second", "first"), False),
+    Setting("maml", "20w1s", 20, 1, 5, 5, 0.1, 16, ("second",), False),
+    Setting("protonet", "60w1s", 60, 1, 5, 0, 0.0, 1, ("-",), True),
 ]
 # name: (bf16 autocast, channels-last), i.e. device.amp and device.channels_last
 IMPLS = {"metalearn": (False, True), "metalearn-bf16": (True, True), "metalearn-nchw": (False, False)}
@@ -77,10 +92,12 @@ def learn2learn_available() -> bool:
     return True
 
 
-def make_model(ways: int, fast=(False, False), dtype=torch.float32) -> Conv4:
+def make_model(ways: int, fast=(False, False), dtype=torch.float32) -> torch.nn.Module:
+    """The runner's conv4 (models.build_model), in the layout and precision of one implementation."""
     torch.manual_seed(0)
     amp, channels_last = fast
-    return Conv4(ways, amp=amp, channels_last=channels_last).to(dtype)
+    model_cfg = OmegaConf.create({"name": "conv4", "hidden": 64})
+    return build_model(model_cfg, ways, amp=amp, layout=CHANNELS_LAST if channels_last else NCHW).to(dtype)
 
 
 # --- learn2learn, as its examples write it ------------------------------------
@@ -375,25 +392,19 @@ def main():
         f"{'tasks/s':>8} {'peak MiB':>9} {'vs l2l':>7}"
     )
     rows = []
-    for algo, name, ways, shots, queries, steps, inner_lr, meta_batch, orders, quick in SETTINGS:
-        if args.quick and not quick:
+    for setting in SETTINGS:
+        if args.quick and not setting.quick:
             continue
-        for order in orders:
+        algo, name, meta_batch = setting.algo, setting.setting, setting.meta_batch
+        for order in setting.orders:
             row = {
-                "algo": algo,
-                "setting": name,
-                "ways": ways,
-                "shots": shots,
-                "queries": queries,
-                "inner_steps": steps,
-                "inner_lr": inner_lr,
-                "meta_batch": meta_batch,
+                **{k: v for k, v in setting._asdict().items() if k not in ("orders", "quick")},
                 "order": order,
                 "data_root": args.data_root,
                 "iters": iters,
                 "impls": impls,
             }
-            if have_l2l and algo == "maml" and meta_batch == max(s[7] for s in SETTINGS if s[1] == name):
+            if have_l2l and algo == "maml" and meta_batch == max(s.meta_batch for s in SETTINGS if s.setting == name):
                 print(
                     f"{algo:<9} {name:<6} {order:<6} float64 meta-gradient, largest difference to learn2learn: "
                     f"{gradient_check(row):.1e} of the largest entry"

@@ -28,7 +28,7 @@ from metalearn.algorithms.batching import cpu_workers
 from metalearn.algorithms.maml import MAML
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
-from metalearn.models import Conv4
+from metalearn.models import CHANNELS_LAST, NCHW, build_model
 
 
 def peak_rss_mib() -> float:
@@ -67,7 +67,8 @@ def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
     device, fast = fast_paths(args)
     torch.manual_seed(0)
     sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, device, seed=0)
-    model = Conv4(args.ways, amp=fast.amp, channels_last=fast.channels_last).to(device)
+    layout = CHANNELS_LAST if fast.channels_last else NCHW
+    model = build_model(OmegaConf.create({"name": "conv4", "hidden": 64}), args.ways, fast.amp, layout).to(device)
     algo = MAML(
         model,
         inner_lr=0.4,
