@@ -111,11 +111,10 @@ class FastPaths:
     channels_last: bool
     why: str
 
-    def describe(self) -> str:
-        return (
-            f"{'bf16 autocast' if self.amp else 'float32'}, "
-            f"{'channels-last' if self.channels_last else 'NCHW'} ({self.why})"
-        )
+    def describe(self, layout: str = "") -> str:
+        """e.g. 'bf16 autocast, channels-last (why)'; `layout` names the model's actual one (vmap)."""
+        layout = layout.replace("_", "-") or ("channels-last" if self.channels_last else "nchw")
+        return f"{'bf16 autocast' if self.amp else 'float32'}, {layout.replace('nchw', 'NCHW')} layout ({self.why})"
 
 
 PLAIN = FastPaths(amp=False, channels_last=False, why="float32 in NCHW")

@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> Path:
         log.info("resuming %s from step %d", run_dir, step)
     else:
         log.info("run folder %s", run_dir)
-    log.info("on %s: %s", device, algo.fast_paths.describe())
+    log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
 
     def save(which: str) -> None:
         save_checkpoint(

@@ -23,6 +23,8 @@ def test_vmap_strategy_with_the_default_device_flags(cli, tiny_overrides, tmp_pa
     assert not any(o.startswith("device.channels_last") for o in overrides)
     run = train_resume_eval(cli, overrides, tmp_path, algo)
     assert "channels_last: true" in (run / ".hydra" / "config.yaml").read_text()
+    precision = "bf16 autocast" if amp == "true" else "float32"
+    assert f"on cpu: {precision}, vmap layout (device.amp={amp}" in (run / "train.log").read_text()
 
 
 def test_extending_a_reptile_run_keeps_its_schedule_or_says_how(cli, tiny_overrides, tmp_path):

@@ -144,5 +144,10 @@ class Conv4(nn.Module):
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         set_channels_last(self, channels_last)
 
+    @property
+    def layout(self) -> str:
+        """The layout the network computes in (see set_layout)."""
+        return self.features.layout
+
     def forward(self, x):
         return self.head(self.features(x))
