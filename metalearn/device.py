@@ -112,9 +112,10 @@ class FastPaths:
     why: str
 
     def describe(self, layout: str = "") -> str:
-        """e.g. 'bf16 autocast, channels-last (why)'; `layout` names the model's actual one (vmap)."""
-        layout = layout.replace("_", "-") or ("channels-last" if self.channels_last else "nchw")
-        return f"{'bf16 autocast' if self.amp else 'float32'}, {layout.replace('nchw', 'NCHW')} layout ({self.why})"
+        """e.g. 'bf16 autocast, channels-last layout (why)'; `layout` names the model's own (models.LAYOUTS)."""
+        layout = layout or ("channels_last" if self.channels_last else "nchw")
+        names = {"channels_last": "channels-last", "nchw": "NCHW"}
+        return f"{'bf16 autocast' if self.amp else 'float32'}, {names.get(layout, layout)} layout ({self.why})"
 
 
 PLAIN = FastPaths(amp=False, channels_last=False, why="float32 in NCHW")

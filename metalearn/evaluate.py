@@ -71,7 +71,8 @@ def score_episodes(
         done = 0
         while done < episodes:
             count = min(size, episodes - done)
-            batch = sampler.episodes(done, count)
+            ids = sampler.episode_ids(done, count)
+            batch = sampler.gather(ids)
             try:
                 all_logits = [algo.predict(batch).float() for algo in algos]
             except torch.cuda.OutOfMemoryError:
@@ -85,7 +86,7 @@ def score_episodes(
                 del batch
                 torch.cuda.empty_cache()
                 continue
-            digest.update(sampler.episode_ids(done, count).numpy().tobytes())
+            digest.update(ids.numpy().tobytes())
             if len(algos) > 1:
                 all_logits.append(torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log())
             labels = batch.query_labels

@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tiny generated Omniglot of the test suite
@@ -160,7 +161,7 @@ def main():
     import metalearn as package
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({cpu_isa()})"
-    fast = resolve_fast_paths(type("Defaults", (), {"amp": "auto", "channels_last": True})(), device)
+    fast = resolve_fast_paths(OmegaConf.create({"amp": "auto", "channels_last": True}), device)
     print(
         f"gpu_check on {name}; torch {torch.__version__}, CUDA {torch.version.cuda}; metalearn "
         f"{package.__version__}; defaults here: {fast.describe()}",

@@ -26,13 +26,18 @@ def _model(cfg: DictConfig, device: torch.device, fast: FastPaths, num_classes: 
     return build_model(cfg.model, num_classes, amp=fast.amp, layout=layout).to(device)
 
 
-def _maml(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
-    a = cfg.algo
-    if a.train_ways not in (None, cfg.data.ways):
+def _head_ways_only(cfg: DictConfig, verb: str) -> None:
+    """An algorithm with a data.ways-sized head trains on tasks of that many ways."""
+    if cfg.algo.train_ways not in (None, cfg.data.ways):
         raise MetalearnError(
-            f"algo={a.name} adapts a {cfg.data.ways}-way head, so it trains on "
+            f"algo={cfg.algo.name} {verb} a {cfg.data.ways}-way head, so it trains on "
             f"{cfg.data.ways}-way tasks: leave algo.train_ways unset."
         )
+
+
+def _maml(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
+    a = cfg.algo
+    _head_ways_only(cfg, "adapts")
     vectorize = resolve_vectorize(a.vectorize, device)
     return MAML(
         _model(cfg, device, fast, cfg.data.ways),
@@ -52,8 +57,7 @@ def _maml(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastP
 
 def _reptile(cfg: DictConfig, device: torch.device, train_classes: int, fast: FastPaths) -> Algorithm:
     a = cfg.algo
-    if a.train_ways not in (None, cfg.data.ways):
-        raise MetalearnError(f"algo=reptile fine-tunes a {cfg.data.ways}-way head: leave algo.train_ways unset.")
+    _head_ways_only(cfg, "fine-tunes")
     vectorize = resolve_vectorize(a.vectorize, device)
     return Reptile(
         _model(cfg, device, fast, cfg.data.ways),
