@@ -15,6 +15,7 @@ from typing import Callable, List
 import hydra
 from omegaconf import DictConfig
 
+from metalearn.aliases import migrate
 from metalearn.config import register_schemas
 from metalearn.errors import MetalearnError
 from metalearn.runs import (
@@ -42,7 +43,7 @@ commands:
   data    look at a dataset: `data info` (classes and images per split, cache)
           or `data preview` (a PNG of one sampled episode)
           e.g. metalearn data info data=mnist data.root=/data
-               metalearn data preview data=omniglot data.ways=5 data.shots=1 [part=val] [out=x.png]
+               metalearn data preview data=omniglot task.ways=5 task.shots=1 [part=val] [out=x.png]
 
 `metalearn <command> --help` lists the config groups and keys of a command;
 `metalearn <command> --cfg job [overrides]` prints the composed config.
@@ -96,6 +97,7 @@ DATA_ACTIONS = ("info", "preview")
 
 
 def _prepare(command: str, args: List[str]) -> List[str]:
+    args = migrate(args, note=True)
     if command == "data":
         if not args or args[0] not in DATA_ACTIONS:
             raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")

@@ -79,7 +79,7 @@ def score_episodes(
                 if count == 1:
                     raise MetalearnError(
                         "one evaluation episode does not fit in GPU memory: evaluate with fewer "
-                        "data.queries, or on the CPU (device=cpu)."
+                        "task.queries, or on the CPU (device=cpu)."
                     ) from None
                 size = count // 2
                 bar.write(f"out of GPU memory scoring {count} episodes at once: trying {size} (eval.batch_size)")
@@ -138,10 +138,10 @@ class Member:
     sha256: str
 
 
-def _load_member(cfg: DictConfig, device: torch.device) -> Member:
+def _load_member(cfg: DictConfig, device: torch.device, image_shape) -> Member:
     path = checkpoint_path(Path(cfg.run), _checkpoint_name(cfg))
     ckpt = load_checkpoint(path)
-    algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0))
+    algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
     algo.load_state_dict(ckpt["algo"])
     return Member(algo, ckpt["step"], file_sha256(path))
 
@@ -153,24 +153,24 @@ def hardware(device: torch.device) -> str:
     return f"{cpu_model()} ({cpu_isa()})"
 
 
-def _describe(result: EpisodeResult, data: DictConfig, what: str) -> str:
+def _describe(result: EpisodeResult, cfg: DictConfig, what: str) -> str:
     return (
         f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
-        f"({result.episodes} episodes, {data.name} {data.ways}-way {data.shots}-shot, {what})"
+        f"({result.episodes} episodes, {cfg.data.name} {cfg.task.ways}-way {cfg.task.shots}-shot, {what})"
     )
 
 
 def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torch.device) -> dict:
     """Everything that makes the result reproducible: the tasks, the model's settings, the checkpoint, the machine."""
-    data = cfg.data
+    data, task = cfg.data, cfg.task
     return {
         **asdict(result),
         "dataset": data.name,
-        "split": data.split,
+        "split": data.get("split"),
         "part": "test",
-        "ways": data.ways,
-        "shots": data.shots,
-        "queries": data.queries,
+        "ways": task.ways,
+        "shots": task.shots,
+        "queries": task.queries,
         "seed": cfg.eval.seed,
         "algo": cfg.algo.name,
         "inner_steps_eval": cfg.algo.get("inner_steps_eval"),
@@ -192,7 +192,7 @@ def _append(run_dir: Path, record: dict) -> None:
 
 
 # What every ensemble member must share: the tasks they are scored on.
-TASK_KEYS = ("name", "split", "ways", "shots", "queries")
+TASK_KEYS = ("data.name", "data.split", "task.ways", "task.shots", "task.queries")
 
 
 def member_configs(cfg: DictConfig) -> List[DictConfig]:
@@ -209,12 +209,13 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
     ]
     first = configs[0]
     for other in configs[1:]:
-        differing = [k for k in TASK_KEYS if other.data[k] != first.data[k]]
+        values = {k: (OmegaConf.select(other, k), OmegaConf.select(first, k)) for k in TASK_KEYS}
+        differing = [k for k, (mine, theirs) in values.items() if mine != theirs]
         if differing:
             raise MetalearnError(
                 f"ensemble members must be scored on the same tasks, but {other.run} and {first.run} differ in "
-                f"{', '.join(f'data.{k} ({other.data[k]} vs {first.data[k]})' for k in differing)}: "
-                f"override them on the command line (e.g. data.ways=5) or ensemble runs of one setting."
+                f"{', '.join(f'{k} ({values[k][0]} vs {values[k][1]})' for k in differing)}: "
+                f"override them on the command line (e.g. task.ways=5) or ensemble runs of one setting."
             )
     return configs
 
@@ -234,17 +235,18 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         validate(member)
     lead = configs[0]
     device = resolve_device(lead.device.name)
-    data = lead.data
-    sampler = EpisodeSampler(load_split(data, "test"), data.ways, data.shots, data.queries, device, seed=lead.eval.seed)
-    members = [_load_member(member, device) for member in configs]
+    task = lead.task
+    test_split = load_split(lead.data, "test")
+    sampler = EpisodeSampler(test_split, task.ways, task.shots, task.queries, device, seed=lead.eval.seed)
+    members = [_load_member(member, device, test_split.image_shape) for member in configs]
     results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating")
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
     for result, member in zip(results, configs):
-        line = _describe(result, data, f"{_checkpoint_name(member)}.pt")
+        line = _describe(result, lead, f"{_checkpoint_name(member)}.pt")
         print(line if len(configs) == 1 else f"{member.run}: {line}")
     if len(configs) > 1:
         ensemble = results[-1]
-        print(f"ensemble of {len(configs)}: {_describe(ensemble, data, 'mean class probabilities')}")
+        print(f"ensemble of {len(configs)}: {_describe(ensemble, lead, 'mean class probabilities')}")
         shared = {"members": [str(member.run) for member in configs], **asdict(ensemble)}
         for record in records:
             record["ensemble"] = shared

@@ -6,20 +6,23 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from metalearn.data import EpisodeSampler, load_split
+from metalearn.data import EpisodeSampler, build_dataset
 from metalearn.data.cache import cache_dir
 from metalearn.errors import MetalearnError
+from metalearn.settings import settings_of
 
 PARTS = ("train", "val", "test")
 
 
 def info(cfg: DictConfig) -> None:
-    data = cfg.data
-    print(f"dataset {data.name}, split {data.split}, root {Path(data.root).expanduser().resolve()}")
+    data = settings_of(cfg.data, "data")
+    split_name = f", split {data.split}" if hasattr(data, "split") else ""
+    print(f"dataset {data.name}{split_name}, root {Path(data.root).expanduser().resolve()}")
+    dataset = build_dataset(cfg.data)
     problems = {}
     for part in PARTS:
         try:
-            split = load_split(data, part)
+            split = dataset.load_split(part)
         except MetalearnError as err:
             problems.setdefault(str(err), []).append(part)
             continue
@@ -39,19 +42,21 @@ def info(cfg: DictConfig) -> None:
 
 def preview(cfg: DictConfig) -> Path:
     """One sampled episode as a PNG: a row per class, its support images, a gap, its queries."""
-    data, part = cfg.data, cfg.part.value
-    sampler = EpisodeSampler(load_split(data, part), data.ways, data.shots, data.queries, "cpu", seed=cfg.seed)
+    data, task, part = cfg.data, cfg.task, cfg.part.value
+    split = build_dataset(data).load_split(part)
+    sampler = EpisodeSampler(split, task.ways, task.shots, task.queries, "cpu", seed=cfg.seed)
     episode = sampler.sample(1)
-    support = episode.support[0].view(data.ways, data.shots, 1, 28, 28)
-    query = episode.query[0].view(data.ways, data.queries, 1, 28, 28)
-    gap = torch.full((data.ways, 1, 1, 28, 28), 0.5)
-    rows = torch.cat([support, gap, query], dim=1)  # [ways, shots + 1 + queries, 1, 28, 28]
+    image = split.image_shape  # (channels, height, width)
+    support = episode.support[0].view(task.ways, task.shots, *image)
+    query = episode.query[0].view(task.ways, task.queries, *image)
+    gap = torch.full((task.ways, 1, *image), 0.5)
+    rows = torch.cat([support, gap, query], dim=1)  # [ways, shots + 1 + queries, C, H, W]
     grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=2, pad_value=0.25)
-    out = Path(cfg.out or f"preview-{data.name}-{part}-{data.ways}w{data.shots}s.png")
+    out = Path(cfg.out or f"preview-{data.name}-{part}-{task.ways}w{task.shots}s.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0], out)
     print(
-        f"episode preview ({data.name} {part}, {data.ways}-way {data.shots}-shot {data.queries}-query; "
+        f"episode preview ({data.name} {part}, {task.ways}-way {task.shots}-shot {task.queries}-query; "
         f"one row per class: support | queries): {out}"
     )
     return out

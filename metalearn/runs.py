@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from omegaconf import OmegaConf
 
+from metalearn.aliases import migrate
 from metalearn.checkpoint import checkpoint_path
 from metalearn.errors import MetalearnError
 
@@ -38,11 +39,16 @@ def find_override(args: List[str], key: str):
 
 # Keys that mean the same for every dataset; the others (data.split,
 # data.classes) belong to one dataset and are not carried to another.
-PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.ways", "data.shots", "data.queries")
+PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.download")
+# Hydra's own overrides a run needs again to compose its config: where its plugin YAMLs are.
+REPLAYED_HYDRA_KEYS = ("hydra.searchpath",)
 
 
 def saved_overrides(run_dir: str) -> List[str]:
-    """The overrides a run was started with, or an error if the folder is not a run."""
+    """The overrides a run was started with, renamed keys migrated, or an error if the folder is not a run.
+
+    The config search path the run was started with (hydra.searchpath) comes along too.
+    """
     folder = Path(run_dir)
     saved_path = folder / ".hydra" / "overrides.yaml"
     if not folder.is_dir():
@@ -52,7 +58,12 @@ def saved_overrides(run_dir: str) -> List[str]:
             f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
             f"(give the folder that `metalearn train` printed at the end)."
         )
-    return list(OmegaConf.load(saved_path))
+    saved = list(OmegaConf.load(saved_path))
+    hydra_record = folder / ".hydra" / "hydra.yaml"
+    if hydra_record.is_file():
+        hydra_overrides = OmegaConf.load(hydra_record).hydra.overrides.get("hydra", [])
+        saved += [o for o in hydra_overrides if override_key(o) in REPLAYED_HYDRA_KEYS]
+    return migrate(saved)
 
 
 def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
@@ -67,11 +78,15 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
     merged: Dict[str, str] = {}
     for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
         key = override_key(override)
-        if key not in drop and not key.startswith("hydra."):
+        if key not in drop and (not key.startswith("hydra.") or key in REPLAYED_HYDRA_KEYS):
             merged.pop(key, None)
             merged[key] = override
     flags = [a for a in args if "=" not in a or a.startswith("-")]
-    hydra_args = [a for a in args if "=" in a and override_key(a).startswith("hydra.")]
+    hydra_args = [
+        a
+        for a in args
+        if "=" in a and override_key(a).startswith("hydra.") and override_key(a) not in REPLAYED_HYDRA_KEYS
+    ]
     return flags + list(merged.values()) + hydra_args
 
 

@@ -1,15 +1,17 @@
-"""The training loop: episodes -> algorithm step -> metrics, validation, checkpoints.
+"""The training loop: episodes -> algorithm step -> hooks (metrics, validation, checkpoints).
 
-It knows nothing about any one algorithm. Everything that decides the next
-step (weights, optimizer, sampler RNG, step, best score, the metric window)
-goes into last.pt, so a run stopped at any point and resumed ends exactly as
-one that ran straight through (on CPU).
+It knows nothing about any one algorithm, dataset or logger. Everything that
+decides the next step (weights, optimizer, sampler RNG, step, and each
+hook's state: best score, metric window) goes into last.pt, so a run stopped
+at any point and resumed ends exactly as one that ran straight through (on
+CPU).
 """
 
 import logging
 import signal
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -19,12 +21,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn.algorithms import build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from metalearn.config import training_episode_shape, validate
-from metalearn.errors import MetalearnError
-from metalearn.data import EpisodeSampler, load_split
+from metalearn.config import TaskConfig, validate
+from metalearn.data import EpisodeSampler, build_dataset
 from metalearn.device import resolve_device
-from metalearn.evaluate import run_episodes
-from metalearn.metrics import MetricsLog
+from metalearn.errors import MetalearnError
+from metalearn.hooks import Checkpoints, Hook, LoopState, TrainMetrics, Validation
+from metalearn.loggers import build_writers
 from metalearn.runs import refuse_existing_run
 
 log = logging.getLogger(__name__)
@@ -51,25 +53,21 @@ class GracefulStop:
             signal.signal(s, handler)
 
 
-def _new_window() -> dict:
-    return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "items": 0, "seconds": 0.0}
-
-
 def train(cfg: DictConfig) -> Path:
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    last_path = checkpoint_path(run_dir, "last")
     if cfg.resume is None:
         refuse_existing_run(run_dir)
     device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
-    data, loop = cfg.data, cfg.train
+    loop, task = cfg.train, cfg.task
 
-    train_split = load_split(data, "train")
-    algo = build_algorithm(cfg, device, train_split.num_classes)
-    ways, shots, queries = training_episode_shape(cfg)
+    dataset = build_dataset(cfg.data)
+    train_split = dataset.load_split("train")
+    algo = build_algorithm(cfg, device, train_split.num_classes, train_split.image_shape)
+    ways, shots, queries = TaskConfig.training_shape(task)
     if queries < 1 and algo.needs_queries:
-        raise MetalearnError(f"algo={cfg.algo.name} trains on query images: algo.train_queries must be at least 1.")
+        raise MetalearnError(f"algo={cfg.algo.name} trains on query images: task.train.queries must be at least 1.")
     train_sampler = EpisodeSampler(
         train_split,
         ways,
@@ -77,105 +75,87 @@ def train(cfg: DictConfig) -> Path:
         queries,
         device,
         seed=cfg.seed,
-        replay_fraction=data.replay.fraction,
-        replay_size=data.replay.size,
+        replay_fraction=loop.replay.fraction,
+        replay_size=loop.replay.size,
     )
     val_sampler = EpisodeSampler(
-        load_split(data, "val"), data.ways, data.shots, data.queries, device, seed=loop.val_seed
+        dataset.load_split("val"), task.ways, task.shots, task.queries, device, seed=loop.val_seed
     )
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    step, best_val, window = 0, -1.0, _new_window()
-
-    if cfg.resume is not None:
-        ckpt = load_checkpoint(last_path)
-        algo.load_state_dict(ckpt["algo"])
-        train_sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step, best_val, window = ckpt["step"], ckpt["best_val_accuracy"], ckpt["window"]
-        algo.check_resume(loop.steps)
-        metrics.truncate_after(step)
-        log.info("resuming %s from step %d", run_dir, step)
-    else:
-        log.info("run folder %s", run_dir)
-    log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
+    writers = build_writers(cfg.get("loggers"), run_dir)
+    state = LoopState(step=0, steps=loop.steps)
 
     def save(which: str) -> None:
         save_checkpoint(
             checkpoint_path(run_dir, which),
             {
-                "step": step,
+                "step": state.step,
                 "algo": algo.state_dict(),
                 "sampler": train_sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "best_val_accuracy": best_val,
-                "window": dict(window),
+                **{key: value for hook in hooks for key, value in hook.state_dict().items()},
                 "train_classes": train_split.num_classes,
                 "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             },
         )
 
     rate_key = f"{algo.throughput_unit}_per_s"
-    started = time.perf_counter()
-    if step >= loop.steps:
-        log.info("the run is already at step %d of train.steps=%d: nothing to train", step, loop.steps)
+    hooks: List[Hook] = [
+        TrainMetrics(writers, loop.log_every, rate_key),
+        Validation(
+            algo, val_sampler, writers, loop.val_every, loop.val_episodes, cfg.eval.batch_size, lambda: save("best")
+        ),
+        Checkpoints(loop.ckpt_every, lambda: save("last")),
+    ]
+
+    if cfg.resume is not None:
+        ckpt = load_checkpoint(checkpoint_path(run_dir, "last"))
+        algo.load_state_dict(ckpt["algo"])
+        train_sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state.step = ckpt["step"]
+        for hook in hooks:
+            hook.load_state_dict(ckpt)
+        algo.check_resume(loop.steps)
+        for writer in writers:
+            writer.resume(state.step)
+        log.info("resuming %s from step %d", run_dir, state.step)
+    else:
+        log.info("run folder %s", run_dir)
+    log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
+
+    if state.step >= loop.steps:
+        log.info("the run is already at step %d of train.steps=%d: nothing to train", state.step, loop.steps)
     with (
         GracefulStop() as stop,
         logging_redirect_tqdm(),
-        tqdm(total=loop.steps, initial=step, desc="meta-training", unit="step", dynamic_ncols=True) as bar,
+        tqdm(total=loop.steps, initial=state.step, desc="meta-training", unit="step", dynamic_ncols=True) as bar,
     ):
-        while step < loop.steps and stop.signum is None:
-            tick = time.perf_counter()
-            batch = algo.sample(train_sampler, loop.meta_batch_size)
-            result = algo.meta_train_step(batch)
-            seconds = time.perf_counter() - tick
-            items = len(batch[0])  # tasks, or images for a classifier's batch
-            step += 1
-            window["loss"] += result["loss"]
-            window["accuracy"] += result["accuracy"]
-            window["steps"] += 1
-            window["items"] += items
-            window["seconds"] += seconds
-            bar.update(1)
-            bar.set_postfix(
-                {
-                    "loss": f"{result['loss']:.3f}",
-                    "acc": f"{result['accuracy']:.3f}",
-                    rate_key: f"{items / seconds:.1f}",
-                },
-                refresh=False,
-            )
-
-            if step % loop.log_every == 0 or step == loop.steps:
-                metrics.write(
-                    step=step,
-                    split="train",
-                    loss=window["loss"] / window["steps"],
-                    accuracy=window["accuracy"] / window["steps"],
-                    **{rate_key: window["items"] / max(window["seconds"], 1e-9)},
-                    time=time.perf_counter() - started,
+        try:
+            while state.step < loop.steps and stop.signum is None:
+                tick = time.perf_counter()
+                batch = algo.sample(train_sampler, loop.meta_batch_size)
+                result = algo.meta_train_step(batch)
+                seconds = time.perf_counter() - tick
+                items = len(batch[0])  # tasks, or images for a classifier's batch
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(
+                    {
+                        "loss": f"{result['loss']:.3f}",
+                        "acc": f"{result['accuracy']:.3f}",
+                        rate_key: f"{items / seconds:.1f}",
+                    },
+                    refresh=False,
                 )
-                window = _new_window()
-            if step % loop.val_every == 0 or step == loop.steps:
-                val = run_episodes(algo, val_sampler, loop.val_episodes, cfg.eval.batch_size, "validating")
-                metrics.write(
-                    step=step,
-                    split="val",
-                    loss=val.loss,
-                    accuracy=val.accuracy,
-                    ci95=val.ci95,
-                    episodes=val.episodes,
-                    time=time.perf_counter() - started,
-                )
-                log.info("step %d: val accuracy %.2f%% ± %.2f", step, 100 * val.accuracy, 100 * val.ci95)
-                if val.accuracy > best_val:
-                    best_val = val.accuracy
-                    save("best")
-            if step % loop.ckpt_every == 0 or step == loop.steps:
-                save("last")
+                for hook in hooks:
+                    hook.after_step(state, result, items, seconds)
+        finally:
+            for writer in writers:
+                writer.close()
 
     if stop.signum is not None:
         save("last")
-        log.warning("stopped at step %d; checkpoints/last.pt saved", step)
+        log.warning("stopped at step %d; checkpoints/last.pt saved", state.step)
         print(f"run folder: {run_dir}\nresume with: metalearn train resume={run_dir}")
         raise SystemExit(128 + stop.signum)
     print(f"run folder: {run_dir}")

@@ -47,16 +47,14 @@ from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from bench_step import task_split  # the same tasks as the strategy benchmark
-from metalearn.algorithms.batching import cpu_workers
-from metalearn.algorithms.maml import MAML
-from metalearn.algorithms.protonet import ProtoNet
+from metalearn.algorithms import build_algorithm
+from metalearn.config import compose
 from metalearn.data import EpisodeSampler
 from metalearn.data.cache import cache_dir
 from metalearn.device import cpu_isa, cpu_model, native_bf16
-from metalearn.models import CHANNELS_LAST, NCHW, build_model
+from metalearn.models import build_model
 
 
 class Setting(NamedTuple):
@@ -81,6 +79,7 @@ SETTINGS = [
 # name: (bf16 autocast, channels-last), i.e. device.amp and device.channels_last
 IMPLS = {"metalearn": (False, True), "metalearn-bf16": (True, True), "metalearn-nchw": (False, False)}
 DEFAULT_IMPLS = ("metalearn", "metalearn-bf16")
+IMAGE_SHAPE = (1, 28, 28)  # Omniglot's
 FIGURES = ("step", "iteration")
 
 
@@ -92,12 +91,31 @@ def learn2learn_available() -> bool:
     return True
 
 
-def make_model(ways: int, fast=(False, False), dtype=torch.float32) -> torch.nn.Module:
-    """The runner's conv4 (models.build_model), in the layout and precision of one implementation."""
+def runner_config(row: dict, impl: str):
+    """The runner's config for one setting and implementation: its defaults, as `metalearn train` composes them."""
+    amp, channels_last = IMPLS.get(impl, (False, False))
+    overrides = [
+        f"algo={row['algo']}",
+        f"task.ways={row['ways']}",
+        f"task.shots={row['shots']}",
+        f"task.queries={row['queries']}",
+        "algo.vectorize=loop",
+        f"device.amp={str(amp).lower()}",
+        f"device.channels_last={str(channels_last).lower()}",
+    ]
+    if row["algo"] == "maml":
+        overrides += [
+            f"algo.inner_lr={row['inner_lr']}",
+            f"algo.inner_steps={row['inner_steps']}",
+            f"algo.first_order={str(row['order'] == 'first').lower()}",
+        ]
+    return compose(overrides)
+
+
+def make_model(ways: int, dtype=torch.float32) -> torch.nn.Module:
+    """The runner's conv4 (models.build_model) for Omniglot images, with the seed-0 initial weights."""
     torch.manual_seed(0)
-    amp, channels_last = fast
-    model_cfg = OmegaConf.create({"name": "conv4", "hidden": 64})
-    return build_model(model_cfg, ways, amp=amp, layout=CHANNELS_LAST if channels_last else NCHW).to(dtype)
+    return build_model(compose().model, ways, IMAGE_SHAPE).to(dtype)
 
 
 # --- learn2learn, as its examples write it ------------------------------------
@@ -231,25 +249,13 @@ def learn2learn_tasks(row: dict):
 
 
 def build(impl: str, row: dict, dtype=torch.float32):
-    first_order = row["order"] == "first"
-    if row["algo"] == "protonet":
-        if impl == "learn2learn":
-            return Learn2LearnProtoNet()
-        return ProtoNet(
-            make_model(0, IMPLS[impl], dtype), outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000, vectorize=False
-        )
+    """learn2learn's loop, or the runner's algorithm built as `metalearn train` builds it (seed-0 weights)."""
     if impl == "learn2learn":
-        return Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], first_order, dtype)
-    return MAML(
-        make_model(row["ways"], IMPLS[impl], dtype),
-        inner_lr=row["inner_lr"],
-        inner_steps=row["inner_steps"],
-        inner_steps_eval=1,
-        outer_lr=1e-3,
-        first_order=first_order,
-        vectorize=False,
-        workers=cpu_workers(torch.device("cpu")),
-    )
+        if row["algo"] == "protonet":
+            return Learn2LearnProtoNet()
+        return Learn2LearnMAML(row["ways"], row["inner_lr"], row["inner_steps"], row["order"] == "first", dtype)
+    torch.manual_seed(0)
+    return build_algorithm(runner_config(row, impl), torch.device("cpu"), 0, IMAGE_SHAPE, dtype)
 
 
 def sampler(row: dict, seed: int = 0) -> EpisodeSampler:

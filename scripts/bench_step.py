@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from metalearn.algorithms.batching import cpu_workers
-from metalearn.algorithms.maml import MAML
+from metalearn.algorithms import build_algorithm
+from metalearn.config import compose
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
-from metalearn.models import CHANNELS_LAST, NCHW, build_model
 
 
 def peak_rss_mib() -> float:
@@ -37,10 +35,7 @@ def peak_rss_mib() -> float:
 
 def task_split(data_root: str) -> ClassSplit:
     if (Path(data_root) / "omniglot-py").is_dir():
-        cfg = OmegaConf.create(
-            {"name": "omniglot", "root": data_root, "split": "vinyals", "cache_dir": None, "download": False}
-        )
-        return load_split(cfg, "train")
+        return load_split(compose([f"data.root={data_root}"]).data, "train")
     generator = torch.Generator().manual_seed(0)
     return ClassSplit(
         torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=generator, dtype=torch.uint8),
@@ -49,13 +44,27 @@ def task_split(data_root: str) -> ClassSplit:
     )
 
 
-def fast_paths(args):
-    """What the runner would pick on args.device, with --amp / --channels-last overriding it."""
-    device = torch.device(args.device)
-    fast = resolve_fast_paths(
-        OmegaConf.create({"amp": args.amp, "channels_last": args.channels_last == "true"}), device
+def runner_config(args, strategy: str, first_order: bool):
+    """The runner's MAML config (`metalearn train algo=maml ...`) for this measurement."""
+    return compose(
+        [
+            "algo=maml",
+            f"task.ways={args.ways}",
+            f"task.shots={args.shots}",
+            f"task.queries={args.queries}",
+            f"algo.inner_steps={args.inner_steps}",
+            f"algo.first_order={str(first_order).lower()}",
+            f"algo.vectorize={strategy}",
+            f"device.amp={args.amp}",
+            f"device.channels_last={args.channels_last}",
+        ]
     )
-    return device, fast
+
+
+def fast_paths(args):
+    """What the runner picks on args.device, with --amp / --channels-last as device.amp / device.channels_last."""
+    device = torch.device(args.device)
+    return device, resolve_fast_paths(runner_config(args, "loop", False).device, device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,21 +73,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
-    device, fast = fast_paths(args)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, device, seed=0)
-    layout = CHANNELS_LAST if fast.channels_last else NCHW
-    model = build_model(OmegaConf.create({"name": "conv4", "hidden": 64}), args.ways, fast.amp, layout).to(device)
-    algo = MAML(
-        model,
-        inner_lr=0.4,
-        inner_steps=args.inner_steps,
-        inner_steps_eval=1,
-        outer_lr=1e-3,
-        first_order=first_order,
-        vectorize=(strategy == "vmap"),
-        workers=cpu_workers(device),
-    )
+    algo = build_algorithm(runner_config(args, strategy, first_order), device, 0, split.image_shape)
     batches = [sampler.sample(args.meta_batch) for _ in range(args.warmup + args.iters)]
     times = []
     for i, batch in enumerate(batches):

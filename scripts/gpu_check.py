@@ -78,7 +78,7 @@ def train_and_eval(algo: str, base: Path, device: str) -> str:
         f"data.root={data / 'root'}",
         f"data.split={data / 'split'}",
         f"data.cache_dir={data / 'cache'}",
-        "data.queries=3",
+        "task.queries=3",
         "model.hidden=16",
         "train.meta_batch_size=4",
         "train.val_every=2",
@@ -180,7 +180,7 @@ def main():
     for label, maml in [
         ("MAML second order", {"first_order": False}),
         ("MAML first order", {"first_order": True}),
-        ("ANIL", {"first_order": False, "head_only": True}),
+        ("ANIL", {"first_order": False, "adapt": "head"}),
         ("Meta-SGD", {"first_order": False, "learn_inner_lr": True}),
     ]:
         checks.run(

@@ -23,7 +23,7 @@ def tiny_overrides(tiny_data) -> list:
         f"data.root={tiny_data['root']}",
         f"data.split={tiny_data['split']}",
         f"data.cache_dir={tiny_data['cache']}",
-        "data.queries=3",
+        "task.queries=3",
         "model.hidden=8",
         "algo.inner_steps_eval=2",
         "train.steps=4",

@@ -35,10 +35,10 @@ def test_extending_a_reptile_run_keeps_its_schedule_or_says_how(cli, tiny_overri
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]["anneal_steps"] == 2
     refused = cli("train", f"resume={run}", "train.steps=4", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "algo.anneal_steps=4" in refused.stderr and "algo.outer_lr_final" in refused.stderr
+    assert "algo.anneal_steps=4" in refused.stderr and "algo.meta_step_final" in refused.stderr
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # nothing lost
     # going on at a final step size: the schedule that ended at step 2 is kept, eps stays at 0.5
-    cli("train", f"resume={run}", "train.steps=4", "algo.outer_lr_final=0.5", cwd=tmp_path)
+    cli("train", f"resume={run}", "train.steps=4", "algo.meta_step_final=0.5", cwd=tmp_path)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]
     assert state["step"] == 4 and state["anneal_steps"] == 2
 
@@ -104,11 +104,11 @@ def test_ensemble_members_must_share_the_task(cli, tiny_overrides, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     overrides = overrides_for("protonet", tiny_overrides)
     cli("train", *overrides, "train.steps=1", f"hydra.run.dir={a}", cwd=tmp_path)
-    cli("train", *overrides, "train.steps=1", "data.ways=3", f"hydra.run.dir={b}", cwd=tmp_path)
+    cli("train", *overrides, "train.steps=1", "task.ways=3", f"hydra.run.dir={b}", cwd=tmp_path)
     result = cli("eval", f"run=[{a},{b}]", cwd=tmp_path, check=False)
-    assert result.returncode == 1 and "data.ways (3 vs 5)" in result.stderr
+    assert result.returncode == 1 and "task.ways (3 vs 5)" in result.stderr
     assert not (a / "evals.jsonl").exists()
-    ok = cli("eval", f"run=[{a},{b}]", "data.ways=5", cwd=tmp_path).stdout
+    ok = cli("eval", f"run=[{a},{b}]", "task.ways=5", cwd=tmp_path).stdout
     assert "ensemble of 2" in ok
 
 
@@ -123,7 +123,8 @@ def test_distill_inherits_the_finetune_settings():
     with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
         finetune = OmegaConf.to_container(compose("train", overrides=["algo=finetune"]))
         distill = OmegaConf.to_container(compose("train", overrides=["algo=distill", "algo.teacher=x"]))
-    assert {k: v for k, v in distill["algo"].items() if k in finetune["algo"] and k != "name"} == {
-        k: v for k, v in finetune["algo"].items() if k != "name"
+    own = ("name", "_target_")
+    assert {k: v for k, v in distill["algo"].items() if k in finetune["algo"] and k not in own} == {
+        k: v for k, v in finetune["algo"].items() if k not in own
     }
     assert distill["train"] == finetune["train"]

@@ -23,7 +23,7 @@ def test_help_lists_the_commands(cli):
     out = cli("--help").stdout
     assert "train" in out and "eval" in out
     assert "algo: anil, distill, finetune, fomaml, maml, metasgd, protonet, reptile" in cli("train", "--help").stdout
-    composed = cli("train", "--cfg", "job", "algo=fomaml", "data.ways=20").stdout
+    composed = cli("train", "--cfg", "job", "algo=fomaml", "task.ways=20").stdout
     assert "first_order: true" in composed and "ways: 20" in composed
 
 
@@ -43,12 +43,12 @@ def test_train_writes_a_run_folder_then_eval_appends(cli, tiny_overrides, tmp_pa
     assert all({"loss", "accuracy"} <= r.keys() and 0 <= r["accuracy"] <= 1 for r in records)
     for name in ("last", "best"):
         ckpt = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
-        assert ckpt["config"]["data"]["ways"] == 5 and "model" in ckpt["algo"]
+        assert ckpt["config"]["task"]["ways"] == 5 and "model" in ckpt["algo"]
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
 
     first = cli("eval", f"run={run}", cwd=tmp_path).stdout
     assert re.search(r"test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, best\.pt\)", first)
-    cli("eval", f"run={run}", "checkpoint=last", "eval.episodes=6", "data.shots=2", cwd=tmp_path)
+    cli("eval", f"run={run}", "checkpoint=last", "eval.episodes=6", "task.shots=2", cwd=tmp_path)
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     assert len(evals) == 2  # appended, never overwritten
     assert evals[0]["checkpoint"] == "best.pt" and evals[0]["episodes"] == 10 and evals[0]["shots"] == 1
@@ -71,7 +71,7 @@ def test_eval_uses_a_fixed_seed(cli, tiny_overrides, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "replay", [[], ["data.replay.fraction=0.5", "data.replay.size=3"]], ids=["plain", "task_replay"]
+    "replay", [[], ["train.replay.fraction=0.5", "train.replay.size=3"]], ids=["plain", "task_replay"]
 )
 def test_resumed_run_equals_a_straight_run(cli, tiny_overrides, tmp_path, replay):
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -137,6 +137,6 @@ def test_multirun_gives_one_folder_per_job(cli, tiny_overrides, tmp_path):
 
 
 def test_default_run_folder_names_algo_and_task(cli, tiny_overrides, tmp_path):
-    cli("train", *tiny_overrides, "train.steps=1", "algo=fomaml", "data.ways=3", cwd=tmp_path)
+    cli("train", *tiny_overrides, "train.steps=1", "algo=fomaml", "task.ways=3", cwd=tmp_path)
     (folder,) = (tmp_path / "runs" / "fomaml" / "omniglot-3w1s").iterdir()
     assert (folder / "checkpoints" / "best.pt").is_file()

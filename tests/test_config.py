@@ -20,9 +20,9 @@ def composed(*overrides):
 
 # (algorithm, key, the smallest value refused, the smallest accepted)
 RANGES = [
-    ("maml", "data.ways", 1, 2),
-    ("maml", "data.shots", 0, 1),
-    ("maml", "data.queries", 0, 1),
+    ("maml", "task.ways", 1, 2),
+    ("maml", "task.shots", 0, 1),
+    ("maml", "task.queries", 0, 1),
     ("maml", "train.steps", 0, 1),
     ("maml", "train.meta_batch_size", 0, 1),
     ("maml", "train.val_every", 0, 1),
@@ -35,13 +35,15 @@ RANGES = [
     ("maml", "algo.inner_lr", 0, 1e-9),
     ("maml", "algo.inner_steps", 0, 1),
     ("maml", "algo.inner_steps_eval", 0, 1),
-    ("maml", "algo.train_shots", 0, 1),
-    ("protonet", "algo.train_ways", 1, 2),
-    ("protonet", "algo.train_queries", -1, 0),
+    ("maml", "task.train.shots", 0, 1),
+    ("protonet", "task.train.ways", 1, 2),
+    ("protonet", "task.train.queries", -1, 0),
+    ("maml", "train.replay.size", 0, 1),
     ("protonet", "algo.lr_decay_every", 0, 1),
     ("reptile", "algo.inner_batch", 0, 1),
     ("reptile", "algo.inner_batch_eval", 0, 1),
     ("reptile", "algo.anneal_steps", 0, 1),
+    ("reptile", "algo.meta_step", 0, 1e-9),
     ("finetune", "algo.batch_size", 0, 1),
     ("finetune", "algo.head_lr", 0, 1e-9),
     ("finetune", "algo.head_steps", 0, 1),
@@ -72,24 +74,24 @@ def test_experiment_preset_composes_with_the_settings_it_names(preset):
     validate(cfg)
     algo, dataset, shape = preset.split("_")
     ways, shots = map(int, re.fullmatch(r"(\d+)w(\d+)s", shape).groups())
-    assert (cfg.algo.name, cfg.data.name, cfg.data.ways, cfg.data.shots) == (algo, dataset, ways, shots)
+    assert (cfg.algo.name, cfg.data.name, cfg.task.ways, cfg.task.shots) == (algo, dataset, ways, shots)
     if algo in ("maml", "fomaml", "anil"):
         # Finn et al.'s code: the summed support loss over the shots, K training queries, 10 test steps,
         # step size 0.4 and one step (5-way) or 0.1 and five steps (20-way), 32 or 16 tasks a batch
-        assert cfg.algo.inner_loss.value == "sum_over_shots"
-        assert cfg.algo.train_queries == shots and cfg.algo.inner_steps_eval == 10
+        assert cfg.algo.inner_loss == "sum_over_shots"
+        assert cfg.task.train.queries == shots and cfg.algo.inner_steps_eval == 10
         assert (cfg.algo.inner_lr, cfg.algo.inner_steps, cfg.train.meta_batch_size) == (
             (0.4, 1, 32) if ways == 5 else (0.1, 5, 16)
         )
         assert cfg.algo.first_order == (algo == "fomaml") and cfg.train.steps == 60000
     if algo == "metasgd":
-        assert cfg.algo.inner_loss.value == "mean" and cfg.algo.learn_inner_lr
+        assert cfg.algo.inner_loss == "mean" and cfg.algo.learn_inner_lr
     if algo == "protonet":
-        assert cfg.algo.train_ways == 60 and cfg.algo.train_queries == 5
+        assert cfg.task.train.ways == 60 and cfg.task.train.queries == 5
     if algo == "reptile":
-        assert cfg.algo.outer_lr == 1.0 and cfg.algo.outer_lr_final == 0.0 and cfg.algo.anneal_steps is None
+        assert cfg.algo.meta_step == 1.0 and cfg.algo.meta_step_final == 0.0 and cfg.algo.anneal_steps is None
 
 
 def test_inner_loss_defaults_to_the_mean():
     for algo in ("maml", "fomaml", "anil", "metasgd"):
-        assert composed(f"algo={algo}").algo.inner_loss.value == "mean"
+        assert composed(f"algo={algo}").algo.inner_loss == "mean"

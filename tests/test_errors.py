@@ -18,7 +18,7 @@ def trained_run(tiny_data, tmp_path_factory):
         f"data.root={tiny_data['root']}",
         f"data.split={tiny_data['split']}",
         f"data.cache_dir={tiny_data['cache']}",
-        "data.queries=3",
+        "task.queries=3",
         "model.hidden=8",
         "train.steps=1",
         "train.meta_batch_size=1",
@@ -41,16 +41,16 @@ def fails(*args, match: str, cwd=None):
 
 
 def test_more_ways_than_classes(tiny_overrides, tmp_path):
-    fails("train", *tiny_overrides, "data.ways=13", match="choose data.ways <= 12", cwd=tmp_path)
+    fails("train", *tiny_overrides, "task.ways=13", match="choose task.ways <= 12", cwd=tmp_path)
 
 
 def test_more_shots_and_queries_than_drawings(tiny_overrides, tmp_path):
     fails(
         "train",
         *tiny_overrides,
-        "data.shots=5",
-        "data.queries=16",
-        match="choose data.shots + data.queries <= 20",
+        "task.shots=5",
+        "task.queries=16",
+        match="choose task.shots + task.queries <= 20",
         cwd=tmp_path,
     )
 
@@ -67,13 +67,13 @@ def test_missing_dataset(tmp_path):
 
 def test_unknown_key_and_wrong_type(tiny_overrides, tmp_path):
     fails("train", *tiny_overrides, "train.stepz=3", match="Key 'stepz' not in", cwd=tmp_path)
-    fails("train", *tiny_overrides, "algo.inner_lr=fast", match="full_key: algo.inner_lr", cwd=tmp_path)
-    fails("train", *tiny_overrides, "algo.vectorize=sometimes", match="full_key: algo.vectorize", cwd=tmp_path)
+    fails("train", *tiny_overrides, "algo.inner_lr=fast", match="algo.inner_lr: Value 'fast'", cwd=tmp_path)
+    fails("train", *tiny_overrides, "algo.vectorize=sometimes", match="algo.vectorize: Invalid value 'sometimes'", cwd=tmp_path)
     fails("train", *tiny_overrides, "algo=nosuch", match="Could not find 'algo/nosuch'", cwd=tmp_path)
 
 
 def test_out_of_range_values(tiny_overrides, tmp_path):
-    fails("train", *tiny_overrides, "data.shots=0", match="data.shots must be at least 1", cwd=tmp_path)
+    fails("train", *tiny_overrides, "task.shots=0", match="task.shots must be at least 1", cwd=tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so device=cuda is valid here")
@@ -107,7 +107,7 @@ def test_checkpoint_with_code_inside_is_refused(trained_run, tmp_path):
 
 
 def test_mismatched_checkpoint(trained_run, tmp_path):
-    fails("eval", f"run={trained_run}", "data.ways=3", match="does not fit this configuration", cwd=tmp_path)
+    fails("eval", f"run={trained_run}", "task.ways=3", match="does not fit this configuration", cwd=tmp_path)
 
 
 def test_eval_needs_a_run_folder(trained_run, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metalearn.data import ClassSplit, EpisodeSampler, omniglot
+from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
 
@@ -110,6 +110,7 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing():
 def tiny_data_cfg(tiny_data):
     return OmegaConf.create(
         {
+            "_target_": "metalearn.data.omniglot.Omniglot",
             "name": "omniglot",
             "root": str(tiny_data["root"]),
             "split": str(tiny_data["split"]),
@@ -123,17 +124,17 @@ def test_eval_scores_the_test_split(cli, tiny_overrides, tiny_data, tmp_path):
     """13-way tasks: the tiny split's test part has 16 classes, train 12 and val 8, so only it can serve them."""
     run = tmp_path / "run"
     cli("train", *overrides_for("protonet", tiny_overrides), "train.steps=1", f"hydra.run.dir={run}", cwd=tmp_path)
-    out = cli("eval", f"run={run}", "data.ways=13", cwd=tmp_path).stdout
+    out = cli("eval", f"run={run}", "task.ways=13", cwd=tmp_path).stdout
     assert "(10 episodes, omniglot 13-way 1-shot, best.pt)" in out
     record = json.loads((run / "evals.jsonl").read_text())
     assert record["part"] == "test"
-    test = EpisodeSampler(omniglot.load_split(tiny_data_cfg(tiny_data), "test"), 13, 1, 3, "cpu", seed=0)
+    test = EpisodeSampler(load_split(tiny_data_cfg(tiny_data), "test"), 13, 1, 3, "cpu", seed=0)
     assert record["episode_digest"] == hashlib.sha256(test.episode_ids(0, 10).numpy().tobytes()).hexdigest()
 
 
 def test_one_episode_set_for_every_batch_size_and_algorithm(cli, tiny_overrides, tiny_data, tmp_path):
     """600 test episodes scored 1, 5, 32 or 600 at a time, by MAML and by ProtoNet: the same 600 tasks."""
-    test = EpisodeSampler(omniglot.load_split(tiny_data_cfg(tiny_data), "test"), 5, 1, 3, "cpu", seed=0)
+    test = EpisodeSampler(load_split(tiny_data_cfg(tiny_data), "test"), 5, 1, 3, "cpu", seed=0)
     expected = hashlib.sha256(test.episode_ids(0, 600).numpy().tobytes()).hexdigest()
     for algo in ("maml", "protonet"):
         run = tmp_path / algo
@@ -171,7 +172,7 @@ def test_best_checkpoint_is_the_best_validation(cli, tiny_overrides, tmp_path, m
     def fake_validation(algo, sampler, episodes, batch_size, desc):
         return EpisodeResult(accuracy=next(scripted), ci95=0.01, loss=1.0, episodes=episodes)
 
-    monkeypatch.setattr("metalearn.train.run_episodes", fake_validation)
+    monkeypatch.setattr("metalearn.hooks.run_episodes", fake_validation)
     run = tmp_path / "run"
     cli("train", *tiny_overrides, "train.val_every=1", f"hydra.run.dir={run}", cwd=tmp_path)
     val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "val"]

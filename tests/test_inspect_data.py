@@ -31,9 +31,9 @@ def test_preview_draws_the_sampled_episode(cli, tiny_data, tmp_path):
         "data",
         "preview",
         *data_args(tiny_data),
-        "data.ways=3",
-        "data.shots=2",
-        "data.queries=4",
+        "task.ways=3",
+        "task.shots=2",
+        "task.queries=4",
         "part=val",
         "seed=3",
         f"out={out_png}",
@@ -47,6 +47,7 @@ def test_preview_draws_the_sampled_episode(cli, tiny_data, tmp_path):
     picture = picture[::2, ::2]  # undo the 2x zoom
     cfg = OmegaConf.create(
         {
+            "_target_": "metalearn.data.omniglot.Omniglot",
             "name": "omniglot",
             "root": str(tiny_data["root"]),
             "split": str(tiny_data["split"]),

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from metalearn.algorithms.batching import resolve_vectorize
 from metalearn.algorithms.maml import MAML
-from metalearn.config import Vectorize
+from metalearn.algorithms.batching import Vectorize
 from metalearn.data import ClassSplit, EpisodeSampler
 from metalearn.models import Conv4
 
@@ -72,7 +72,7 @@ def test_meta_gradients_match_naive_loop(first_order, vectorize, inner_loss):
         outer_lr=1e-3,
         first_order=first_order,
         vectorize=vectorize,
-        sum_over_shots=inner_loss == "sum_over_shots",
+        inner_loss=inner_loss,
     )
     got = algo.meta_gradients(batch)
     expected = naive_meta_gradient(model, batch, 0.3, 2, first_order, inner_loss)
@@ -98,7 +98,7 @@ def test_sum_over_shots_inner_step_by_hand(vectorize):
         outer_lr=1e-3,
         first_order=False,
         vectorize=vectorize,
-        sum_over_shots=True,
+        inner_loss="sum_over_shots",
     )
     got = algo.predict(batch)
     names = [n for n, _ in model.named_parameters()]

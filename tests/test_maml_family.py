@@ -158,7 +158,7 @@ def anil(model, first_order=False, vectorize=False, steps=2):
         outer_lr=1e-3,
         first_order=first_order,
         vectorize=vectorize,
-        head_only=True,
+        adapt="head",
     )
 
 
@@ -197,7 +197,7 @@ def test_anil_predict_adapts_only_the_head():
         outer_lr=1e-3,
         first_order=False,
         vectorize=False,
-        head_only=True,
+        adapt="head",
     )
     expected = []
     with torch.no_grad():
@@ -225,7 +225,7 @@ def test_task_threads_give_the_one_thread_loop_results(variant):
     kwargs = {
         "maml": {},
         "fomaml": {"first_order": True},
-        "anil": {"head_only": True},
+        "anil": {"adapt": "head"},
         "metasgd": {"learn_inner_lr": True},
     }[variant]
 

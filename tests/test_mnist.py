@@ -39,6 +39,7 @@ def write_tiny_mnist(root: Path, compress: bool = True) -> Path:
 def mnist_cfg(root, cache, train=(0, 1, 2, 3, 4), val=(5, 6, 7, 8, 9), test=(5, 6, 7, 8, 9)):
     return OmegaConf.create(
         {
+            "_target_": "metalearn.data.mnist.MNIST",
             "name": "mnist",
             "root": str(root),
             "split": "digits",
@@ -110,7 +111,7 @@ def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mni
         "data=mnist",
         f"data.root={tiny_mnist}",
         f"data.cache_dir={tmp_path}/cache",
-        "data.queries=3",
+        "task.queries=3",
         "model.hidden=8",
         "train.steps=2",
         "train.meta_batch_size=2",
@@ -123,7 +124,7 @@ def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mni
     assert "(8 episodes, mnist 5-way 1-shot, best.pt)" in out
 
     omniglot_run = tmp_path / "omniglot_run"
-    cli("train", *tiny_overrides, "train.steps=1", "data.shots=2", f"hydra.run.dir={omniglot_run}", cwd=tmp_path)
+    cli("train", *tiny_overrides, "train.steps=1", "task.shots=2", f"hydra.run.dir={omniglot_run}", cwd=tmp_path)
     out = cli("eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", cwd=tmp_path).stdout
     assert "mnist 5-way 2-shot" in out
     record = json.loads((omniglot_run / "evals.jsonl").read_text().splitlines()[-1])
@@ -131,6 +132,6 @@ def test_train_and_eval_on_mnist_then_cross_domain(cli, tiny_overrides, tiny_mni
     # the run's task shape is kept: its shots and queries, not the MNIST config's defaults
     assert (record["ways"], record["shots"], record["queries"]) == (5, 2, 3)
     too_many = cli(
-        "eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", "data.ways=6", cwd=tmp_path, check=False
+        "eval", f"run={omniglot_run}", "data=mnist", f"data.root={tiny_mnist}", "task.ways=6", cwd=tmp_path, check=False
     )
-    assert too_many.returncode != 0 and "choose data.ways <= 5" in too_many.stderr
+    assert too_many.returncode != 0 and "choose task.ways <= 5" in too_many.stderr

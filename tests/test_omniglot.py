@@ -15,6 +15,7 @@ from metalearn.errors import MetalearnError
 def data_cfg(root, split, cache, **extra):
     return OmegaConf.create(
         {
+            "_target_": "metalearn.data.omniglot.Omniglot",
             "name": "omniglot",
             "root": str(root),
             "split": str(split),

@@ -21,7 +21,7 @@ def test_first_order_maml_learns_on_real_omniglot(tmp_path):
         "train",
         "algo=fomaml",
         f"data.root={SHARED_DATA}",
-        "data.queries=5",
+        "task.queries=5",
         "device=cpu",
         "train.steps=60",
         "train.meta_batch_size=8",

@@ -50,8 +50,8 @@ def reptile(
     model,
     optimizer="sgd",
     vectorize=False,
-    outer_lr=0.7,
-    outer_lr_final=0.0,
+    meta_step=0.7,
+    meta_step_final=0.0,
     total_steps=10,
     inner_lr=0.05,
     inner_steps=3,
@@ -65,8 +65,8 @@ def reptile(
         inner_optimizer=optimizer,
         inner_steps_eval=4,
         inner_batch_eval=4,
-        outer_lr=outer_lr,
-        outer_lr_final=outer_lr_final,
+        meta_step=meta_step,
+        meta_step_final=meta_step_final,
         anneal_steps=None,
         train_steps=total_steps,
         vectorize=vectorize,
@@ -91,9 +91,9 @@ def test_reptile_step_moves_weights_toward_naive_adapted_weights(optimizer, vect
 
 
 def test_reptile_outer_step_size_anneals_linearly():
-    """Step k interpolates with eps_k = outer_lr + (final - outer_lr) * min(k / total_steps, 1)."""
+    """Step k interpolates with eps_k = meta_step + (final - meta_step) * min(k / total_steps, 1)."""
     model, batch = tiny(), episodes(tasks=2, shots=2, queries=1)
-    algo = reptile(model, outer_lr=0.9, outer_lr_final=0.1, total_steps=3, inner_steps=2, inner_batch=3)
+    algo = reptile(model, meta_step=0.9, meta_step_final=0.1, total_steps=3, inner_steps=2, inner_batch=3)
     for k, eps in enumerate([0.9, 0.9 - 0.8 / 3, 0.9 - 1.6 / 3, 0.1, 0.1]):
         expected = naive_reptile(model, batch, k, 0.05, 2, 3, "sgd", eps)
         torch.manual_seed(k)
@@ -105,7 +105,7 @@ def test_reptile_outer_step_size_anneals_linearly():
 def test_reptile_resumes_the_anneal_from_its_state():
     """A restored step count sets eps: loading step=2 of 4 gives eps halfway."""
     model, batch = tiny(), episodes(tasks=2, shots=2, queries=1)
-    algo = reptile(model, outer_lr=1.0, outer_lr_final=0.0, total_steps=4, inner_steps=1)
+    algo = reptile(model, meta_step=1.0, meta_step_final=0.0, total_steps=4, inner_steps=1)
     algo.load_state_dict({"model": model.state_dict(), "step": 2})
     expected = naive_reptile(model, batch, 3, 0.05, 1, 4, "sgd", eps=0.5)
     torch.manual_seed(3)
@@ -116,13 +116,13 @@ def test_reptile_resumes_the_anneal_from_its_state():
 def test_reptile_schedule_is_the_one_the_run_started_with():
     """Resumed with a longer train.steps, eps follows the saved schedule (4 steps), not the new length."""
     model = tiny()
-    started = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=4, inner_steps=1)
+    started = reptile(model, meta_step=1.0, meta_step_final=0.2, total_steps=4, inner_steps=1)
     state = {**started.state_dict(), "step": 2}
-    longer = reptile(model, outer_lr=1.0, outer_lr_final=0.2, total_steps=40, inner_steps=1)
+    longer = reptile(model, meta_step=1.0, meta_step_final=0.2, total_steps=40, inner_steps=1)
     longer.load_state_dict(state)
     assert longer.anneal_steps == 4 and longer.outer_step_size() == pytest.approx(0.6)
     longer.check_resume(40)  # eps goes on at 0.2 after step 4: allowed
-    with_zero = reptile(model, outer_lr=1.0, outer_lr_final=0.0, total_steps=40, inner_steps=1)
+    with_zero = reptile(model, meta_step=1.0, meta_step_final=0.0, total_steps=40, inner_steps=1)
     with_zero.load_state_dict({**state, "anneal_steps": 4})
     with pytest.raises(MetalearnError, match=r"algo.anneal_steps=40 .*eps jumps from 0.5 to 0.95"):
         with_zero.check_resume(40)
@@ -139,8 +139,8 @@ def test_reptile_anneal_steps_given_on_resume_replaces_the_saved_schedule(caplog
         inner_optimizer="sgd",
         inner_steps_eval=1,
         inner_batch_eval=4,
-        outer_lr=1.0,
-        outer_lr_final=0.0,
+        meta_step=1.0,
+        meta_step_final=0.0,
         anneal_steps=8,
         train_steps=8,
         vectorize=False,

@@ -114,9 +114,9 @@ def test_episodes_depend_on_seed_and_part_but_not_on_the_device():
 
 
 def test_impossible_tasks_say_what_is_possible():
-    with pytest.raises(MetalearnError, match=r"data.ways <= 10"):
+    with pytest.raises(MetalearnError, match=r"task.ways <= 10"):
         EpisodeSampler(labelled_split(), ways=11, shots=1, queries=1, device="cpu", seed=0)
-    with pytest.raises(MetalearnError, match=r"data.shots \+ data.queries <= 20"):
+    with pytest.raises(MetalearnError, match=r"task.shots \+ task.queries <= 20"):
         EpisodeSampler(labelled_split(), ways=5, shots=5, queries=16, device="cpu", seed=0)
 
 
@@ -165,7 +165,7 @@ def test_replay_is_deterministic_and_resumes_exactly():
 
 
 def test_replay_settings_are_checked():
-    with pytest.raises(MetalearnError, match="data.replay.fraction"):
+    with pytest.raises(MetalearnError, match="train.replay.fraction"):
         EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=1.0, replay_size=10)
-    with pytest.raises(MetalearnError, match="data.replay.size"):
+    with pytest.raises(MetalearnError, match="train.replay.size"):
         EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=0.5, replay_size=0)

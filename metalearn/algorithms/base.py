@@ -1,15 +1,46 @@
-"""The one interface every algorithm implements; the runner knows nothing else."""
+"""The one interface every algorithm implements; the runner knows nothing else.
+
+An algorithm is a component (metalearn.settings): its YAML in conf/algo names
+the class with `_target_`, the class's `Settings` dataclass types and checks
+the algo.* keys, and the runner calls the constructor with each setting by
+its name plus what the run provides (see `build_algorithm`).
+"""
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
+from omegaconf import MISSING
 
 from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
 
 
+@dataclass
+class AlgoSettings:
+    """The keys every algorithm has; an algorithm's own schema adds its settings, each checked in __post_init__."""
+
+    _target_: str = MISSING  # the Algorithm subclass
+    name: str = MISSING  # the name runs, logs and evaluation records show (fomaml, anil, ... for MAML's presets)
+
+
+# What an algorithm's model ends in (`Algorithm.head`):
+WAYS_HEAD = "ways"  # a linear head of task.ways outputs, so it meta-trains on task.ways-way episodes
+EMBEDDING = "embedding"  # no head: the backbone's embedding
+CLASS_HEAD = "classes"  # a classifier over every meta-training class
+
+
 class Algorithm(ABC):
+    """Constructor: `__init__(self, model, <each Settings key>, [workers, train_steps, fast])`.
+
+    The runner builds `model` from model.* with the head `head` asks for; the
+    bracketed keys are given to constructors that take them (CPU worker
+    threads, train.steps when the run starts, the fast paths of the device).
+    """
+
+    Settings = AlgoSettings
+    head = WAYS_HEAD
     model: torch.nn.Module
     needs_queries = True  # meta-training reads the episodes' query sets
     throughput_unit = "tasks"  # what one training batch counts, for the tasks/s (images/s) figure
@@ -50,7 +81,7 @@ def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
     if problems:
         raise MetalearnError(
             f"{what} does not fit this configuration ({'; '.join(problems[:3])}). "
-            f"Its model was built with other settings (for MAML, data.ways sets the head's size): "
+            f"Its model was built with other settings (for MAML, task.ways sets the head's size): "
             f"use the settings it was trained with."
         )
     model.load_state_dict(state)

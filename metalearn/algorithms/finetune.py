@@ -14,22 +14,62 @@ outputs (temperature 4, half and half as in the paper's code), evaluated
 like `finetune`.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from metalearn.algorithms.base import Algorithm, load_model_state
+from metalearn.algorithms.base import CLASS_HEAD, AlgoSettings, Algorithm, load_model_state
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
 from metalearn.device import PLAIN, FastPaths
 from metalearn.models import CHANNELS_LAST, NCHW, build_model
+from metalearn.settings import SettingError, at_least, positive, within
+
+
+@dataclass
+class FinetuneSettings(AlgoSettings):
+    """Pretrain a classifier on all meta-train classes; fit a new head on each support set."""
+
+    outer_lr: float = 1e-3
+    batch_size: int = 16  # images per pretraining step
+    head_lr: float = 0.01
+    head_momentum: float = 0.9
+    head_dampening: float = 0.9
+    head_weight_decay: float = 0.001
+    head_steps: int = 100
+
+    def __post_init__(self):
+        positive(self, "outer_lr")
+        positive(self, "head_lr")
+        at_least(self, "batch_size", 1)
+        at_least(self, "head_steps", 1)
+
+
+@dataclass
+class DistillSettings(FinetuneSettings):
+    teacher: Optional[str] = None  # a finished finetune (or distill) run folder
+    temperature: float = 4.0
+    distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest is cross-entropy
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher is None:
+            raise SettingError(
+                "teacher",
+                "is not set: algo=distill learns from a finished run: add algo.teacher=<folder of a finetune "
+                "or distill run trained on the same data and split>.",
+            )
+        positive(self, "temperature")
+        within(self, "distill_weight", 0, 1)
 
 
 class Finetune(Algorithm):
+    Settings = FinetuneSettings
+    head = CLASS_HEAD
     needs_queries = False
     throughput_unit = "images"
 
@@ -106,7 +146,7 @@ class Finetune(Algorithm):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def load_teacher(run_dir: str, num_classes: int, device: torch.device, fast: FastPaths) -> torch.nn.Module:
+def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.device, fast: FastPaths) -> torch.nn.Module:
     """The network of a finished finetune/distill run, frozen, for its soft targets.
 
     It runs on the student's fast paths (bf16 autocast, channels-last).
@@ -124,8 +164,9 @@ def load_teacher(run_dir: str, num_classes: int, device: torch.device, fast: Fas
             f"has {num_classes}: distil on the dataset and split the teacher was trained on."
         )
     teacher = build_model(
-        OmegaConf.create(ckpt["config"]["model"]),
+        ckpt["config"]["model"],
         num_classes,
+        image_shape,
         amp=fast.amp,
         layout=CHANNELS_LAST if fast.channels_last else NCHW,
     ).to(device)
@@ -134,23 +175,34 @@ def load_teacher(run_dir: str, num_classes: int, device: torch.device, fast: Fas
 
 
 class Distill(Finetune):
+    Settings = DistillSettings
+
     def __init__(
         self,
         model: torch.nn.Module,
         teacher: str,
         temperature: float,
         distill_weight: float,
+        outer_lr: float,
+        batch_size: int,
+        head_lr: float,
+        head_momentum: float,
+        head_dampening: float,
+        head_weight_decay: float,
+        head_steps: int,
         fast: FastPaths = PLAIN,
-        **finetune_args,
     ):
-        super().__init__(model, **finetune_args)
+        super().__init__(
+            model, outer_lr, batch_size, head_lr, head_momentum, head_dampening, head_weight_decay, head_steps
+        )
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
         self.fast = fast
         self._teacher = None  # loaded at the first training step: evaluation does not need it
 
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], logits.device, self.fast)
+            shape = tuple(batch.images.shape[1:])
+            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], shape, logits.device, self.fast)
         with torch.no_grad():
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
         soft = (

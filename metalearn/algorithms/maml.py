@@ -18,24 +18,76 @@ gradients through the native batch norm in torch 2.14.
 """
 
 from contextlib import nullcontext
-from typing import Dict, Sequence, Tuple
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, TaskThreads, detached_params, over_tasks, sub_params
+from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.batching import (
+    Params,
+    TaskThreads,
+    VectorizedSettings,
+    detached_params,
+    model_device,
+    over_tasks,
+    resolve_vectorize,
+    sub_params,
+)
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
+from metalearn.settings import SettingError, at_least, positive
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
 Meta = Dict[str, Params]
 RATE_PREFIX = "inner_lr."
 
 
+class AdaptedParams(Enum):
+    all = "all"  # MAML: the inner loop adapts every weight
+    head = "head"  # ANIL: only the linear head; the body is reused as it is
+
+
+class InnerLoss(Enum):
+    mean = "mean"  # the mean cross-entropy over the support set
+    # Finn et al.'s code: the sum over the support set of each example's loss divided by the shots,
+    # i.e. ways x the mean, so the same inner_lr takes a ways-times larger step.
+    sum_over_shots = "sum_over_shots"
+
+
+@dataclass
+class MAMLSettings(AlgoSettings, VectorizedSettings):
+    """MAML, first-order MAML, ANIL (adapt=head) and Meta-SGD (learn_inner_lr)."""
+
+    outer_lr: float = 1e-3
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    inner_steps_eval: int = 10
+    first_order: bool = False
+    inner_loss: InnerLoss = InnerLoss.mean
+    adapt: AdaptedParams = AdaptedParams.all
+    # Meta-SGD: one learned inner rate per weight, first drawn uniformly from this range.
+    learn_inner_lr: bool = False
+    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])
+
+    def __post_init__(self):
+        positive(self, "outer_lr")
+        positive(self, "inner_lr")
+        at_least(self, "inner_steps", 1)
+        at_least(self, "inner_steps_eval", 1)
+        if len(self.inner_lr_init) != 2 or not 0 <= self.inner_lr_init[0] <= self.inner_lr_init[1]:
+            raise SettingError(
+                "inner_lr_init", f"must be [low, high] with 0 <= low <= high (got {self.inner_lr_init})."
+            )
+
+
 class MAML(Algorithm):
+    Settings = MAMLSettings
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -44,13 +96,14 @@ class MAML(Algorithm):
         inner_steps_eval: int,
         outer_lr: float,
         first_order: bool,
-        vectorize: bool,
-        head_only: bool = False,
+        vectorize: Union[bool, str],
+        adapt: str = "all",
         learn_inner_lr: bool = False,
         inner_lr_init: Sequence[float] = (0.005, 0.1),
         workers: int = 1,
-        sum_over_shots: bool = False,
+        inner_loss: str = "mean",
     ):
+        head_only = AdaptedParams(adapt) is AdaptedParams.head
         if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
             raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
         if learn_inner_lr and first_order:
@@ -58,9 +111,10 @@ class MAML(Algorithm):
                 "learned inner rates (Meta-SGD) get no gradient in first order: "
                 "set algo.first_order=false or algo.learn_inner_lr=false."
             )
+        vectorize = resolve_vectorize(vectorize, model_device(model))
         self.model = model
         self.ways = model.head.out_features
-        self.sum_over_shots = sum_over_shots
+        self.sum_over_shots = InnerLoss(inner_loss) is InnerLoss.sum_over_shots
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.inner_steps_eval = inner_steps_eval
@@ -239,7 +293,7 @@ class MAML(Algorithm):
         ways = self.model.head.out_features
         if episodes.support_labels.shape[1] % ways or int(episodes.support_labels.max()) >= ways:
             raise MetalearnError(
-                f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: use data.ways={ways}."
+                f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: use task.ways={ways}."
             )
 
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:

@@ -9,16 +9,37 @@ the network as one batch, so batch norm sees the task (transductive, like
 every algorithm here; see the README).
 """
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, detached_params, over_tasks
+from metalearn.algorithms.base import EMBEDDING, AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.batching import (
+    Params,
+    VectorizedSettings,
+    detached_params,
+    model_device,
+    over_tasks,
+    resolve_vectorize,
+)
 from metalearn.data import Episodes
 from metalearn.models import VMAP, set_layout
+from metalearn.settings import at_least, positive
+
+
+@dataclass
+class ProtoNetSettings(AlgoSettings, VectorizedSettings):
+    outer_lr: float = 1e-3
+    lr_decay: float = 0.5  # the outer learning rate is multiplied by this ...
+    lr_decay_every: int = 2000  # ... every this many steps
+
+    def __post_init__(self):
+        positive(self, "outer_lr")
+        positive(self, "lr_decay")
+        at_least(self, "lr_decay_every", 1)
 
 
 def prototype_logits(
@@ -32,7 +53,13 @@ def prototype_logits(
 
 
 class ProtoNet(Algorithm):
-    def __init__(self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int, vectorize: bool):
+    Settings = ProtoNetSettings
+    head = EMBEDDING
+
+    def __init__(
+        self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int, vectorize: Union[bool, str]
+    ):
+        vectorize = resolve_vectorize(vectorize, model_device(model))
         self.model = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_decay_every, gamma=lr_decay)

@@ -4,7 +4,7 @@ Each task adapts a copy of the weights with `inner_steps` minibatch steps
 (Adam with beta1 = 0, as in the paper's code, or SGD) on its training images;
 the outer update moves the weights toward the tasks' adapted weights:
 theta <- theta + eps * (mean_i phi_i - theta), with eps annealed linearly from
-`outer_lr` to `outer_lr_final` over `anneal_steps` steps (train.steps when
+`meta_step` to `meta_step_final` over `anneal_steps` steps (train.steps when
 the run starts, saved in its checkpoints: resuming with a larger
 train.steps keeps the schedule). The per-task adaptation is one
 pure torch.func function, run over the meta-batch as a vmap or a loop.
@@ -16,24 +16,62 @@ per-task function pure and the tasks of a meta-batch independent.
 """
 
 import logging
-from typing import Dict, Optional
+from dataclasses import dataclass
+from enum import Enum
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import Algorithm, load_model_state
-from metalearn.algorithms.batching import Params, detached_params, over_tasks
+from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.batching import (
+    Params,
+    VectorizedSettings,
+    detached_params,
+    model_device,
+    over_tasks,
+    resolve_vectorize,
+)
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
+from metalearn.settings import at_least, positive
 
 log = logging.getLogger(__name__)
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 
 
+class InnerOptimizer(Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+@dataclass
+class ReptileSettings(AlgoSettings, VectorizedSettings):
+    inner_lr: float = 1e-3
+    inner_steps: int = 5
+    inner_batch: int = 10  # images per inner step, drawn from the task without replacement
+    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
+    inner_steps_eval: int = 50
+    inner_batch_eval: int = 5
+    # The outer update theta += eps (mean adapted - theta): eps anneals linearly from meta_step to
+    # meta_step_final over anneal_steps steps (null: train.steps when the run starts).
+    meta_step: float = 1.0
+    meta_step_final: float = 0.0
+    anneal_steps: Optional[int] = None
+
+    def __post_init__(self):
+        positive(self, "inner_lr")
+        positive(self, "meta_step")
+        for key in ("inner_steps", "inner_batch", "inner_steps_eval", "inner_batch_eval"):
+            at_least(self, key, 1)
+        at_least(self, "anneal_steps", 1, optional=True)
+
+
 class Reptile(Algorithm):
+    Settings = ReptileSettings
     needs_queries = False
 
     def __init__(
@@ -45,17 +83,18 @@ class Reptile(Algorithm):
         inner_optimizer: str,
         inner_steps_eval: int,
         inner_batch_eval: int,
-        outer_lr: float,
-        outer_lr_final: float,
+        meta_step: float,
+        meta_step_final: float,
         anneal_steps: Optional[int],
         train_steps: int,
-        vectorize: bool,
+        vectorize: Union[bool, str],
     ):
+        vectorize = resolve_vectorize(vectorize, model_device(model))
         self.model = model
         self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
-        self.adam = inner_optimizer == "adam"
+        self.adam = InnerOptimizer(inner_optimizer) is InnerOptimizer.adam
         self.inner_steps_eval, self.inner_batch_eval = inner_steps_eval, inner_batch_eval
-        self.outer_lr, self.outer_lr_final = outer_lr, outer_lr_final
+        self.meta_step, self.meta_step_final = meta_step, meta_step_final
         self.requested_anneal_steps = anneal_steps  # None: fixed when the run starts
         self.anneal_steps = anneal_steps or train_steps
         self.step = 0
@@ -107,9 +146,9 @@ class Reptile(Algorithm):
         return keys.argsort(dim=2).flatten(1)[:, : steps * batch].to(device)
 
     def outer_step_size(self) -> float:
-        """eps for the next outer update: linear from outer_lr to outer_lr_final over anneal_steps."""
+        """eps for the next outer update: linear from meta_step to meta_step_final over anneal_steps."""
         done = min(self.step / self.anneal_steps, 1.0)
-        return self.outer_lr + (self.outer_lr_final - self.outer_lr) * done
+        return self.meta_step + (self.meta_step_final - self.meta_step) * done
 
     def adapted_weights(self, episodes: Episodes):
         """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
@@ -166,14 +205,14 @@ class Reptile(Algorithm):
         )
 
     def check_resume(self, train_steps: int) -> None:
-        if train_steps <= self.anneal_steps or self.outer_lr_final != 0:
+        if train_steps <= self.anneal_steps or self.meta_step_final != 0:
             return
-        stretched = self.outer_lr * (1 - self.step / train_steps)
+        stretched = self.meta_step * (1 - self.step / train_steps)
         raise MetalearnError(
-            f"algo=reptile anneals its outer step size eps from {self.outer_lr:g} to 0 over this run's first "
+            f"algo=reptile anneals its outer step size eps from {self.meta_step:g} to 0 over this run's first "
             f"{self.anneal_steps} steps (fixed when the run started), so steps past {self.anneal_steps} would "
             f"change nothing. To train to train.steps={train_steps}, resume with algo.anneal_steps={train_steps} "
             f"(the schedule stretches: eps jumps from {self.outer_step_size():.4g} to {stretched:.4g} at step "
-            f"{self.step}), or with algo.outer_lr_final=<eps above 0> to go on at that step size after step "
+            f"{self.step}), or with algo.meta_step_final=<eps above 0> to go on at that step size after step "
             f"{self.anneal_steps}."
         )

@@ -1,18 +1,28 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
-from metalearn.data import mnist, omniglot
+from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages
 from metalearn.data.split import ClassSplit
-from metalearn.errors import MetalearnError
+from metalearn.settings import component_class, construct, settings_of
 
-DATASETS = {"omniglot": omniglot.load_split, "mnist": mnist.load_split}
+
+def build_dataset(data_cfg) -> Dataset:
+    """The dataset data_cfg names with `_target_`, its settings checked."""
+    return construct(component_class(data_cfg, "data"), settings_of(data_cfg, "data"))
 
 
 def load_split(data_cfg, part: str) -> ClassSplit:
     """Part 'train', 'val' or 'test' of the dataset data_cfg names."""
-    if data_cfg.name not in DATASETS:
-        raise MetalearnError(f"data={data_cfg.name} is not a known dataset; choose one of: {', '.join(DATASETS)}.")
-    return DATASETS[data_cfg.name](data_cfg, part)
+    return build_dataset(data_cfg).load_split(part)
 
 
-__all__ = ["ClassSplit", "Episodes", "EpisodeSampler", "LabelledImages", "load_split"]
+__all__ = [
+    "ClassSplit",
+    "DataSettings",
+    "Dataset",
+    "Episodes",
+    "EpisodeSampler",
+    "LabelledImages",
+    "build_dataset",
+    "load_split",
+]

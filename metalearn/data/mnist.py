@@ -8,15 +8,18 @@ the same digits (the default: train on 0-4, validate and test on 5-9).
 """
 
 import gzip
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
 from metalearn.io import atomic_torch_save
+from metalearn.settings import SettingError, prefixed
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -103,40 +106,65 @@ def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tup
     return pools
 
 
-def check_classes(classes) -> None:
-    """Digits 0-9, no repeats; meta-train digits never used for validation or test."""
-    for part in ("train", "val", "test"):
-        digits = list(classes[part])
-        if not digits or any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
-            raise MetalearnError(f"data.classes.{part}={digits} must list distinct digits from 0 to 9 (at least one).")
-    for part in ("val", "test"):
-        shared = sorted(set(classes.train) & set(classes[part]))
-        if shared:
-            raise MetalearnError(
-                f"data.classes.train and data.classes.{part} share the digits {shared}: meta-test classes must "
-                f"never be seen in meta-training. (Validation and test may share digits; they draw from "
-                f"MNIST's training and test images respectively.)"
+@dataclass
+class DigitClasses:
+    """Which digits each part of the split draws from."""
+
+    train: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    val: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    test: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+
+    def check(self):
+        """Digits 0-9, no repeats; meta-train digits never used for validation or test."""
+        for part in ("train", "val", "test"):
+            digits = list(getattr(self, part))
+            if not digits or any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
+                raise SettingError(
+                    f"classes.{part}", f"={digits} must list distinct digits from 0 to 9 (at least one)."
+                )
+        for part in ("val", "test"):
+            shared = sorted(set(self.train) & set(getattr(self, part)))
+            if shared:
+                raise SettingError(
+                    "train",
+                    f"and data.classes.{part} share the digits {shared}: meta-test classes must never be seen in "
+                    f"meta-training. (Validation and test may share digits; they draw from MNIST's training and "
+                    f"test images respectively.)",
+                )
+
+
+@dataclass
+class MNISTSettings(DataSettings):
+    split: str = "digits"  # the only MNIST split: `classes` says which digits each part has
+    classes: DigitClasses = field(default_factory=DigitClasses)
+
+    def __post_init__(self):
+        with prefixed("classes"):
+            self.classes.check()
+        if self.split != "digits":
+            raise SettingError(
+                "split",
+                f"={self.split} does not apply to MNIST: its split is 'digits', with the classes of each part in "
+                f"data.classes.train/val/test.",
             )
 
 
-def load_split(data_cfg, part: str) -> ClassSplit:
-    if data_cfg.split != "digits":
-        raise MetalearnError(
-            f"data.split={data_cfg.split} does not apply to MNIST: its split is 'digits', "
-            f"with the classes of each part in data.classes.train/val/test."
+class MNIST(Dataset):
+    Settings = MNISTSettings
+
+    def __init__(self, root: str, classes: DigitClasses, split: str = "digits", download: bool = False, cache_dir=None):
+        self.root, self.classes, self.download, self.cache_dir = root, classes, download, cache_dir
+
+    def load_split(self, part: str) -> ClassSplit:
+        images, labels = load_pools(self.root, self.cache_dir, self.download)[POOL_OF_PART[part]]
+        digits = torch.tensor(list(getattr(self.classes, part)))
+        keep = torch.isin(labels, digits)
+        # Class ids 0..C-1 in the order the digits are listed.
+        remap = torch.full((10,), -1, dtype=torch.long)
+        remap[digits] = torch.arange(len(digits))
+        return ClassSplit(
+            images=images[keep].unsqueeze(1).contiguous(),  # MNIST is already ink high
+            labels=remap[labels[keep]],
+            name=f"mnist/{part} (digits {','.join(map(str, digits.tolist()))})",
+            part=part,
         )
-    if data_cfg.get("classes") is None:
-        raise MetalearnError("data=mnist needs data.classes.train, data.classes.val and data.classes.test.")
-    check_classes(data_cfg.classes)
-    images, labels = load_pools(data_cfg.root, data_cfg.cache_dir, data_cfg.download)[POOL_OF_PART[part]]
-    digits = torch.tensor(list(data_cfg.classes[part]))
-    keep = torch.isin(labels, digits)
-    # Class ids 0..C-1 in the order the digits are listed.
-    remap = torch.full((10,), -1, dtype=torch.long)
-    remap[digits] = torch.arange(len(digits))
-    return ClassSplit(
-        images=images[keep].unsqueeze(1).contiguous(),  # MNIST is already ink high
-        labels=remap[labels[keep]],
-        name=f"mnist/{part} (digits {','.join(map(str, digits.tolist()))})",
-        part=part,
-    )

@@ -8,6 +8,7 @@ cache loads in well under a second.
 
 import io
 import zipfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
@@ -155,28 +157,41 @@ def split_classes(split: str, part: str) -> List[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def load_split(data_cfg, part: str) -> ClassSplit:
-    """One part (train, val or test) of an Omniglot split, rotations applied."""
-    images, names = load_characters(data_cfg.root, data_cfg.cache_dir, data_cfg.download)
-    index = {name: i for i, name in enumerate(names)}
-    classes = split_classes(data_cfg.split, part)
-    characters, quarter_turns = [], []
-    for cls in classes:
-        character, rotation = cls.rsplit("/", 1)
-        if character not in index:
-            raise MetalearnError(f"Split {data_cfg.split}/{part} names {character}, which the Omniglot data lacks.")
-        characters.append(index[character])
-        quarter_turns.append(int(rotation[3:]) // 90)
-    selected = images[torch.tensor(characters)]  # [C, 20, 28, 28]
-    turns = torch.tensor(quarter_turns)
-    for k in range(1, 4):  # rotate each class by its own multiple of 90 degrees
-        mask = turns == k
-        if mask.any():
-            selected[mask] = torch.rot90(selected[mask], k, dims=(-2, -1))
-    num_classes = len(classes)
-    return ClassSplit(
-        images=selected.reshape(num_classes * DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE).contiguous(),
-        labels=torch.arange(num_classes).repeat_interleave(DRAWINGS),
-        name=f"omniglot/{data_cfg.split}/{part}",
-        part=part,
-    )
+@dataclass
+class OmniglotSettings(DataSettings):
+    # vinyals: 1028/172/423 characters x 4 rotations (Vinyals et al. 2016); lake: background alphabets for
+    # train/val, evaluation alphabets for test, no rotations; or a folder with train.txt, val.txt, test.txt.
+    split: str = "vinyals"
+
+
+class Omniglot(Dataset):
+    Settings = OmniglotSettings
+
+    def __init__(self, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None):
+        self.root, self.split, self.download, self.cache_dir = root, split, download, cache_dir
+
+    def load_split(self, part: str) -> ClassSplit:
+        """One part (train, val or test) of an Omniglot split, rotations applied."""
+        images, names = load_characters(self.root, self.cache_dir, self.download)
+        index = {name: i for i, name in enumerate(names)}
+        classes = split_classes(self.split, part)
+        characters, quarter_turns = [], []
+        for cls in classes:
+            character, rotation = cls.rsplit("/", 1)
+            if character not in index:
+                raise MetalearnError(f"Split {self.split}/{part} names {character}, which the Omniglot data lacks.")
+            characters.append(index[character])
+            quarter_turns.append(int(rotation[3:]) // 90)
+        selected = images[torch.tensor(characters)]  # [C, 20, 28, 28]
+        turns = torch.tensor(quarter_turns)
+        for k in range(1, 4):  # rotate each class by its own multiple of 90 degrees
+            mask = turns == k
+            if mask.any():
+                selected[mask] = torch.rot90(selected[mask], k, dims=(-2, -1))
+        num_classes = len(classes)
+        return ClassSplit(
+            images=selected.reshape(num_classes * DRAWINGS, 1, IMAGE_SIZE, IMAGE_SIZE).contiguous(),
+            labels=torch.arange(num_classes).repeat_interleave(DRAWINGS),
+            name=f"omniglot/{self.split}/{part}",
+            part=part,
+        )

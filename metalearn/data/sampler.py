@@ -45,15 +45,15 @@ def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int) -> No
     """Fail early, saying what is possible, when a split cannot supply such tasks."""
     if ways > split.num_classes:
         raise MetalearnError(
-            f"data.ways={ways} asks for more classes than the {split.num_classes} of {split.name}: "
-            f"choose data.ways <= {split.num_classes}."
+            f"task.ways={ways} asks for more classes than the {split.num_classes} of {split.name}: "
+            f"choose task.ways <= {split.num_classes}."
         )
     fewest = int(split.class_counts().min())
     if shots + queries > fewest:
         raise MetalearnError(
-            f"data.shots + data.queries = {shots} + {queries} = {shots + queries} images per class, "
+            f"task.shots + task.queries = {shots} + {queries} = {shots + queries} images per class, "
             f"but classes of {split.name} have as few as {fewest} images: "
-            f"choose data.shots + data.queries <= {fewest} (e.g. data.queries={max(fewest - shots, 1)})."
+            f"choose task.shots + task.queries <= {fewest} (e.g. task.queries={max(fewest - shots, 1)})."
         )
 
 
@@ -89,8 +89,8 @@ class EpisodeSampler:
         check_feasible(split, ways, shots, queries)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):
             raise MetalearnError(
-                f"task replay needs 0 <= data.replay.fraction < 1 (got {replay_fraction}) "
-                f"and data.replay.size >= 1 when it is on (got {replay_size})."
+                f"task replay needs 0 <= train.replay.fraction < 1 (got {replay_fraction}) "
+                f"and train.replay.size >= 1 when it is on (got {replay_size})."
             )
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device, self.dtype, self.seed, self.part = torch.device(device), dtype, seed, split.part
@@ -199,7 +199,7 @@ class EpisodeSampler:
             if saved.shape[1:] != self.replay_buffer.shape[1:] or len(saved) > len(self.replay_buffer):
                 raise MetalearnError(
                     f"the checkpoint's task-replay buffer ({tuple(saved.shape)}) does not fit this configuration "
-                    f"(data.replay.size={len(self.replay_buffer)}, {self.ways}-way, "
+                    f"(train.replay.size={len(self.replay_buffer)}, {self.ways}-way, "
                     f"{self.shots + self.queries} images per class): resume with the run's own settings."
                 )
             self.replay_buffer[: len(saved)] = saved

@@ -7,10 +7,15 @@ import torch
 
 @dataclass
 class ClassSplit:
-    images: torch.Tensor  # uint8 [num_images, 1, 28, 28], ink high
+    images: torch.Tensor  # uint8 [num_images, channels, height, width], ink (foreground) high
     labels: torch.Tensor  # int64 [num_images], class ids 0..num_classes-1
     name: str  # e.g. "omniglot/vinyals/train", used in messages
     part: str = ""  # "train", "val" or "test": one of the keys each episode is derived from
+
+    @property
+    def image_shape(self) -> tuple:
+        """(channels, height, width): what the backbone is built for."""
+        return tuple(self.images.shape[1:])
 
     @property
     def num_classes(self) -> int:

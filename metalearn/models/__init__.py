@@ -1,20 +1,52 @@
-"""Backbones as plain nn.Modules, built by name from the model config."""
+"""Backbones: nn.Modules that meet metalearn.models.base.Backbone, built from the model config."""
 
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from metalearn.models.base import Backbone, ModelSettings
+from metalearn.models.conv4 import Conv4
+from metalearn.models.layout import CHANNELS_LAST, LAYOUTS, NCHW, VMAP, in_nchw, set_layout
 from metalearn.errors import MetalearnError
-from metalearn.models.conv4 import CHANNELS_LAST, NCHW, VMAP, Conv4, in_nchw, set_layout
+from metalearn.settings import component_class, construct, settings_of
 
-MODELS = {"conv4": Conv4}
+# Model configs saved before backbones named their class (checkpoints, run folders): name -> class.
+LEGACY_TARGETS = {"conv4": "metalearn.models.conv4.Conv4"}
 
 
-def build_model(model_cfg, num_classes: int, amp: bool = False, layout: str = NCHW) -> nn.Module:
-    """The backbone model_cfg names, computing under bf16 autocast (amp) in `layout` (see models.conv4)."""
-    if model_cfg.name not in MODELS:
-        raise MetalearnError(f"model={model_cfg.name} is not a known model; choose one of: {', '.join(MODELS)}.")
-    model = MODELS[model_cfg.name](num_classes=num_classes, hidden=model_cfg.hidden, amp=amp)
+def model_node(model_cfg) -> DictConfig:
+    """The model config as a node, `_target_` filled in for configs saved before it existed."""
+    node = model_cfg if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
+    if "_target_" not in node and node.get("name") in LEGACY_TARGETS:
+        node = OmegaConf.merge({"_target_": LEGACY_TARGETS[node.name]}, node)
+    return node
+
+
+def build_model(
+    model_cfg, num_classes: int, image_shape: Sequence[int], amp: bool = False, layout: str = NCHW
+) -> nn.Module:
+    """The backbone model_cfg names, for images of `image_shape` (C, H, W), in `layout` (see models.layout)."""
+    node = model_node(model_cfg)
+    settings = settings_of(node, "model")
+    channels, height, width = image_shape
+    if height != width:
+        raise MetalearnError(f"the backbones take square images; these are {height}x{width}.")
+    cls = component_class(node, "model")
+    model = construct(cls, settings, num_classes=num_classes, in_channels=channels, image_size=height, amp=amp)
     set_layout(model, layout)
     return model
 
 
-__all__ = ["CHANNELS_LAST", "NCHW", "VMAP", "Conv4", "build_model", "in_nchw", "set_layout"]
+__all__ = [
+    "Backbone",
+    "CHANNELS_LAST",
+    "Conv4",
+    "LAYOUTS",
+    "ModelSettings",
+    "NCHW",
+    "VMAP",
+    "build_model",
+    "in_nchw",
+    "set_layout",
+]

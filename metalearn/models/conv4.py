@@ -1,51 +1,12 @@
 """The conv4 backbone of Vinyals et al. (2016) and Finn et al. (2017)."""
 
-from contextlib import contextmanager
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-# How a model's convolutions lay out their activations:
-CHANNELS_LAST = "channels_last"  # NHWC, the fast kernels of a CPU's loop over tasks
-NCHW = "nchw"  # forced NCHW, also for weights that came out of a channels-last backward
-VMAP = "vmap"  # no explicit memory-format calls (vmap supports none) and float BatchNorm inputs
-LAYOUTS = (CHANNELS_LAST, NCHW, VMAP)
-
-
-class Conv2d(nn.Conv2d):
-    """A convolution that hands its output on in the model's layout.
-
-    A one-channel image batch is both NCHW and NHWC to torch, so the first
-    convolution would keep NCHW for the whole network; converting its output
-    puts every later layer on the channels-last kernels.
-    """
-
-    layout = NCHW
-
-    def forward(self, x):
-        if self.layout == CHANNELS_LAST:
-            return super().forward(x).contiguous(memory_format=torch.channels_last)
-        if self.layout == NCHW:
-            # NCHW-strided weights, or channels-last ones would pull the computation into NHWC
-            # (`contiguous()` keeps a one-channel filter's channels-last strides, `clone` does not).
-            return self._conv_forward(x, self.weight.clone(memory_format=torch.contiguous_format), self.bias)
-        return super().forward(x)
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that, in the vmap layout, normalises a bf16 input in float32.
-
-    Under vmap the backward of a bf16 input with float32 weights fails in
-    torch 2.14 ("expected scalar type BFloat16 but found Float"); the next
-    convolution casts back to bf16 under autocast, so only this op changes.
-    """
-
-    layout = NCHW
-
-    def forward(self, x):
-        if self.layout == VMAP and x.dtype != self.weight.dtype:
-            x = x.to(self.weight.dtype)
-        return super().forward(x)
+from metalearn.models.base import ModelSettings
+from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
+from metalearn.settings import at_least
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -61,92 +22,58 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class Features(nn.Sequential):
-    """The convolutional body, optionally run on the hardware's fast paths.
+@dataclass
+class Conv4Settings(ModelSettings):
+    hidden: int = 64  # filters of every convolution
 
-    `amp` runs it under bf16 autocast and the channels-last layout feeds it
-    NHWC images; with amp it returns float32 embeddings, so heads, losses and
-    the inner-loop updates stay in float32. Neither setting changes the
-    parameters, so checkpoints move freely between them.
-    """
-
-    amp = False
-    layout = NCHW
-
-    def forward(self, x):
-        if self.layout == CHANNELS_LAST:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if not self.amp:
-            return super().forward(x)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return super().forward(x).float()
+    def __post_init__(self):
+        at_least(self, "hidden", 1)
 
 
-_LAYOUT_MODULES = (Features, Conv2d, BatchNorm2d)
-
-
-def set_layout(model: nn.Module, layout: str) -> None:
-    """Switch the layout the model computes in; the weights follow (NHWC or NCHW storage)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    for module in model.modules():
-        if isinstance(module, _LAYOUT_MODULES):
-            module.layout = layout
-    model.to(memory_format=torch.channels_last if layout == CHANNELS_LAST else torch.contiguous_format)
-
-
-def set_channels_last(model: nn.Module, on: bool) -> None:
-    set_layout(model, CHANNELS_LAST if on else NCHW)
-
-
-@contextmanager
-def in_nchw(model: nn.Module):
-    """Compute in NCHW inside the block, whatever the model's layout (the weights stay as they are).
-
-    On a CPU channels-last BatchNorm's double backward is several times slower
-    than NCHW's, so passes that are differentiated twice (MAML's second-order
-    inner loop) run in NCHW. Not thread-safe: one model per thread.
-    """
-    saved = [(m, m.layout) for m in model.modules() if isinstance(m, _LAYOUT_MODULES)]
-    for module, layout in saved:
-        if layout == CHANNELS_LAST:
-            module.layout = NCHW
-    try:
-        yield
-    finally:
-        for module, layout in saved:
-            module.layout = layout
+BLOCKS = 4
 
 
 class Conv4(nn.Module):
-    """4 x [conv3x3, BatchNorm, max-pool 2x2, ReLU] then a linear head; 28x28 -> 1x1.
+    """4 x [conv3x3, BatchNorm, max-pool 2x2, ReLU] then a linear head; 28x28 -> 1x1, 84x84 -> 5x5.
 
-    `features` maps images to `hidden`-dimensional embeddings; with
-    num_classes=0 the head is the identity and the model returns them.
+    `features` maps images to embeddings of `feature_size` = hidden x the
+    final map's area; with num_classes=0 the head is the identity and the
+    model returns them (see metalearn.models.base.Backbone).
     """
 
+    Settings = Conv4Settings
     # BatchNorm normalises with the statistics of the batch it sees (a support or a query set), in
     # training and at test time, as in the MAML paper: evaluation is transductive over each query set.
     batch_norm = "transductive"
 
     def __init__(
-        self, num_classes: int, hidden: int = 64, in_channels: int = 1, amp: bool = False, channels_last: bool = False
+        self,
+        num_classes: int,
+        hidden: int = 64,
+        in_channels: int = 1,
+        image_size: int = 28,
+        amp: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
+        side = image_size
+        for _ in range(BLOCKS):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"conv4 halves the image {BLOCKS} times: {image_size}x{image_size} is too small")
+        self.feature_size = hidden * side * side
         self.features = Features(
             conv_block(in_channels, hidden),
-            conv_block(hidden, hidden),
-            conv_block(hidden, hidden),
-            conv_block(hidden, hidden),
+            *(conv_block(hidden, hidden) for _ in range(BLOCKS - 1)),
             nn.Flatten(),
         )
         self.features.amp = amp
-        self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
         set_channels_last(self, channels_last)
 
     @property
     def layout(self) -> str:
-        """The layout the network computes in (see set_layout)."""
+        """The layout the network computes in (see metalearn.models.layout)."""
         return self.features.layout
 
     def forward(self, x):

@@ -20,7 +20,7 @@ TINY_ALGO = {
         "algo.inner_batch_eval=3",
         "algo.anneal_steps=3",
     ],
-    "protonet": ["algo.train_ways=5"],
+    "protonet": ["task.train.ways=5"],
     "finetune": ["algo.batch_size=8", "algo.head_steps=5"],
 }
 

@@ -1,14 +1,20 @@
-"""metrics.jsonl: one JSON object per line (step, split, loss, accuracy, ...)."""
+"""metrics.jsonl in the run folder: one JSON object per line (step, split, loss, accuracy, ...).
+
+Every run writes it (`metalearn eval`, the tests and any later report read
+it); the loggers a config adds under `loggers` write alongside it.
+"""
 
 import json
 from pathlib import Path
 
+from metalearn.loggers.base import MetricWriter
 
-class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = Path(path)
 
-    def write(self, **record) -> None:
+class JsonlWriter(MetricWriter):
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+        self.path = Path(run_dir) / filename
+
+    def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -23,7 +29,7 @@ class MetricsLog:
                 pass  # a line cut short by a crash
         return records
 
-    def truncate_after(self, step: int) -> None:
+    def resume(self, step: int) -> None:
         """Drop what was logged after the checkpoint a resumed run starts from."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")

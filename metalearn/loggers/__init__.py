@@ -1,0 +1,29 @@
+"""Metric writers: metrics.jsonl always, plus the loggers the config names under `loggers`."""
+
+from pathlib import Path
+from typing import List
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metalearn.errors import MetalearnError
+from metalearn.loggers.base import MetricWriter
+from metalearn.loggers.jsonl import JsonlWriter
+
+
+def build_writers(loggers: DictConfig, run_dir: Path) -> List[MetricWriter]:
+    """metrics.jsonl first, then each configured logger, constructed with the run folder."""
+    writers: List[MetricWriter] = [JsonlWriter(run_dir)]
+    for name, node in (loggers or {}).items():
+        try:
+            writer = instantiate(node, run_dir=run_dir)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise MetalearnError(f"loggers.{name} cannot be built ({reason}).") from None
+        if not isinstance(writer, MetricWriter):
+            raise MetalearnError(f"loggers.{name}: {type(writer).__name__} is not a metalearn MetricWriter.")
+        writers.append(writer)
+    return writers
+
+
+__all__ = ["JsonlWriter", "MetricWriter", "build_writers"]
