@@ -3,28 +3,9 @@
 import json
 import re
 
-import pytest
 import torch
 
 from helpers.runs import overrides_for, train_resume_eval
-
-
-@pytest.mark.parametrize("algo", ["anil", "metasgd", "reptile", "protonet"])
-def test_meta_learner_trains_resumes_and_evaluates(cli, tiny_overrides, tmp_path, algo):
-    train_resume_eval(cli, overrides_for(algo, tiny_overrides), tmp_path, algo)
-
-
-@pytest.mark.parametrize("amp", ["true", "false"], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "anil", "metasgd", "reptile", "protonet"])
-def test_vmap_strategy_with_the_default_device_flags(cli, tiny_overrides, tmp_path, algo, amp):
-    """What a GPU's defaults pick (vmap, channels_last on by default, bf16 or not) trains, resumes exactly
-    and evaluates; on a CPU here."""
-    overrides = [*overrides_for(algo, tiny_overrides), "algo.vectorize=vmap", f"device.amp={amp}"]
-    assert not any(o.startswith("device.channels_last") for o in overrides)
-    run = train_resume_eval(cli, overrides, tmp_path, algo)
-    assert "channels_last: true" in (run / ".hydra" / "config.yaml").read_text()
-    precision = "bf16 autocast" if amp == "true" else "float32"
-    assert f"on cpu: {precision}, vmap layout (device.amp={amp}" in (run / "train.log").read_text()
 
 
 def test_extending_a_reptile_run_keeps_its_schedule_or_says_how(cli, tiny_overrides, tmp_path):

@@ -68,7 +68,13 @@ def test_missing_dataset(tmp_path):
 def test_unknown_key_and_wrong_type(tiny_overrides, tmp_path):
     fails("train", *tiny_overrides, "train.stepz=3", match="Key 'stepz' not in", cwd=tmp_path)
     fails("train", *tiny_overrides, "algo.inner_lr=fast", match="algo.inner_lr: Value 'fast'", cwd=tmp_path)
-    fails("train", *tiny_overrides, "algo.vectorize=sometimes", match="algo.vectorize: Invalid value 'sometimes'", cwd=tmp_path)
+    fails(
+        "train",
+        *tiny_overrides,
+        "algo.vectorize=sometimes",
+        match="algo.vectorize: Invalid value 'sometimes'",
+        cwd=tmp_path,
+    )
     fails("train", *tiny_overrides, "algo=nosuch", match="Could not find 'algo/nosuch'", cwd=tmp_path)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers.runs import assert_same_state
 
@@ -47,3 +48,16 @@ def test_a_run_from_before_evaluates_and_resumes_exactly(cli, tiny_data, tmp_pat
     straight = torch.load(made_now / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["step"] == straight["step"] == 3
     assert_same_state(resumed["algo"], straight["algo"])
+
+
+def test_keys_from_before_the_redesign_still_work_on_the_command_line(cli):
+    old = ["data.ways=3", "algo.train_shots=4", "data.replay.size=7", "algo.outer_lr=0.5", "algo.outer_lr_final=0.1"]
+    result = cli("train", "--cfg", "job", "experiment=reptile_omniglot_5w1s", *old)
+    cfg = OmegaConf.create(result.stdout)
+    assert (cfg.task.ways, cfg.task.train.shots, cfg.train.replay.size) == (3, 4, 7)
+    assert (cfg.algo.meta_step, cfg.algo.meta_step_final) == (0.5, 0.1)
+    assert "data.ways is now task.ways" in result.stderr and "algo.outer_lr is now algo.meta_step" in result.stderr
+    # outer_lr keeps its meaning (the Adam rate) for every other algorithm
+    assert (
+        OmegaConf.create(cli("train", "--cfg", "job", "algo=maml", "algo.outer_lr=0.01").stdout).algo.outer_lr == 0.01
+    )

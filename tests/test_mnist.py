@@ -1,39 +1,14 @@
 """MNIST few-shot splits from tiny generated IDX files, and cross-domain evaluation."""
 
-import gzip
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers.data import write_idx, write_tiny_mnist
 from metalearn.data import load_split
 from metalearn.errors import MetalearnError
-
-PER_DIGIT = {"train": 25, "t10k": 22}
-
-
-def write_idx(path: Path, magic: int, tensor: torch.Tensor, compress: bool) -> None:
-    header = b"".join(n.to_bytes(4, "big") for n in (magic, *tensor.shape))
-    data = header + tensor.to(torch.uint8).numpy().tobytes()
-    path.write_bytes(gzip.compress(data) if compress else data)
-
-
-def write_tiny_mnist(root: Path, compress: bool = True) -> Path:
-    """Images encode (pool, index) in their first pixels so splits can be traced to images."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for pool_id, (prefix, per_digit) in enumerate(PER_DIGIT.items()):
-        labels = torch.arange(10).repeat(per_digit)  # interleaved, as in MNIST
-        images = torch.zeros(len(labels), 28, 28, dtype=torch.uint8)
-        images[:, 0, 0] = pool_id + 1
-        images[:, 0, 1] = torch.arange(len(labels)) % 256
-        images[:, 0, 2] = torch.arange(len(labels)) // 256
-        images[:, 10:18, 10:18] = (labels * 25).to(torch.uint8)[:, None, None]  # a digit-dependent blob
-        write_idx(raw / f"{prefix}-images-idx3-ubyte{'.gz' if compress else ''}", 2051, images, compress)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte{'.gz' if compress else ''}", 2049, labels, compress)
-    return root
 
 
 def mnist_cfg(root, cache, train=(0, 1, 2, 3, 4), val=(5, 6, 7, 8, 9), test=(5, 6, 7, 8, 9)):

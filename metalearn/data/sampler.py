@@ -20,9 +20,9 @@ from metalearn.errors import MetalearnError
 class Episodes(NamedTuple):
     """A batch of T tasks; labels are 0..ways-1 within each task."""
 
-    support: torch.Tensor  # [T, ways*shots, 1, 28, 28] float in [0, 1]
+    support: torch.Tensor  # [T, ways*shots, C, H, W] float in [0, 1]
     support_labels: torch.Tensor  # [T, ways*shots]
-    query: torch.Tensor  # [T, ways*queries, 1, 28, 28]
+    query: torch.Tensor  # [T, ways*queries, C, H, W]
     query_labels: torch.Tensor  # [T, ways*queries]
 
     @property
@@ -37,7 +37,7 @@ class Episodes(NamedTuple):
 class LabelledImages(NamedTuple):
     """A plain classification batch: images of any classes of the split, with their class ids."""
 
-    images: torch.Tensor  # [B, 1, 28, 28] float in [0, 1]
+    images: torch.Tensor  # [B, C, H, W] float in [0, 1]
     labels: torch.Tensor  # [B], class ids of the split
 
 

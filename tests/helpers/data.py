@@ -1,6 +1,7 @@
 """A tiny Omniglot generated on the fly, in the real archives' format, and where the real data lives."""
 
 import io
+import gzip
 import zipfile
 from pathlib import Path
 
@@ -66,3 +67,43 @@ def write_tiny_split(folder: Path) -> Path:
     for part, classes in TINY_SPLIT.items():
         (folder / f"{part}.txt").write_text("\n".join(classes) + "\n")
     return folder
+
+
+PER_DIGIT = {"train": 25, "t10k": 22}
+
+
+def write_idx(path: Path, magic: int, tensor: torch.Tensor, compress: bool) -> None:
+    header = b"".join(n.to_bytes(4, "big") for n in (magic, *tensor.shape))
+    data = header + tensor.to(torch.uint8).numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def write_tiny_mnist(root: Path, compress: bool = True) -> Path:
+    """Images encode (pool, index) in their first pixels so splits can be traced to images."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for pool_id, (prefix, per_digit) in enumerate(PER_DIGIT.items()):
+        labels = torch.arange(10).repeat(per_digit)  # interleaved, as in MNIST
+        images = torch.zeros(len(labels), 28, 28, dtype=torch.uint8)
+        images[:, 0, 0] = pool_id + 1
+        images[:, 0, 1] = torch.arange(len(labels)) % 256
+        images[:, 0, 2] = torch.arange(len(labels)) // 256
+        images[:, 10:18, 10:18] = (labels * 25).to(torch.uint8)[:, None, None]  # a digit-dependent blob
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{'.gz' if compress else ''}", 2051, images, compress)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{'.gz' if compress else ''}", 2049, labels, compress)
+    return root
+
+
+def tiny_omniglot(base: Path) -> list:
+    """A tiny Omniglot (12/8/16 classes for train/val/test) and the data.* overrides that select it."""
+    root, split = write_tiny_omniglot(base / "root"), write_tiny_split(base / "split")
+    return ["data=omniglot", f"data.root={root}", f"data.split={split}", f"data.cache_dir={base / 'cache'}"]
+
+
+def tiny_mnist(base: Path) -> list:
+    """Tiny MNIST files (digits 0-4 train, 5-9 val and test) and the data.* overrides that select them."""
+    return ["data=mnist", f"data.root={write_tiny_mnist(base / 'root')}", f"data.cache_dir={base / 'cache'}"]
+
+
+# Per dataset of conf/data: a writer of small files in its exact on-disk format (the contract tests use it).
+TINY_DATASETS = {"omniglot": tiny_omniglot, "mnist": tiny_mnist}
