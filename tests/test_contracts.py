@@ -62,7 +62,9 @@ def test_algorithm_trains_resumes_exactly_and_evaluates(cli, tiny_overrides, tmp
         teacher = tmp_path / "teacher"
         cli("train", *overrides_for("finetune", tiny_overrides), f"hydra.run.dir={teacher}", cwd=tmp_path)
         overrides.append(f"algo.teacher={teacher}")
-    train_resume_eval(cli, overrides, tmp_path, algo)
+    run = train_resume_eval(cli, overrides, tmp_path, algo)
+    mismatched = cli("eval", f"run={run}", "model.hidden=4", cwd=tmp_path, check=False)
+    assert mismatched.returncode == 1 and "does not fit this configuration" in mismatched.stderr
 
 
 VECTORIZED = [a for a in ALGOS if issubclass(algorithm_class(a).Settings, VectorizedSettings)]

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metalearn.errors import MetalearnError
 from metalearn.models import Conv4, in_nchw
 
 
@@ -65,3 +66,14 @@ def test_in_nchw_switches_the_layout_for_the_block_only():
     after = model(x)
     assert seen == [True, False, True]
     assert torch.allclose(inside, expected, rtol=1e-10, atol=1e-12) and torch.equal(after, expected)
+
+
+def test_conv4_is_built_for_the_datasets_channels_and_image_size():
+    """miniImageNet-shaped input: 3 channels, 84x84 -> a 5x5 map, 25 x hidden features, the same network."""
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=8, in_channels=3, image_size=84).double()
+    x = torch.rand(2, 3, 84, 84, dtype=torch.float64)
+    assert model.feature_size == 8 * 5 * 5 and model.features(x).shape == (2, 200)
+    assert torch.allclose(model(x), textbook_forward(model, x), atol=1e-12)
+    with pytest.raises(MetalearnError, match="16x16 at least"):
+        Conv4(5, image_size=15)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from metalearn.errors import MetalearnError
 from metalearn.models.base import ModelSettings
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import at_least
@@ -60,7 +61,10 @@ class Conv4(nn.Module):
         for _ in range(BLOCKS):
             side //= 2
         if side < 1:
-            raise ValueError(f"conv4 halves the image {BLOCKS} times: {image_size}x{image_size} is too small")
+            raise MetalearnError(
+                f"model=conv4 halves the image {BLOCKS} times, so {image_size}x{image_size} images are too small: "
+                f"it needs {2**BLOCKS}x{2**BLOCKS} at least."
+            )
         self.feature_size = hidden * side * side
         self.features = Features(
             conv_block(in_channels, hidden),
