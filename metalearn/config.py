@@ -51,8 +51,8 @@ class TrainingEpisodes:
 class TaskConfig:
     """The few-shot task: validated and tested on ways x (shots + queries) episodes."""
 
-    ways: int = 5
-    shots: int = 1
+    ways: int = 5  # classes per task
+    shots: int = 1  # support images per class
     queries: int = 15  # query images per class
     train: TrainingEpisodes = field(default_factory=TrainingEpisodes)
 
@@ -85,13 +85,13 @@ class ReplayConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 60000
-    meta_batch_size: int = 32
-    val_every: int = 500
-    val_episodes: int = 100
+    steps: int = 60000  # meta-iterations (the algorithm's YAML sets its paper's budget)
+    meta_batch_size: int = 32  # tasks per meta-iteration (the training tasks do not depend on it)
+    val_every: int = 500  # steps between validations (and at the last step)
+    val_episodes: int = 100  # validation tasks scored each time
     val_seed: int = 0  # validation episodes: the same tasks at every validation, any meta-batch size
-    ckpt_every: int = 500
-    log_every: int = 50
+    ckpt_every: int = 500  # steps between writes of checkpoints/last.pt
+    log_every: int = 50  # steps per "train" record in metrics.jsonl
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
@@ -103,7 +103,7 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    episodes: int = 600
+    episodes: int = 600  # test tasks; the result is their mean accuracy with a 95% confidence interval
     seed: int = 0  # fixed, so two checkpoints are scored on the same episodes
     batch_size: Optional[int] = None  # episodes scored at once; null: all that fit on a GPU, 50 on a CPU
 
@@ -135,21 +135,21 @@ class TrainAppConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Metric writers besides metrics.jsonl, each a `_target_` node (conf/logger/<name>.yaml: +logger=<name>).
+    # Metric writers besides metrics.jsonl, each a `_target_` node added by +logger=<name> (docs/extending.md).
     loggers: Dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    seed: int = 0  # model initialisation and training tasks
     resume: Optional[str] = None  # a run folder to continue from its last.pt
 
 
 @dataclass
 class EvalAppConfig(TrainAppConfig):
     run: Any = MISSING  # a run folder, or a list of them to evaluate as an ensemble
-    checkpoint: CheckpointName = CheckpointName.best
+    checkpoint: CheckpointName = CheckpointName.best  # which checkpoint of the run is scored
 
 
 @dataclass
 class DataAppConfig(TrainAppConfig):
-    action: DataAction = DataAction.info
+    action: DataAction = DataAction.info  # `data info` (what each part holds) or `data preview` (a PNG)
     part: SplitPart = SplitPart.train  # which part `preview` samples from
     out: Optional[str] = None  # preview PNG path; null: preview-<data>-<part>-<ways>w<shots>s.png
 

@@ -5,6 +5,7 @@ overrides a run was started with (.hydra/overrides.yaml) before the new ones,
 so the run's own config is composed again and any override given now wins.
 """
 
+import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -22,6 +23,13 @@ def refuse_existing_run(run_dir: Path) -> None:
             f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
             f"`metalearn train resume={run_dir}`, or choose another hydra.run.dir."
         )
+
+
+def discard_unstarted_run(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run refused before it started (it holds only .hydra/ and the log)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def override_key(override: str) -> str:

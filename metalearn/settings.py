@@ -118,11 +118,12 @@ def construct(cls: type, settings: Any, skip: tuple = ("_target_", "name"), **co
     A setting the constructor does not take is a contract error of the component (a contract test checks it).
     """
     parameters = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     kwargs = {}
     for f in fields(settings):
         if f.name in skip:
             continue
-        if f.name not in parameters:
+        if f.name not in parameters and not takes_any:
             raise TypeError(f"{cls.__name__} takes no argument {f.name!r}, a key of its Settings")
         kwargs[f.name] = plain(getattr(settings, f.name))
     kwargs.update({k: v for k, v in context.items() if k in parameters and k not in kwargs})

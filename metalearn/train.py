@@ -27,7 +27,7 @@ from metalearn.device import resolve_device
 from metalearn.errors import MetalearnError
 from metalearn.hooks import Checkpoints, Hook, LoopState, TrainMetrics, Validation
 from metalearn.loggers import build_writers
-from metalearn.runs import refuse_existing_run
+from metalearn.runs import discard_unstarted_run, refuse_existing_run
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,13 @@ class GracefulStop:
 
 
 def train(cfg: DictConfig) -> Path:
-    validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+    except MetalearnError:
+        if cfg.resume is None:
+            discard_unstarted_run(run_dir)
+        raise
     if cfg.resume is None:
         refuse_existing_run(run_dir)
     device = resolve_device(cfg.device.name)

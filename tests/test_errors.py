@@ -79,7 +79,9 @@ def test_unknown_key_and_wrong_type(tiny_overrides, tmp_path):
 
 
 def test_out_of_range_values(tiny_overrides, tmp_path):
-    fails("train", *tiny_overrides, "task.shots=0", match="task.shots must be at least 1", cwd=tmp_path)
+    run = tmp_path / "refused"
+    fails("train", *tiny_overrides, "task.shots=0", f"hydra.run.dir={run}", match="task.shots must be at least 1")
+    assert not run.exists()  # a run refused before it started leaves no folder behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so device=cuda is valid here")

@@ -9,12 +9,12 @@ import statistics
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
 
+from helpers.data import tiny_data_config
 from helpers.runs import overrides_for
 
 WAYS, QUERIES = 4, 3
@@ -107,19 +107,6 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing():
 # --- through the CLI ---------------------------------------------------------------
 
 
-def tiny_data_cfg(tiny_data):
-    return OmegaConf.create(
-        {
-            "_target_": "metalearn.data.omniglot.Omniglot",
-            "name": "omniglot",
-            "root": str(tiny_data["root"]),
-            "split": str(tiny_data["split"]),
-            "cache_dir": str(tiny_data["cache"]),
-            "download": False,
-        }
-    )
-
-
 def test_eval_scores_the_test_split(cli, tiny_overrides, tiny_data, tmp_path):
     """13-way tasks: the tiny split's test part has 16 classes, train 12 and val 8, so only it can serve them."""
     run = tmp_path / "run"
@@ -128,13 +115,13 @@ def test_eval_scores_the_test_split(cli, tiny_overrides, tiny_data, tmp_path):
     assert "(10 episodes, omniglot 13-way 1-shot, best.pt)" in out
     record = json.loads((run / "evals.jsonl").read_text())
     assert record["part"] == "test"
-    test = EpisodeSampler(load_split(tiny_data_cfg(tiny_data), "test"), 13, 1, 3, "cpu", seed=0)
+    test = EpisodeSampler(load_split(tiny_data_config(tiny_data), "test"), 13, 1, 3, "cpu", seed=0)
     assert record["episode_digest"] == hashlib.sha256(test.episode_ids(0, 10).numpy().tobytes()).hexdigest()
 
 
 def test_one_episode_set_for_every_batch_size_and_algorithm(cli, tiny_overrides, tiny_data, tmp_path):
     """600 test episodes scored 1, 5, 32 or 600 at a time, by MAML and by ProtoNet: the same 600 tasks."""
-    test = EpisodeSampler(load_split(tiny_data_cfg(tiny_data), "test"), 5, 1, 3, "cpu", seed=0)
+    test = EpisodeSampler(load_split(tiny_data_config(tiny_data), "test"), 5, 1, 3, "cpu", seed=0)
     expected = hashlib.sha256(test.episode_ids(0, 600).numpy().tobytes()).hexdigest()
     for algo in ("maml", "protonet"):
         run = tmp_path / algo

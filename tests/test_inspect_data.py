@@ -1,9 +1,9 @@
 """`metalearn data info` and `metalearn data preview` on the tiny generated Omniglot."""
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers.data import tiny_data_config
 from metalearn.data import EpisodeSampler, load_split
 
 
@@ -45,16 +45,7 @@ def test_preview_draws_the_sampled_episode(cli, tiny_data, tmp_path):
     cols, rows = 2 + 1 + 4, 3
     assert picture.shape == (2 * (rows * 30 + 2), 2 * (cols * 30 + 2))
     picture = picture[::2, ::2]  # undo the 2x zoom
-    cfg = OmegaConf.create(
-        {
-            "_target_": "metalearn.data.omniglot.Omniglot",
-            "name": "omniglot",
-            "root": str(tiny_data["root"]),
-            "split": str(tiny_data["split"]),
-            "cache_dir": str(tiny_data["cache"]),
-            "download": False,
-        }
-    )
+    cfg = tiny_data_config(tiny_data)
     episode = EpisodeSampler(load_split(cfg, "val"), 3, 2, 4, "cpu", seed=3).sample(1)
 
     def tile(row, col):

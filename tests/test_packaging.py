@@ -25,6 +25,8 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
         "metalearn/conf/model/conv4.yaml",
         "metalearn/conf/device/cuda.yaml",
         "metalearn/conf/experiment/maml_omniglot_20w1s.yaml",
+        "metalearn/loggers/jsonl.py",
+        "metalearn/models/layout.py",
         "metalearn/data/splits/omniglot/vinyals/train.txt",
         "metalearn/data/splits/omniglot/lake/test.txt",
     }

@@ -34,13 +34,13 @@ from metalearn.settings import SettingError, at_least, positive, within
 class FinetuneSettings(AlgoSettings):
     """Pretrain a classifier on all meta-train classes; fit a new head on each support set."""
 
-    outer_lr: float = 1e-3
+    outer_lr: float = 1e-3  # Adam step size of the pretraining
     batch_size: int = 16  # images per pretraining step
-    head_lr: float = 0.01
-    head_momentum: float = 0.9
-    head_dampening: float = 0.9
-    head_weight_decay: float = 0.001
-    head_steps: int = 100
+    head_lr: float = 0.01  # SGD step size of each test task's new head
+    head_momentum: float = 0.9  # ... its momentum
+    head_dampening: float = 0.9  # ... dampening
+    head_weight_decay: float = 0.001  # ... weight decay
+    head_steps: int = 100  # ... and full-batch steps on the support set
 
     def __post_init__(self):
         positive(self, "outer_lr")
@@ -52,7 +52,7 @@ class FinetuneSettings(AlgoSettings):
 @dataclass
 class DistillSettings(FinetuneSettings):
     teacher: Optional[str] = None  # a finished finetune (or distill) run folder
-    temperature: float = 4.0
+    temperature: float = 4.0  # softens teacher and student outputs in the KL term
     distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest is cross-entropy
 
     def __post_init__(self):
@@ -183,18 +183,10 @@ class Distill(Finetune):
         teacher: str,
         temperature: float,
         distill_weight: float,
-        outer_lr: float,
-        batch_size: int,
-        head_lr: float,
-        head_momentum: float,
-        head_dampening: float,
-        head_weight_decay: float,
-        head_steps: int,
         fast: FastPaths = PLAIN,
+        **finetune_settings,
     ):
-        super().__init__(
-            model, outer_lr, batch_size, head_lr, head_momentum, head_dampening, head_weight_decay, head_steps
-        )
+        super().__init__(model, **finetune_settings)
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
         self.fast = fast
         self._teacher = None  # loaded at the first training step: evaluation does not need it

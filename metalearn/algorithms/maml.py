@@ -63,16 +63,15 @@ class InnerLoss(Enum):
 class MAMLSettings(AlgoSettings, VectorizedSettings):
     """MAML, first-order MAML, ANIL (adapt=head) and Meta-SGD (learn_inner_lr)."""
 
-    outer_lr: float = 1e-3
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    inner_steps_eval: int = 10
-    first_order: bool = False
-    inner_loss: InnerLoss = InnerLoss.mean
-    adapt: AdaptedParams = AdaptedParams.all
-    # Meta-SGD: one learned inner rate per weight, first drawn uniformly from this range.
-    learn_inner_lr: bool = False
-    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])
+    outer_lr: float = 1e-3  # Adam step size of the outer update
+    inner_lr: float = 0.4  # inner step size (Meta-SGD: unused, the rates are learned)
+    inner_steps: int = 1  # inner steps in meta-training
+    inner_steps_eval: int = 10  # inner steps at validation and test time
+    first_order: bool = False  # drop second derivatives through the inner loop (FOMAML)
+    inner_loss: InnerLoss = InnerLoss.mean  # the support loss the inner steps descend
+    adapt: AdaptedParams = AdaptedParams.all  # which weights the inner loop adapts
+    learn_inner_lr: bool = False  # Meta-SGD: one learned inner rate per adapted weight
+    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])  # Meta-SGD: initial rates, uniform
 
     def __post_init__(self):
         positive(self, "outer_lr")

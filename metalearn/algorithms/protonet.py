@@ -6,7 +6,7 @@ network is trained end to end on the query cross-entropy, with training
 episodes that may have more classes than the evaluated tasks (the paper
 trains Omniglot with 60). Each task's support and query images go through
 the network as one batch, so batch norm sees the task (transductive, like
-every algorithm here; see the README).
+every algorithm here; see docs/algorithms.md).
 """
 
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from metalearn.settings import at_least, positive
 
 @dataclass
 class ProtoNetSettings(AlgoSettings, VectorizedSettings):
-    outer_lr: float = 1e-3
+    outer_lr: float = 1e-3  # Adam step size
     lr_decay: float = 0.5  # the outer learning rate is multiplied by this ...
     lr_decay_every: int = 2000  # ... every this many steps
 

@@ -50,17 +50,15 @@ class InnerOptimizer(Enum):
 
 @dataclass
 class ReptileSettings(AlgoSettings, VectorizedSettings):
-    inner_lr: float = 1e-3
-    inner_steps: int = 5
+    inner_lr: float = 1e-3  # inner step size (Adam with beta1 = 0, or SGD)
+    inner_steps: int = 5  # inner minibatch steps per task in meta-training
     inner_batch: int = 10  # images per inner step, drawn from the task without replacement
-    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
-    inner_steps_eval: int = 50
-    inner_batch_eval: int = 5
-    # The outer update theta += eps (mean adapted - theta): eps anneals linearly from meta_step to
-    # meta_step_final over anneal_steps steps (null: train.steps when the run starts).
-    meta_step: float = 1.0
-    meta_step_final: float = 0.0
-    anneal_steps: Optional[int] = None
+    inner_optimizer: InnerOptimizer = InnerOptimizer.adam  # adam (beta1 = 0, as the paper's code) or sgd
+    inner_steps_eval: int = 50  # fine-tuning steps on a test task's support set
+    inner_batch_eval: int = 5  # images per fine-tuning step
+    meta_step: float = 1.0  # eps of the outer update theta += eps (mean adapted - theta), at the start ...
+    meta_step_final: float = 0.0  # ... annealed linearly to this ...
+    anneal_steps: Optional[int] = None  # ... over this many steps (null: train.steps when the run starts, kept)
 
     def __post_init__(self):
         positive(self, "inner_lr")

@@ -110,9 +110,9 @@ def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tup
 class DigitClasses:
     """Which digits each part of the split draws from."""
 
-    train: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    val: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
-    test: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    train: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # meta-training digits
+    val: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # validation digits (MNIST's training images)
+    test: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # test digits (MNIST's test images)
 
     def check(self):
         """Digits 0-9, no repeats; meta-train digits never used for validation or test."""

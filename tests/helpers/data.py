@@ -107,3 +107,11 @@ def tiny_mnist(base: Path) -> list:
 
 # Per dataset of conf/data: a writer of small files in its exact on-disk format (the contract tests use it).
 TINY_DATASETS = {"omniglot": tiny_omniglot, "mnist": tiny_mnist}
+
+
+def tiny_data_config(tiny_data: dict):
+    """The composed data.* node of the tiny Omniglot fixture (conftest's tiny_data)."""
+    from metalearn.config import compose
+
+    keys = {"root": tiny_data["root"], "split": tiny_data["split"], "cache_dir": tiny_data["cache"]}
+    return compose([f"data.{key}={value}" for key, value in keys.items()]).data
