@@ -29,6 +29,13 @@ from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """The GPU's peak allocated memory since the last reset, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -123,13 +130,16 @@ def main():
         f"MAML conv4 {args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner step(s), "
         f"meta-batch {args.meta_batch}, torch {torch.__version__}"
     )
-    print(f"{'strategy':<8} {'order':<7} {'meta-it/s':>9} {'tasks/s':>8} {'peak RSS MiB':>13}")
+    memory = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"{'strategy':<8} {'order':<7} {'meta-it/s':>9} {'tasks/s':>8} {memory:>13}")
     for strategy in args.strategies:
         for first_order in (False, True):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             row = bench(split, strategy, first_order, args)
             print(
                 f"{row['strategy']:<8} {row['order']:<7} {row['it_per_s']:>9.3f} {row['tasks_per_s']:>8.2f} "
-                f"{peak_rss_mib():>13.0f}",
+                f"{peak_memory_mib(device):>13.0f}",
                 flush=True,
             )
 
