@@ -137,6 +137,8 @@ class TrainAppConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Metric writers besides metrics.jsonl, each a `_target_` node added by +logger=<name> (docs/extending.md).
     loggers: Dict[str, Any] = field(default_factory=dict)
+    # Training-loop hooks besides metrics, validation and checkpoints, each a `_target_` node (metalearn.hooks).
+    hooks: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # model initialisation and training tasks
     resume: Optional[str] = None  # a run folder to continue from its last.pt
 

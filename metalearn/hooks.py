@@ -3,17 +3,24 @@
 The loop only trains; each hook decides when it acts. A hook's
 `state_dict()` goes into last.pt (and best.pt) and comes back through
 `load_state_dict` on resume, so a resumed run writes the same records as one
-that ran straight through. Another hook (a divergence guard, a profiler)
-joins the list in metalearn.train without changing the loop.
+that ran straight through. Hooks beyond the built-in ones (a divergence
+guard, a profiler) come from the config: each node under `hooks` names a
+Hook subclass with `_target_`, is built with its other keys, and gets the
+run's `LoopContext` in `start` (see `build_hooks`).
 """
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from metalearn.algorithms import Algorithm
 from metalearn.data import EpisodeSampler
+from metalearn.errors import MetalearnError
 from metalearn.evaluate import run_episodes
 from metalearn.loggers import MetricWriter
 
@@ -34,8 +41,23 @@ class LoopState:
         return time.perf_counter() - self.started
 
 
+@dataclass
+class LoopContext:
+    """What a hook may use: the run's algorithm, folder, metric writers and config, and checkpoint saving."""
+
+    algo: Algorithm
+    run_dir: Path
+    writers: List[MetricWriter]
+    cfg: DictConfig
+    save: Callable[[str], None]  # save("best") or save("last")
+
+
 class Hook:
-    def after_step(self, state: LoopState, result: Dict[str, float], items: int, seconds: float) -> None: ...
+    def start(self, context: LoopContext) -> None:
+        """Called once before the first step (of this process: also on resume, after load_state_dict)."""
+
+    def after_step(self, state: LoopState, result: Dict[str, float], items: int, seconds: float) -> None:
+        """Called after every training step; `result` is the algorithm's (at least loss and accuracy)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -140,3 +162,36 @@ class Checkpoints(Hook):
     def after_step(self, state, result, items, seconds):
         if state.due(self.every):
             self.save_last()
+
+
+class ConfiguredHooks(Hook):
+    """The hooks the config names under `hooks`, run in order; their states kept under their names."""
+
+    def __init__(self, nodes: Dict[str, Any]):
+        self.hooks = {}
+        for name, node in (nodes or {}).items():
+            try:
+                hook = instantiate(node)
+            except Exception as err:
+                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise MetalearnError(f"hooks.{name} cannot be built ({reason}).") from None
+            if not isinstance(hook, Hook):
+                raise MetalearnError(f"hooks.{name}: {type(hook).__name__} is not a metalearn Hook.")
+            self.hooks[name] = hook
+
+    def start(self, context):
+        for hook in self.hooks.values():
+            hook.start(context)
+
+    def after_step(self, state, result, items, seconds):
+        for hook in self.hooks.values():
+            hook.after_step(state, result, items, seconds)
+
+    def state_dict(self):
+        return {"hooks": {name: hook.state_dict() for name, hook in self.hooks.items()}} if self.hooks else {}
+
+    def load_state_dict(self, checkpoint):
+        saved = checkpoint.get("hooks", {})
+        for name, hook in self.hooks.items():
+            if name in saved:
+                hook.load_state_dict(saved[name])

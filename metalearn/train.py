@@ -25,7 +25,7 @@ from metalearn.config import TaskConfig, validate
 from metalearn.data import EpisodeSampler, build_dataset
 from metalearn.device import resolve_device
 from metalearn.errors import MetalearnError
-from metalearn.hooks import Checkpoints, Hook, LoopState, TrainMetrics, Validation
+from metalearn.hooks import Checkpoints, ConfiguredHooks, Hook, LoopContext, LoopState, TrainMetrics, Validation
 from metalearn.loggers import build_writers
 from metalearn.runs import discard_unstarted_run, refuse_existing_run
 
@@ -106,6 +106,7 @@ def train(cfg: DictConfig) -> Path:
     rate_key = f"{algo.throughput_unit}_per_s"
     hooks: List[Hook] = [
         TrainMetrics(writers, loop.log_every, rate_key),
+        ConfiguredHooks(cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
         Validation(
             algo, val_sampler, writers, loop.val_every, loop.val_episodes, cfg.eval.batch_size, lambda: save("best")
         ),
@@ -127,6 +128,9 @@ def train(cfg: DictConfig) -> Path:
     else:
         log.info("run folder %s", run_dir)
     log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
+    context = LoopContext(algo=algo, run_dir=run_dir, writers=writers, cfg=cfg, save=save)
+    for hook in hooks:
+        hook.start(context)
 
     if state.step >= loop.steps:
         log.info("the run is already at step %d of train.steps=%d: nothing to train", state.step, loop.steps)
