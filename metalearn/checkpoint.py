@@ -1,5 +1,8 @@
 """Checkpoints: where a run keeps them, atomic save, safe load (weights_only)."""
 
+import errno
+import math
+import shlex
 from pathlib import Path
 
 import torch
@@ -15,8 +18,43 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
 
 
+def write_failure(err: Exception) -> str:
+    """Why a write failed, in words: the OS error, or the gist of torch's serializer error."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.strerror or errno.errorcode.get(err.errno, str(err.errno))
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split("] ", 1)[-1][:200]  # torch: "[enforce fail at inline_container.cc:NNN] . <what>"
+
+
+def non_finite(value, where: str = "") -> list:
+    """Where a checkpoint payload holds NaN or infinite floating-point values."""
+    if isinstance(value, torch.Tensor):
+        return [where] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [where]
+    if isinstance(value, dict):
+        return [w for k, v in value.items() for w in non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [w for i, v in enumerate(value) for w in non_finite(v, f"{where}[{i}]")]
+    return []
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    """Atomically, and never with non-finite values (the previous file stays as it was)."""
+    bad = non_finite(payload.get("algo", {}), "algo")
+    if bad:
+        raise MetalearnError(
+            f"not writing {path}: {', '.join(bad[:3])} hold non-finite values; the previous checkpoint is kept."
+        )
+    try:
+        atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    except (OSError, RuntimeError) as err:
+        run_dir = Path(path).parent.parent
+        raise MetalearnError(
+            f"could not write {path} ({write_failure(err)}). The previous {Path(path).name}, if there was one, is "
+            f"intact: nothing half-written replaced it. Free space on that disk (or lift the limit), then continue "
+            f"with: metalearn train resume={shlex.quote(str(run_dir))}"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict:

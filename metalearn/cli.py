@@ -8,7 +8,9 @@ override given now still applies.
 """
 
 import functools
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, List
 
@@ -64,6 +66,9 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
             return task(cfg)
         except MetalearnError as err:
             _fail(str(err))
+        except OSError as err:  # a file that cannot be read or written: say which and why, not a traceback
+            where = f" {err.filename}" if err.filename else ""
+            _fail(f"could not access{where}: {err.strerror or err}. Nothing already saved was changed.")
 
     return wrapper
 
@@ -96,6 +101,19 @@ COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
 DATA_ACTIONS = ("info", "preview")
 
 
+def _eval_log(run: str) -> List[str]:
+    """Evaluation logs to <run>/eval.log; a run folder that cannot take it logs to a temporary file instead."""
+    log = Path(run) / "eval.log"
+    try:
+        with open(log, "a"):
+            pass
+        return []
+    except OSError as err:
+        elsewhere = Path(tempfile.gettempdir()) / f"metalearn-eval-{os.getpid()}.log"
+        print(f"metalearn: note: cannot write {log} ({err.strerror or err}); logging to {elsewhere}", file=sys.stderr)
+        return [f"hydra.job_logging.handlers.file.filename={quoted(str(elsewhere))}"]
+
+
 def _prepare(command: str, args: List[str]) -> List[str]:
     args = migrate(args, note=True)
     if command == "data":
@@ -110,7 +128,8 @@ def _prepare(command: str, args: List[str]) -> List[str]:
                 refuse_existing_run(Path(run_dir.strip("'\"")))
             return args
         replayed = replay_run_overrides(run, args, drop=("resume",))
-        return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}"]
+        # Hydra must not rewrite the run's record before the resume is accepted: train() writes it then.
+        return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}", "hydra.output_subdir=null"]
     run = find_override(args, "run")
     if run is None:
         if any(
@@ -121,7 +140,7 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     members = run_list(run)
     if len(members) == 1:
         run = members[0]
-        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={quoted(run)}"]
+        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={quoted(run)}", *_eval_log(run)]
     # An ensemble: each member's config is composed in evaluate(); its log goes to the first.
     for member in members:
         saved_overrides(member)  # each folder must be a run

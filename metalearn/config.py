@@ -14,7 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from metalearn.device import SWITCHES
-from metalearn.settings import SettingError, at_least, checked, prefixed, settings_of
+from metalearn.errors import MetalearnError
+from metalearn.settings import SettingError, at_least, checked, prefixed, seed, settings_of
 
 
 class DataAction(Enum):
@@ -97,6 +98,7 @@ class TrainLoopConfig:
     def __post_init__(self):
         for key in ("steps", "meta_batch_size", "val_every", "val_episodes", "ckpt_every", "log_every"):
             at_least(self, key, 1)
+        seed(self, "val_seed")
         with prefixed("replay"):
             self.replay.check()
 
@@ -110,6 +112,7 @@ class EvalConfig:
     def __post_init__(self):
         at_least(self, "episodes", 1)
         at_least(self, "batch_size", 1, optional=True)
+        seed(self, "seed")
 
 
 @dataclass
@@ -179,8 +182,20 @@ COMPONENTS = ("algo", "data", "model")
 RUN_NODES = ("task", "train", "eval", "device")
 
 
+@dataclass
+class RunSeed:
+    seed: int = 0
+
+    def __post_init__(self):
+        seed(self, "seed")
+
+
 def validate(cfg: DictConfig) -> None:
     """Every node checked against its schema: range checks, and each component's own keys; errors name the key."""
+    try:
+        RunSeed(cfg.seed)
+    except SettingError as err:
+        raise MetalearnError(str(err)) from None
     for group in RUN_NODES:
         checked(cfg[group], group)
     for group in COMPONENTS:

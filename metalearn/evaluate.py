@@ -8,6 +8,7 @@ exactly the same tasks; `episode_digest` in each record fingerprints them.
 
 import hashlib
 import json
+import sys
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.errors import MetalearnError
+from metalearn.io import json_line
 from metalearn.runs import quoted, replay_run_overrides
 
 log = logging.getLogger(__name__)
@@ -187,8 +189,16 @@ def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torc
 
 
 def _append(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "evals.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """Add the result to the run's evals.jsonl; a run folder that cannot be written keeps the printed result only."""
+    try:
+        with open(run_dir / "evals.jsonl", "a") as handle:
+            handle.write(json_line(record))
+    except OSError as err:
+        print(
+            f"metalearn: note: the result above could not be saved in {run_dir / 'evals.jsonl'} "
+            f"({err.strerror or err}); it is printed only.",
+            file=sys.stderr,
+        )
 
 
 # What every ensemble member must share: the tasks they are scored on.

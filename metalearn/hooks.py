@@ -10,15 +10,19 @@ run's `LoopContext` in `start` (see `build_hooks`).
 """
 
 import logging
+import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metalearn.algorithms import Algorithm
+from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import EpisodeSampler
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import run_episodes
@@ -63,6 +67,38 @@ class Hook:
         return {}
 
     def load_state_dict(self, checkpoint: dict) -> None: ...
+
+
+class DivergenceGuard(Hook):
+    """Stops the run, before anything of the step is written, when the loss or a weight is not finite."""
+
+    def start(self, context):
+        self.context = context
+
+    def after_step(self, state, result, items, seconds):
+        loss = result["loss"]
+        weights = [p.detach() for p in self.context.algo.model.parameters()]
+        weights_finite = bool(torch.stack([torch.isfinite(w).all() for w in weights]).all())
+        if math.isfinite(loss) and weights_finite:
+            return
+        raise MetalearnError(diverged_message(self.context, state.step, loss, weights_finite))
+
+
+def diverged_message(context: LoopContext, step: int, loss: float, weights_finite: bool) -> str:
+    what = f"the training loss is {loss}" if not math.isfinite(loss) else "the loss is finite"
+    what += ", the weights are finite" if weights_finite else ", and some weights are not finite"
+    saved = []
+    for which in ("last", "best"):
+        path = checkpoint_path(context.run_dir, which)
+        if path.is_file():
+            saved.append(f"checkpoints/{which}.pt is from step {load_checkpoint(path)['step']}")
+    kept = "; ".join(saved) if saved else "no checkpoint was written yet"
+    run = shlex.quote(str(context.run_dir))
+    return (
+        f"training diverged at step {step}: {what}. Nothing of step {step} was saved ({kept}). Try a smaller "
+        f"learning rate (algo.outer_lr, or algo.inner_lr for an inner loop) or device.amp=false in a new run; "
+        f"`metalearn eval run={run}` scores what was saved."
+    )
 
 
 def write_all(writers: List[MetricWriter], record: dict) -> None:
@@ -142,7 +178,8 @@ class Validation(Hook):
             },
         )
         log.info("step %d: val accuracy %.2f%% ± %.2f", state.step, 100 * val.accuracy, 100 * val.ci95)
-        if val.accuracy > self.best:
+        # best.pt only from a real score: a finite validation loss, and better than any before
+        if math.isfinite(val.loss) and val.accuracy > self.best:
             self.best = val.accuracy
             self.save_best()
 

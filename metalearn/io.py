@@ -1,5 +1,7 @@
 """Files written so that a crash at any moment loses nothing."""
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -21,3 +23,32 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """The same for a small text file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One line of strict JSON: a non-finite number is written as null (JSON has no NaN or Infinity)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"

@@ -6,6 +6,7 @@ so the run's own config is composed again and any override given now wins.
 """
 
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from metalearn.aliases import migrate
 from metalearn.checkpoint import checkpoint_path
+from metalearn.io import atomic_text
 from metalearn.errors import MetalearnError
 
 
@@ -107,3 +109,28 @@ def run_list(value: str) -> List[str]:
     if not members:
         raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
     return members
+
+
+def record_resume(run_dir: Path, overrides: List[str], config: dict, step: int) -> None:
+    """A resume was accepted: the run's record becomes the overrides it now runs with, and the resume is logged.
+
+    .hydra/overrides.yaml and config.yaml are replaced atomically; .hydra/resumes.yaml keeps every resume
+    (when, from which step, with which overrides and which of them changed).
+    """
+    record = Path(run_dir) / ".hydra"
+    kept = [o for o in overrides if override_key(o) not in ("resume",) and not override_key(o).startswith("hydra.")]
+    before = saved_overrides(str(run_dir)) if (record / "overrides.yaml").is_file() else []
+    changed = [o for o in kept if o not in before]
+    history = OmegaConf.load(record / "resumes.yaml") if (record / "resumes.yaml").is_file() else OmegaConf.create([])
+    entry = {"time": datetime.now().isoformat(timespec="seconds"), "from_step": step, "changed": changed}
+    atomic_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(kept)))
+    atomic_text(record / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    atomic_text(record / "resumes.yaml", OmegaConf.to_yaml(OmegaConf.create([*history, {**entry, "overrides": kept}])))
+
+
+def remove_stale_temporaries(run_dir: Path) -> List[Path]:
+    """Half-written checkpoints left by a process killed while writing (.<name>.pt.<pid>.tmp)."""
+    stale = sorted((Path(run_dir) / "checkpoints").glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

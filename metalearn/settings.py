@@ -11,6 +11,7 @@ returns the filled-in dataclass.
 """
 
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -53,14 +54,30 @@ def at_least(settings, key: str, low, optional: bool = False) -> None:
 
 
 def positive(settings, key: str) -> None:
+    """A finite number above 0 (inf and nan are refused too)."""
     value = getattr(settings, key)
-    if not value > 0:
-        raise SettingError(key, f"must be positive (got {value}).")
+    if not (value > 0 and math.isfinite(value)):
+        raise SettingError(key, f"must be a finite number above 0 (got {value}).")
+
+
+def finite(settings, key: str) -> None:
+    value = getattr(settings, key)
+    if not math.isfinite(value):
+        raise SettingError(key, f"must be a finite number (got {value}).")
+
+
+SEED_LIMIT = 2**63  # torch.manual_seed's range, from 0
+
+
+def seed(settings, key: str) -> None:
+    value = getattr(settings, key)
+    if not 0 <= value < SEED_LIMIT:
+        raise SettingError(key, f"must be in [0, 2**63) (got {value}).")
 
 
 def within(settings, key: str, low, high) -> None:
     value = getattr(settings, key)
-    if not low <= value <= high:
+    if not low <= value <= high:  # nan fails this too
         raise SettingError(key, f"must be in [{low}, {high}] (got {value}).")
 
 

@@ -8,6 +8,7 @@ CPU).
 """
 
 import logging
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -25,9 +26,18 @@ from metalearn.config import TaskConfig, validate
 from metalearn.data import EpisodeSampler, build_dataset
 from metalearn.device import resolve_device
 from metalearn.errors import MetalearnError
-from metalearn.hooks import Checkpoints, ConfiguredHooks, Hook, LoopContext, LoopState, TrainMetrics, Validation
+from metalearn.hooks import (
+    Checkpoints,
+    ConfiguredHooks,
+    DivergenceGuard,
+    Hook,
+    LoopContext,
+    LoopState,
+    TrainMetrics,
+    Validation,
+)
 from metalearn.loggers import build_writers
-from metalearn.runs import discard_unstarted_run, refuse_existing_run
+from metalearn.runs import discard_unstarted_run, record_resume, refuse_existing_run, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,8 @@ def train(cfg: DictConfig) -> Path:
         raise
     if cfg.resume is None:
         refuse_existing_run(run_dir)
+    for stale in remove_stale_temporaries(run_dir):
+        log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
     device = resolve_device(cfg.device.name)
     torch.manual_seed(cfg.seed)
     loop, task = cfg.train, cfg.task
@@ -105,6 +117,7 @@ def train(cfg: DictConfig) -> Path:
 
     rate_key = f"{algo.throughput_unit}_per_s"
     hooks: List[Hook] = [
+        DivergenceGuard(),  # first: a diverged step writes nothing
         TrainMetrics(writers, loop.log_every, rate_key),
         ConfiguredHooks(cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
         Validation(
@@ -124,6 +137,7 @@ def train(cfg: DictConfig) -> Path:
         algo.check_resume(loop.steps)
         for writer in writers:
             writer.resume(state.step)
+        record_resume(run_dir, list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg), state.step)
         log.info("resuming %s from step %d", run_dir, state.step)
     else:
         log.info("run folder %s", run_dir)
@@ -165,7 +179,9 @@ def train(cfg: DictConfig) -> Path:
     if stop.signum is not None:
         save("last")
         log.warning("stopped at step %d; checkpoints/last.pt saved", state.step)
-        print(f"run folder: {run_dir}\nresume with: metalearn train resume={run_dir}")
+        print(
+            f"run folder: {shlex.quote(str(run_dir))}\nresume with: metalearn train resume={shlex.quote(str(run_dir))}"
+        )
         raise SystemExit(128 + stop.signum)
-    print(f"run folder: {run_dir}")
+    print(f"run folder: {shlex.quote(str(run_dir))}")
     return run_dir

@@ -110,4 +110,4 @@ def test_the_toy_settings_are_checked(cli, toys, tmp_path):
         cwd=tmp_path,
         check=False,
     )
-    assert result.returncode == 1 and "algo.scale must be positive (got 0.0)" in result.stderr
+    assert result.returncode == 1 and "algo.scale must be a finite number above 0 (got 0.0)" in result.stderr

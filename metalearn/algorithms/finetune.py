@@ -47,6 +47,9 @@ class FinetuneSettings(AlgoSettings):
         positive(self, "head_lr")
         at_least(self, "batch_size", 1)
         at_least(self, "head_steps", 1)
+        within(self, "head_momentum", 0, 1)
+        within(self, "head_dampening", 0, 1)
+        within(self, "head_weight_decay", 0, 1)
 
 
 @dataclass

@@ -17,6 +17,7 @@ rather than `grad(mean(vmap(task)))`, which gives wrong second-order
 gradients through the native batch norm in torch 2.14.
 """
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -78,7 +79,8 @@ class MAMLSettings(AlgoSettings, VectorizedSettings):
         positive(self, "inner_lr")
         at_least(self, "inner_steps", 1)
         at_least(self, "inner_steps_eval", 1)
-        if len(self.inner_lr_init) != 2 or not 0 <= self.inner_lr_init[0] <= self.inner_lr_init[1]:
+        low_high_ok = len(self.inner_lr_init) == 2 and 0 <= self.inner_lr_init[0] <= self.inner_lr_init[1] < math.inf
+        if not low_high_ok:
             raise SettingError(
                 "inner_lr_init", f"must be [low, high] with 0 <= low <= high (got {self.inner_lr_init})."
             )

@@ -36,7 +36,7 @@ from metalearn.algorithms.batching import (
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
-from metalearn.settings import at_least, positive
+from metalearn.settings import at_least, finite, positive
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ReptileSettings(AlgoSettings, VectorizedSettings):
     def __post_init__(self):
         positive(self, "inner_lr")
         positive(self, "meta_step")
+        finite(self, "meta_step_final")
         for key in ("inner_steps", "inner_batch", "inner_steps_eval", "inner_batch_eval"):
             at_least(self, key, 1)
         at_least(self, "anneal_steps", 1, optional=True)

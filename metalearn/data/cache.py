@@ -1,8 +1,16 @@
-"""Where decoded datasets are cached."""
+"""Where decoded datasets are cached, and a cache that is verified before it is trusted."""
 
+import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
+
+from metalearn.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir(configured: Optional[str]) -> Path:
@@ -13,3 +21,52 @@ def cache_dir(configured: Optional[str]) -> Path:
         return Path(os.environ["METALEARN_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg) / "metalearn"
+
+
+def _digest(value, hasher) -> None:
+    if isinstance(value, torch.Tensor):
+        hasher.update(str((value.dtype, tuple(value.shape))).encode())
+        hasher.update(value.contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            hasher.update(str(key).encode())
+            _digest(value[key], hasher)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _digest(item, hasher)
+    else:
+        hasher.update(repr(value).encode())
+
+
+def checksum(content) -> str:
+    hasher = hashlib.sha256()
+    _digest(content, hasher)
+    return hasher.hexdigest()
+
+
+def save_cache(path: Path, content: dict) -> None:
+    """The decoded dataset with a checksum of its bytes, written atomically."""
+    atomic_torch_save({"content": content, "sha256": checksum(content)}, path)
+
+
+def load_cache(path: Path, problem: Callable[[dict], Optional[str]]) -> Optional[dict]:
+    """The cached content if it is intact and `problem(content)` finds nothing wrong; else None, with a warning.
+
+    A damaged or inconsistent cache is never trained on: the caller rebuilds it from the dataset's files.
+    """
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        content, recorded = saved["content"], saved["sha256"]
+    except Exception:
+        log.warning("the cache %s cannot be read (truncated or damaged): rebuilding it", path)
+        return None
+    if checksum(content) != recorded:
+        log.warning("the cache %s does not match its checksum (damaged bytes): rebuilding it", path)
+        return None
+    wrong = problem(content)
+    if wrong:
+        log.warning("the cache %s holds the wrong content (%s): rebuilding it", path, wrong)
+        return None
+    return content

@@ -15,10 +15,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from metalearn.data.base import Dataset, DataSettings
-from metalearn.data.cache import cache_dir
+from metalearn.data.cache import cache_dir, load_cache, save_cache
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
-from metalearn.io import atomic_torch_save
 from metalearn.settings import SettingError, prefixed
 
 FILES = {
@@ -27,7 +26,7 @@ FILES = {
 }
 IDX_MAGIC = {"images": 2051, "labels": 2049}
 POOL_OF_PART = {"train": "train", "val": "train", "test": "test"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: with a checksum
 
 
 def _find(raw: Path, name: str) -> Optional[Path]:
@@ -84,11 +83,9 @@ def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tup
 
     key = "-".join(str(_find(raw, name).stat().st_size) for name in names)
     cache_file = cache_dir(cache) / f"mnist-v{CACHE_VERSION}-{key}.pt"
-    if cache_file.is_file():
-        try:
-            return torch.load(cache_file, weights_only=True)
-        except Exception:
-            pass  # a damaged cache is rebuilt below
+    cached = load_cache(cache_file, _cache_problem)
+    if cached is not None:
+        return {pool: tuple(pair) for pool, pair in cached.items()}
     try:
         pools = {
             pool: (_read_idx(_find(raw, images), "images"), _read_idx(_find(raw, labels), "labels").long())
@@ -102,8 +99,19 @@ def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tup
     for pool, (images, labels) in pools.items():
         if len(images) != len(labels):
             raise MetalearnError(f"MNIST {pool} images and labels under {raw}/ differ in count: replace them.")
-    atomic_torch_save(pools, cache_file)
+    save_cache(cache_file, pools)
     return pools
+
+
+def _cache_problem(content: dict) -> Optional[str]:
+    if set(content) != set(FILES):
+        return f"pools {sorted(content)}, not {sorted(FILES)}"
+    for pool, (images, labels) in content.items():
+        if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+            return f"{pool} images of shape {tuple(images.shape)}"
+        if len(labels) != len(images) or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9):
+            return f"{pool} labels that do not match the images"
+    return None
 
 
 @dataclass

@@ -18,16 +18,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from metalearn.data.base import Dataset, DataSettings
-from metalearn.data.cache import cache_dir
+from metalearn.data.cache import cache_dir, load_cache, save_cache
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
-from metalearn.io import atomic_torch_save
 
 ARCHIVES = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
 DRAWINGS = 20
 SPLITS = ("vinyals", "lake")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: with a checksum
 
 
 def _sources(base: Path) -> Dict[str, Path]:
@@ -122,12 +121,9 @@ def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[to
         raise MetalearnError(_missing_message(base, missing))
 
     cache_file = cache_dir(cache) / f"omniglot-{IMAGE_SIZE}px-v{CACHE_VERSION}-{_cache_key(sources)}.pt"
-    if cache_file.is_file():
-        try:
-            cached = torch.load(cache_file, weights_only=True)
-            return cached["images"], cached["names"]
-        except Exception:
-            pass  # a damaged cache is rebuilt below
+    cached = load_cache(cache_file, _cache_problem)
+    if cached is not None:
+        return cached["images"], cached["names"]
     try:
         images, names = _decode_all(sources)
     except (zipfile.BadZipFile, OSError) as err:
@@ -135,8 +131,19 @@ def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[to
             f"Could not read Omniglot under {base}/ ({type(err).__name__}: {err}). "
             f"The archives may be truncated: replace them with complete copies."
         ) from None
-    atomic_torch_save({"images": images, "names": names}, cache_file)
+    save_cache(cache_file, {"images": images, "names": names})
     return images, names
+
+
+def _cache_problem(content: dict) -> Optional[str]:
+    images, names = content.get("images"), content.get("names")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return "no uint8 images"
+    if images.dim() != 4 or tuple(images.shape[1:]) != (DRAWINGS, IMAGE_SIZE, IMAGE_SIZE):
+        return f"images of shape {tuple(images.shape)}, not [characters, {DRAWINGS}, {IMAGE_SIZE}, {IMAGE_SIZE}]"
+    if not isinstance(names, list) or len(names) != len(images) or len(set(names)) != len(names):
+        return "character names that do not match the images"
+    return None
 
 
 def split_classes(split: str, part: str) -> List[str]:

@@ -7,6 +7,7 @@ it); the loggers a config adds under `loggers` write alongside it.
 import json
 from pathlib import Path
 
+from metalearn.io import json_line
 from metalearn.loggers.base import MetricWriter
 
 
@@ -16,7 +17,7 @@ class JsonlWriter(MetricWriter):
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_line(record))
 
     def records(self) -> list:
         if not self.path.is_file():
@@ -33,5 +34,5 @@ class JsonlWriter(MetricWriter):
         """Drop what was logged after the checkpoint a resumed run starts from."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.write_text("".join(json_line(r) for r in kept))
         tmp.replace(self.path)
