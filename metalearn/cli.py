@@ -18,9 +18,10 @@ import hydra
 from omegaconf import DictConfig
 
 from metalearn.aliases import migrate
-from metalearn.config import register_schemas
+from metalearn.config import compose, register_schemas
 from metalearn.errors import MetalearnError
 from metalearn.runs import (
+    discard_unstarted_run,
     find_override,
     override_key,
     quoted,
@@ -57,6 +58,17 @@ def _fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    text = str(err)
+    return (
+        isinstance(err, getattr(torch, "OutOfMemoryError", ()))
+        or "can't allocate memory" in text
+        or ("out of memory" in text.lower())
+    )
+
+
 def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
     """A MetalearnError ends the command with its message, not a traceback."""
 
@@ -69,6 +81,13 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
         except OSError as err:  # a file that cannot be read or written: say which and why, not a traceback
             where = f" {err.filename}" if err.filename else ""
             _fail(f"could not access{where}: {err.strerror or err}. Nothing already saved was changed.")
+        except (MemoryError, RuntimeError) as err:
+            if not isinstance(err, MemoryError) and not _out_of_memory(err):
+                raise
+            _fail(
+                f"out of memory ({_one_paragraph(err)[:300]}). Nothing already saved was changed: choose smaller "
+                f"settings (model.hidden, train.meta_batch_size, task.ways, eval.batch_size) or another device."
+            )
 
     return wrapper
 
@@ -76,9 +95,16 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_user_errors_exit
 def train_app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from metalearn.train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except BaseException:
+        if cfg.resume is None:  # refused or failed before anything was saved: leave no empty run folder
+            discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
@@ -148,6 +174,44 @@ def _prepare(command: str, args: List[str]) -> List[str]:
     return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={quoted(members[0])}"]
 
 
+CONFIG_NAMES = {"train": "train", "eval": "eval", "data": "inspect"}
+_DETAIL = (
+    "full_key:",
+    "reference_type=",
+    "object_type=",
+    "Set the environment variable HYDRA_FULL_ERROR",
+    "Config search path",
+    "provider=",
+)
+
+
+def _one_paragraph(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages (and their causes) as one line, without the internals."""
+    lines = []
+    while err is not None:
+        lines += [
+            line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(_DETAIL)
+        ]
+        err = err.__cause__
+    return " ".join(dict.fromkeys(lines)).rstrip(".") + "."
+
+
+def _check_overrides(command: str, args: List[str]) -> None:
+    """Compose the config once before Hydra runs, so a bad override is a `metalearn: error:` paragraph.
+
+    Sweeps, flags (--help, --cfg, -m) and plugin search paths are left to Hydra itself.
+    """
+    if any(a.startswith("-") for a in args) or find_override(args, "hydra.searchpath") is not None:
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        compose(args, CONFIG_NAMES[command])
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(_one_paragraph(err))
+
+
 def main(argv: List[str] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -161,6 +225,7 @@ def main(argv: List[str] = None) -> None:
     except MetalearnError as err:
         _fail(str(err))
     register_schemas()
+    _check_overrides(command, rest)
     sys.argv = [f"metalearn-{command}"] + rest
     try:
         COMMANDS[command]()

@@ -37,7 +37,7 @@ from metalearn.hooks import (
     Validation,
 )
 from metalearn.loggers import build_writers
-from metalearn.runs import discard_unstarted_run, record_resume, refuse_existing_run, remove_stale_temporaries
+from metalearn.runs import record_resume, refuse_existing_run, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,7 @@ class GracefulStop:
 
 def train(cfg: DictConfig) -> Path:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        validate(cfg)
-    except MetalearnError:
-        if cfg.resume is None:
-            discard_unstarted_run(run_dir)
-        raise
+    validate(cfg)
     if cfg.resume is None:
         refuse_existing_run(run_dir)
     for stale in remove_stale_temporaries(run_dir):

@@ -188,3 +188,11 @@ def test_a_run_folder_that_cannot_take_results_is_still_evaluated(cli, tiny_over
     result = cli("eval", f"run={run}", cwd=tmp_path)
     assert "test accuracy" in result.stdout
     assert "could not be saved in" in result.stderr and "cannot write" in result.stderr
+
+
+def test_a_model_too_large_for_memory_is_an_error_not_a_traceback(cli, tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", *tiny(tiny_overrides, 1), "model.hidden=1000000", f"hydra.run.dir={run}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "metalearn: error: out of memory" in result.stderr and "model.hidden" in result.stderr
+    assert not run.exists()  # nothing was started, so no run folder is left behind
