@@ -14,6 +14,11 @@ FORMAT = "metalearn-checkpoint"
 VERSION = 1
 
 
+def checkpoint_name(cfg) -> str:
+    """`checkpoint=best|last` of an eval or export config, as a string."""
+    return cfg.checkpoint.value if hasattr(cfg.checkpoint, "value") else str(cfg.checkpoint)
+
+
 def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from metalearn.aliases import migrate
 from metalearn.config import compose, register_schemas
 from metalearn.errors import MetalearnError
+from metalearn.exported import is_export, record_folder
 from metalearn.runs import (
     discard_unstarted_run,
     find_override,
@@ -43,6 +44,9 @@ commands:
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
                metalearn eval 'run=[<run>,<run>,<run>]'   (an ensemble, next to each member)
                metalearn eval run=<omniglot run> data=mnist     (cross-domain)
+  export  a run's weights alone as safetensors (no pickle), its config as metadata
+          e.g. metalearn export run=<run folder> [checkpoint=best] [out=model.safetensors]
+               metalearn eval run=model.safetensors            (scored like the run)
   data    look at a dataset: `data info` (classes and images per split, cache)
           or `data preview` (a PNG of one sampled episode)
           e.g. metalearn data info data=mnist data.root=/data
@@ -115,6 +119,14 @@ def eval_app(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@_user_errors_exit
+def export_app(cfg: DictConfig) -> None:
+    from metalearn.export import export
+
+    export(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="inspect")
 @_user_errors_exit
 def data_app(cfg: DictConfig) -> None:
@@ -123,13 +135,13 @@ def data_app(cfg: DictConfig) -> None:
     run(cfg)
 
 
-COMMANDS = {"train": train_app, "eval": eval_app, "data": data_app}
+COMMANDS = {"train": train_app, "eval": eval_app, "export": export_app, "data": data_app}
 DATA_ACTIONS = ("info", "preview")
 
 
 def _eval_log(run: str) -> List[str]:
     """Evaluation logs to <run>/eval.log; a run folder that cannot take it logs to a temporary file instead."""
-    log = Path(run) / "eval.log"
+    log = record_folder(run) / "eval.log"
     try:
         with open(log, "a"):
             pass
@@ -162,19 +174,24 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") or a == "-c" for a in args
         ):
             return args
-        raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
+        raise MetalearnError(f"{command} needs a run folder: metalearn {command} run=<run folder>.")
+    if command == "export":
+        saved_overrides(run.strip("'\""))  # the folder must be a run
+        return args
     members = run_list(run)
     if len(members) == 1:
         run = members[0]
-        return replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={quoted(run)}", *_eval_log(run)]
+        replayed = replay_run_overrides(run, args, drop=("run", "resume")) + [f"run={quoted(run)}", *_eval_log(run)]
+        return replayed + ([f"hydra.run.dir={quoted(str(record_folder(run)))}"] if is_export(run) else [])
     # An ensemble: each member's config is composed in evaluate(); its log goes to the first.
     for member in members:
         saved_overrides(member)  # each folder must be a run
     given = [a for a in args if override_key(a) != "run"]
-    return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={quoted(members[0])}"]
+    lead = quoted(str(record_folder(members[0])))
+    return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={lead}"]
 
 
-CONFIG_NAMES = {"train": "train", "eval": "eval", "data": "inspect"}
+CONFIG_NAMES = {"train": "train", "eval": "eval", "export": "export", "data": "inspect"}
 _DETAIL = (
     "full_key:",
     "reference_type=",

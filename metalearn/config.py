@@ -159,8 +159,16 @@ class DataAppConfig(TrainAppConfig):
     out: Optional[str] = None  # preview PNG path; null: preview-<data>-<part>-<ways>w<shots>s.png
 
 
+@dataclass
+class ExportAppConfig:
+    run: str = MISSING  # the run folder
+    checkpoint: CheckpointName = CheckpointName.best  # which of its checkpoints
+    out: Optional[str] = None  # the .safetensors file; null: <run>/<checkpoint>.safetensors
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
+    store.store(name="export_schema", node=ExportAppConfig)
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
     store.store(name="data_schema", node=DataAppConfig)

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 import metalearn
 from metalearn.algorithms import Algorithm, build_algorithm
-from metalearn.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.errors import MetalearnError
-from metalearn.io import json_line
+from metalearn.exported import is_export, load_export, record_folder
+from metalearn.io import file_sha256, json_line
 from metalearn.runs import quoted, replay_run_overrides
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,9 @@ def run_episodes(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch_
     return score_episodes([algo], sampler, episodes, batch_size, desc)[0]
 
 
-def _checkpoint_name(cfg: DictConfig) -> str:
-    return cfg.checkpoint.value if hasattr(cfg.checkpoint, "value") else str(cfg.checkpoint)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def scored_file(cfg: DictConfig) -> str:
+    """What was scored: `best.pt` / `last.pt` of a run, or the name of an exported file."""
+    return Path(cfg.run).name if is_export(cfg.run) else f"{checkpoint_name(cfg)}.pt"
 
 
 @dataclass
@@ -141,8 +135,9 @@ class Member:
 
 
 def _load_member(cfg: DictConfig, device: torch.device, image_shape) -> Member:
-    path = checkpoint_path(Path(cfg.run), _checkpoint_name(cfg))
-    ckpt = load_checkpoint(path)
+    """A run's checkpoint, or a file `metalearn export` wrote, loaded into the algorithm its config builds."""
+    path = Path(cfg.run) if is_export(cfg.run) else checkpoint_path(Path(cfg.run), checkpoint_name(cfg))
+    ckpt = load_export(path) if is_export(cfg.run) else load_checkpoint(path)
     algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
     algo.load_state_dict(ckpt["algo"])
     return Member(algo, ckpt["step"], file_sha256(path))
@@ -177,7 +172,7 @@ def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torc
         "algo": cfg.algo.name,
         "inner_steps_eval": cfg.algo.get("inner_steps_eval"),
         "batch_norm": getattr(member.algo.model, "batch_norm", "none"),
-        "checkpoint": f"{_checkpoint_name(cfg)}.pt",
+        "checkpoint": scored_file(cfg),
         "step": member.step,
         "checkpoint_sha256": member.sha256,
         "metalearn": metalearn.__version__,
@@ -252,7 +247,7 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating")
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
     for result, member in zip(results, configs):
-        line = _describe(result, lead, f"{_checkpoint_name(member)}.pt")
+        line = _describe(result, lead, scored_file(member))
         print(line if len(configs) == 1 else f"{member.run}: {line}")
     if len(configs) > 1:
         ensemble = results[-1]
@@ -261,6 +256,6 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         for record in records:
             record["ensemble"] = shared
     for record, member in zip(records, configs):
-        _append(Path(member.run), record)
+        _append(record_folder(member.run), record)
         log.info("%s: %s", member.run, json.dumps(record))
     return results

@@ -1,5 +1,6 @@
 """Files written so that a crash at any moment loses nothing."""
 
+import hashlib
 import json
 import math
 import os
@@ -52,3 +53,11 @@ def _finite_or_none(value):
 def json_line(record: dict) -> str:
     """One line of strict JSON: a non-finite number is written as null (JSON has no NaN or Infinity)."""
     return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

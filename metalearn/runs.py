@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from metalearn.aliases import migrate
 from metalearn.checkpoint import checkpoint_path
+from metalearn.exported import exported_overrides, is_export
 from metalearn.io import atomic_text
 from metalearn.errors import MetalearnError
 
@@ -59,6 +60,8 @@ def saved_overrides(run_dir: str) -> List[str]:
 
     The config search path the run was started with (hydra.searchpath) comes along too.
     """
+    if is_export(run_dir):  # a file `metalearn export` wrote keeps its run's overrides
+        return migrate(exported_overrides(Path(run_dir)))
     folder = Path(run_dir)
     saved_path = folder / ".hydra" / "overrides.yaml"
     if not folder.is_dir():

@@ -31,6 +31,7 @@ from metalearn.config import (
     RUN_NODES,
     DataAppConfig,
     EvalAppConfig,
+    ExportAppConfig,
     TrainAppConfig,
     compose,
 )
@@ -269,6 +270,8 @@ def run_sections() -> List[str]:
     for command, schema, config_name in (("eval", EvalAppConfig, "eval"), ("data", DataAppConfig, "inspect")):
         out += ["", f"### Keys of `metalearn {command}` only", ""]
         out += table(schema_rows(schema, skip=shared), "", [("default", compose([], config_name=config_name))])
+    out += ["", "### Keys of `metalearn export`", ""]
+    out += table(schema_rows(ExportAppConfig), "", [("default", compose(["run=required"], config_name="export"))])
     return out
 
 

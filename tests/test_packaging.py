@@ -19,6 +19,7 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
     expected = {
         "metalearn/conf/train.yaml",
         "metalearn/conf/eval.yaml",
+        "metalearn/conf/export.yaml",
         "metalearn/conf/algo/maml.yaml",
         "metalearn/conf/algo/fomaml.yaml",
         "metalearn/conf/data/omniglot.yaml",

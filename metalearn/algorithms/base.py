@@ -25,6 +25,10 @@ class AlgoSettings:
     name: str = MISSING  # the name runs, logs and evaluation records show (fomaml, anil, ... for MAML's presets)
 
 
+# Parts of an algorithm's state_dict needed only to go on training; `metalearn export` leaves them out,
+# and load_state_dict skips them when they are absent.
+TRAINING_STATE = ("optimizer", "scheduler")
+
 # What an algorithm's model ends in (`Algorithm.head`):
 WAYS_HEAD = "ways"  # a linear head of task.ways outputs, so it meta-trains on task.ways-way episodes
 EMBEDDING = "embedding"  # no head: the backbone's embedding

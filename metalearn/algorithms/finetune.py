@@ -146,7 +146,8 @@ class Finetune(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.device, fast: FastPaths) -> torch.nn.Module:

@@ -342,4 +342,5 @@ class MAML(Algorithm):
         with torch.no_grad():
             for name, r in self.rates.items():
                 r.copy_(saved_rates[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+            self.optimizer.load_state_dict(state["optimizer"])

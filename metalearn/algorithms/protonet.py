@@ -104,5 +104,6 @@ class ProtoNet(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
