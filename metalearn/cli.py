@@ -139,6 +139,20 @@ COMMANDS = {"train": train_app, "eval": eval_app, "export": export_app, "data": 
 DATA_ACTIONS = ("info", "preview")
 
 
+def _writable(log: Path, purpose: str) -> None:
+    """Refuse, before Hydra opens it, a run folder whose log cannot be written."""
+    if not log.parent.is_dir():
+        return  # not a run folder: the replay says so
+    try:
+        with open(log, "a"):
+            pass
+    except OSError as err:
+        raise MetalearnError(
+            f"cannot write {log} ({err.strerror or err}), so metalearn cannot {purpose} in that folder. Nothing "
+            f"was changed; make the folder writable (or copy it somewhere writable) and run the command again."
+        ) from None
+
+
 def _eval_log(run: str) -> List[str]:
     """Evaluation logs to <run>/eval.log; a run folder that cannot take it logs to a temporary file instead."""
     log = record_folder(run) / "eval.log"
@@ -165,6 +179,7 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             if run_dir is not None:  # checked before Hydra rewrites <run>/.hydra
                 refuse_existing_run(Path(run_dir.strip("'\"")))
             return args
+        _writable(Path(run.strip("'\"")) / "train.log", "resume the run")
         replayed = replay_run_overrides(run, args, drop=("resume",))
         # Hydra must not rewrite the run's record before the resume is accepted: train() writes it then.
         return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}", "hydra.output_subdir=null"]

@@ -196,3 +196,30 @@ def test_a_model_too_large_for_memory_is_an_error_not_a_traceback(cli, tiny_over
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "metalearn: error: out of memory" in result.stderr and "model.hidden" in result.stderr
     assert not run.exists()  # nothing was started, so no run folder is left behind
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])  # a plain Adam rate; one under a step-decay schedule
+def test_a_learning_rate_given_on_resume_is_the_one_used(cli, tiny_overrides, tmp_path, algo):
+    run = tmp_path / "run"
+    overrides = [*overrides_for(algo, tiny_overrides), "train.steps=2", f"hydra.run.dir={run}"]
+    if algo == "protonet":
+        overrides.append("algo.lr_decay_every=1")  # halved after every step
+    cli("train", *overrides, cwd=tmp_path)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["algo"]["optimizer"]["param_groups"][0]["lr"]
+    cli("train", f"resume={run}", "train.steps=3", "algo.outer_lr=0.5", cwd=tmp_path)
+    resumed = load_checkpoint(run / "checkpoints" / "last.pt")["algo"]["optimizer"]["param_groups"][0]["lr"]
+    # maml: 0.5 from now on; protonet: 0.5 x the decay reached (0.5 per step: saved = 1e-3 x 0.25, then 3 steps)
+    expected = 0.5 if algo == "maml" else 0.5 * 0.5**3
+    assert saved != expected and resumed == pytest.approx(expected)
+
+
+def test_a_run_folder_that_cannot_be_written_is_not_resumed_and_not_touched(cli, tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    cli("train", *tiny(tiny_overrides, 1), f"hydra.run.dir={run}", cwd=tmp_path)
+    (run / "train.log").unlink()
+    (run / "train.log").mkdir()  # the log cannot be opened, for any user
+    before = load_checkpoint(run / "checkpoints" / "last.pt")
+    result = cli("train", f"resume={run}", "train.steps=2", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "metalearn: error: cannot write" in result.stderr and "Nothing was changed" in result.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == before["step"]

@@ -10,11 +10,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict
 
+import logging
+
 import torch
 from omegaconf import MISSING
 
 from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,3 +93,25 @@ def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
             f"use the settings it was trained with."
         )
     model.load_state_dict(state)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, scheduler=None) -> None:
+    """The optimizer's (and scheduler's) saved state; a learning rate configured now replaces the saved one.
+
+    Without this, `resume=<run> algo.outer_lr=<new>` would train on at the checkpoint's rate. A schedule
+    keeps its progress: the rate is the new one times the decay reached so far.
+    """
+    configured = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, configured)):
+        initial = group.get("initial_lr", group["lr"])
+        if initial == lr:
+            continue
+        group["lr"] = lr * group["lr"] / initial
+        if "initial_lr" in group:
+            group["initial_lr"] = lr
+        if scheduler is not None:
+            scheduler.base_lrs[i] = lr
+        log.info("algo.outer_lr=%g replaces the checkpoint's %g", lr, initial)

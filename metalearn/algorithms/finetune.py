@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from metalearn.algorithms.base import CLASS_HEAD, AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.base import CLASS_HEAD, AlgoSettings, Algorithm, load_model_state, load_optimizer
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
@@ -147,7 +147,7 @@ class Finetune(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer(self.optimizer, state)
 
 
 def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.device, fast: FastPaths) -> torch.nn.Module:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
     Params,
     TaskThreads,
@@ -343,4 +343,4 @@ class MAML(Algorithm):
             for name, r in self.rates.items():
                 r.copy_(saved_rates[name])
         if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer(self.optimizer, state)

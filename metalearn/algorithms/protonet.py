@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import EMBEDDING, AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.base import EMBEDDING, AlgoSettings, Algorithm, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
     Params,
     VectorizedSettings,
@@ -105,5 +105,4 @@ class ProtoNet(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            load_optimizer(self.optimizer, state, self.scheduler)
