@@ -153,6 +153,19 @@ def _writable(log: Path, purpose: str) -> None:
         ) from None
 
 
+def _can_create(folder: Path) -> None:
+    """A new run's folder (or, without hydra.run.dir, ./runs) can be made and written, before Hydra tries."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise MetalearnError(
+            f"cannot write in {folder} ({err.strerror or err}): a run needs a writable folder. Run from a "
+            f"writable directory or choose one with hydra.run.dir=<folder>."
+        ) from None
+
+
 def _eval_log(run: str) -> List[str]:
     """Evaluation logs to <run>/eval.log; a run folder that cannot take it logs to a temporary file instead."""
     log = record_folder(run) / "eval.log"
@@ -178,6 +191,8 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             run_dir = find_override(args, "hydra.run.dir")
             if run_dir is not None:  # checked before Hydra rewrites <run>/.hydra
                 refuse_existing_run(Path(run_dir.strip("'\"")))
+            if not any(a.startswith("-") for a in args):
+                _can_create(Path(run_dir.strip("'\"")) if run_dir else Path.cwd() / "runs")
             return args
         _writable(Path(run.strip("'\"")) / "train.log", "resume the run")
         replayed = replay_run_overrides(run, args, drop=("resume",))

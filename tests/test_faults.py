@@ -223,3 +223,10 @@ def test_a_run_folder_that_cannot_be_written_is_not_resumed_and_not_touched(cli,
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "metalearn: error: cannot write" in result.stderr and "Nothing was changed" in result.stderr
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == before["step"]
+
+
+def test_a_run_folder_that_cannot_be_made_is_an_error_not_a_traceback(cli, tiny_overrides, tmp_path):
+    (tmp_path / "a-file").write_text("")  # a folder cannot be made inside a file, for any user
+    result = cli("train", *tiny(tiny_overrides, 1), f"hydra.run.dir={tmp_path / 'a-file' / 'run'}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "metalearn: error: cannot write in" in result.stderr and "hydra.run.dir=" in result.stderr
