@@ -138,7 +138,7 @@ class TrainAppConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Metric writers besides metrics.jsonl, each a `_target_` node added by +logger=<name> (docs/extending.md).
+    # Metric writers besides metrics.jsonl, each a `_target_` node: logger=<name> or logger=[<name>,...].
     loggers: Dict[str, Any] = field(default_factory=dict)
     # Training-loop hooks besides metrics, validation and checkpoints, each a `_target_` node (metalearn.hooks).
     hooks: Dict[str, Any] = field(default_factory=dict)

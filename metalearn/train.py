@@ -137,6 +137,8 @@ def train(cfg: DictConfig) -> Path:
     else:
         log.info("run folder %s", run_dir)
     log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
+    for writer in writers:
+        writer.start(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     context = LoopContext(algo=algo, run_dir=run_dir, writers=writers, cfg=cfg, save=save)
     for hook in hooks:
         hook.start(context)

@@ -60,7 +60,7 @@ def test_the_walkthrough_trains_resumes_and_evaluates(cli, toys, tmp_path):
         "data=tensors",
         f"data.root={tmp_path / 'tensors'}",
         "model=mlp",
-        "+logger=csv",
+        "logger=csv",
         f"hydra.searchpath=[file://{toys / 'toys' / 'conf'}]",
         "task.queries=2",
         "task.shots=2",

@@ -18,7 +18,8 @@ def build_writers(loggers: DictConfig, run_dir: Path) -> List[MetricWriter]:
         try:
             writer = instantiate(node, run_dir=run_dir)
         except Exception as err:
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            cause = err.__cause__ or err
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise MetalearnError(f"loggers.{name} cannot be built ({reason}).") from None
         if not isinstance(writer, MetricWriter):
             raise MetalearnError(f"loggers.{name}: {type(writer).__name__} is not a metalearn MetricWriter.")
