@@ -47,6 +47,9 @@ commands:
   export  a run's weights alone as safetensors (no pickle), its config as metadata
           e.g. metalearn export run=<run folder> [checkpoint=best] [out=model.safetensors]
                metalearn eval run=model.safetensors            (scored like the run)
+  report  a sweep's runs grouped by their settings: a table (also CSV, Markdown) and plots
+          e.g. metalearn report runs/multirun/<time> [more folders] [out=<folder>] [--eval]
+               (--eval first scores the runs that have no test result)
   data    look at a dataset: `data info` (classes and images per split, cache)
           or `data preview` (a PNG of one sampled episode)
           e.g. metalearn data info data=mnist data.root=/data
@@ -259,12 +262,32 @@ def _check_overrides(command: str, args: List[str]) -> None:
         _fail(_one_paragraph(err))
 
 
+def report_command(args: List[str]) -> None:
+    """`metalearn report <folder> ... [out=<folder>] [--eval]` (no config to compose: plain arguments)."""
+    from metalearn.report import find_runs, report
+
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("out=")), None)
+    folders = [a for a in args if not a.startswith("out=") and a != "--eval"]
+    if not folders:
+        raise MetalearnError("report needs a folder: metalearn report <sweep or run folder> [...].")
+    if "--eval" in args:  # the same test episodes for every run: eval's fixed eval.seed
+        for run in find_runs(folders):
+            if not run.evals and (run.folder / "checkpoints" / "best.pt").is_file():
+                main(["eval", f"run={run.folder}"])
+    report(folders, out)
+
+
 def main(argv: List[str] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = args[0], args[1:]
+    if command == "report":
+        try:
+            return report_command(rest)
+        except MetalearnError as err:
+            _fail(str(err))
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; the commands are: {', '.join(COMMANDS)}.\n\n{USAGE}", code=2)
     try:

@@ -1,0 +1,261 @@
+"""`metalearn report <folder> ...`: a sweep's runs grouped by their settings, as a table and plots.
+
+Runs are the folders below the given ones that hold .hydra/overrides.yaml.
+A group is the runs whose overrides are equal but for the seed (and where
+the data lives): per group the runs, the steps they reached, the best
+validation accuracy and the latest test result of each run as a mean with a
+95% interval across seeds, tasks (or images) per second and wall time.
+Runs that are still going, stopped or never evaluated stay in the table,
+marked as such. Writes report.csv, report.md and three PNG plots.
+"""
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from metalearn.errors import MetalearnError
+from metalearn.evaluate import Z95
+
+# Overrides that do not make two runs different experiments.
+NOT_SETTINGS = ("seed", "data.root", "data.cache_dir", "hydra.", "resume")
+PLOTS = ("val_accuracy.png", "train_loss.png", "test_accuracy.png")
+FIGURE_SIZE, DPI = (8, 5), 100  # 800 x 500 pixels
+
+
+@dataclass
+class Run:
+    folder: Path
+    settings: tuple  # its overrides without the seed: the group it belongs to
+    steps: int  # train.steps it was started (or last resumed) with
+    records: List[dict] = field(default_factory=list)
+    evals: List[dict] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return max((r["step"] for r in self.records), default=0)
+
+    @property
+    def status(self) -> str:
+        if not self.records:
+            return "not started"
+        if self.step < self.steps:
+            return f"stopped or running at step {self.step}"
+        return "done" if self.evals else "done, not evaluated"
+
+    def series(self, split: str, key: str) -> Dict[int, float]:
+        return {r["step"]: r[key] for r in self.records if r["split"] == split and r.get(key) is not None}
+
+    @property
+    def best_val(self) -> Optional[float]:
+        return max(self.series("val", "accuracy").values(), default=None)
+
+    @property
+    def test(self) -> Optional[dict]:
+        return self.evals[-1] if self.evals else None
+
+    @property
+    def rate(self) -> Optional[float]:
+        rates = [r.get("tasks_per_s", r.get("images_per_s")) for r in self.records if r["split"] == "train"]
+        rates = [r for r in rates if r is not None]
+        return statistics.mean(rates) if rates else None
+
+    @property
+    def wall(self) -> Optional[float]:
+        times = [r["time"] for r in self.records if r.get("time") is not None]
+        return max(times) if times else None
+
+
+def _jsonl(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut short by a crash
+    return out
+
+
+def find_runs(folders: Sequence[str]) -> List[Run]:
+    found = []
+    for folder in folders:
+        root = Path(folder)
+        if not root.exists():
+            raise MetalearnError(f"{root} does not exist.")
+        for record in sorted(root.glob("**/.hydra/overrides.yaml")):
+            run = record.parent.parent
+            overrides = [str(o) for o in OmegaConf.load(record)]
+            settings = tuple(o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(NOT_SETTINGS))
+            config = run / ".hydra" / "config.yaml"
+            steps = int(OmegaConf.load(config).train.steps) if config.is_file() else 0
+            found.append(Run(run, settings, steps, _jsonl(run / "metrics.jsonl"), _jsonl(run / "evals.jsonl")))
+    if not found:
+        raise MetalearnError(f"no runs under {', '.join(folders)} (folders holding .hydra/overrides.yaml).")
+    return found
+
+
+def mean_ci(values: Sequence[float]):
+    """Mean and the half-width of its 95% interval across runs (0 for one run)."""
+    if not values:
+        return None, None
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.mean(values), Z95 * spread / math.sqrt(len(values))
+
+
+def common_settings(runs: List[Run]) -> tuple:
+    """The overrides every run shares: said once, above the table, not in each group's name."""
+    shared = set(runs[0].settings).intersection(*(r.settings for r in runs[1:]))
+    return tuple(o for o in runs[0].settings if o in shared)
+
+
+def group_name(run: Run, common: tuple) -> str:
+    return " ".join(o for o in run.settings if o not in common) or "(defaults)"
+
+
+def by_group(runs: List[Run]) -> Dict[str, List[Run]]:
+    common = common_settings(runs) if len({r.settings for r in runs}) > 1 else ()
+    groups: Dict[str, List[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_name(run, common), []).append(run)
+    return groups
+
+
+def group_rows(runs: List[Run]) -> List[dict]:
+    rows = []
+    for name, members in by_group(runs).items():
+        best, best_ci = mean_ci([r.best_val for r in members if r.best_val is not None])
+        tests = [r.test for r in members if r.test]
+        test, test_ci = mean_ci([t["accuracy"] for t in tests])
+        rate, _ = mean_ci([r.rate for r in members if r.rate is not None])
+        wall, _ = mean_ci([r.wall for r in members if r.wall is not None])
+        statuses = sorted({r.status for r in members})
+        rows.append(
+            {
+                "group": name,
+                "runs": len(members),
+                "steps": "/".join(str(s) for s in sorted({r.step for r in members})),
+                "best_val": best,
+                "best_val_ci95": best_ci,
+                "test": test,
+                "test_ci95": test_ci,
+                "tested": len(tests),
+                "test_per_run": "; ".join(f"{100 * t['accuracy']:.2f}±{100 * t['ci95']:.2f}" for t in tests),
+                "rate_per_s": rate,
+                "wall_s": wall,
+                "status": ", ".join(statuses),
+            }
+        )
+    return rows
+
+
+def _percent(value, ci) -> str:
+    return "-" if value is None else f"{100 * value:.2f} ± {100 * ci:.2f}"
+
+
+COLUMNS = ("group", "runs", "steps", "best val %", "test %", "per-run test %", "rate/s", "wall s", "status")
+
+
+def _cells(row: dict) -> List[str]:
+    return [
+        row["group"],
+        str(row["runs"]),
+        row["steps"],
+        _percent(row["best_val"], row["best_val_ci95"]),
+        _percent(row["test"], row["test_ci95"]) + (f" ({row['tested']} of {row['runs']})" if row["test"] else ""),
+        row["test_per_run"] or "-",
+        "-" if row["rate_per_s"] is None else f"{row['rate_per_s']:.1f}",
+        "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}",
+        row["status"],
+    ]
+
+
+def table(rows: List[dict]) -> str:
+    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells)
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MetalearnError("metalearn report draws with matplotlib: pip install '.[report]'.") from None
+    from matplotlib.ticker import MaxNLocator
+
+    groups = by_group(runs)
+    written = []
+    for name, split, key, label in (
+        (PLOTS[0], "val", "accuracy", "validation accuracy (%)"),
+        (PLOTS[1], "train", "loss", "training loss"),
+    ):
+        figure, axes = plt.subplots(figsize=FIGURE_SIZE, dpi=DPI)
+        for group, members in groups.items():
+            series = [r.series(split, key) for r in members]
+            steps = sorted(set().union(*series))
+            if not steps:
+                continue
+            scale = 100 if key == "accuracy" else 1
+            stats = [mean_ci([scale * s[step] for s in series if step in s]) for step in steps]
+            mean = [m for m, _ in stats]
+            axes.plot(steps, mean, label=f"{group} ({len(members)} runs)")
+            axes.fill_between(steps, [m - c for m, c in stats], [m + c for m, c in stats], alpha=0.2)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("step")
+        axes.set_ylabel(label)
+        axes.set_title(f"{label} against step: mean and 95% interval across seeds")
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(out / name)
+        plt.close(figure)
+        written.append(out / name)
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE, dpi=DPI)
+    tested = [r for r in rows if r["test"] is not None]
+    axes.bar(
+        range(len(tested)),
+        [100 * r["test"] for r in tested],
+        yerr=[100 * r["test_ci95"] for r in tested],
+        capsize=6,
+    )
+    axes.set_xticks(range(len(tested)), [r["group"] for r in tested], rotation=15, ha="right", fontsize="small")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("test accuracy per group: mean and 95% interval across seeds")
+    figure.tight_layout()
+    figure.savefig(out / PLOTS[2])
+    plt.close(figure)
+    written.append(out / PLOTS[2])
+    return written
+
+
+def report(folders: Sequence[str], out: Optional[str] = None) -> List[dict]:
+    runs = find_runs(folders)
+    rows = group_rows(runs)
+    target = Path(out) if out else Path(folders[0])
+    target.mkdir(parents=True, exist_ok=True)
+    common = common_settings(runs)
+    if common and len(rows) > 1:
+        print(f"every run: {' '.join(common)}")
+    print(table(rows))
+    with open(target / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (target / "report.md").write_text(markdown(rows))
+    written = plots(runs, rows, target)
+    print(f"\n{len(runs)} runs in {len(rows)} groups; report.csv, report.md and {len(written)} plots in {target}")
+    return rows
