@@ -182,8 +182,32 @@ def _eval_log(run: str) -> List[str]:
         return [f"hydra.job_logging.handlers.file.filename={quoted(str(elsewhere))}"]
 
 
+# Hydra plugins behind a config choice (group, choice prefix), and their modules: the `sweep` extra.
+PLUGINS = {
+    ("hydra/launcher", "joblib"): "hydra_plugins.hydra_joblib_launcher",
+    ("hydra/launcher", "submitit"): "hydra_plugins.hydra_submitit_launcher",
+    ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
+}
+
+
+def _require_plugins(args: List[str]) -> None:
+    """A launcher or sweeper whose plugin is not installed: one line that names the extra to install."""
+    import importlib
+
+    for arg in args:
+        group, _, choice = arg.lstrip("+~").partition("=")
+        for (plugin_group, prefix), module in PLUGINS.items():
+            if group != plugin_group or not choice.startswith(prefix):
+                continue
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise MetalearnError(f'{group}={choice} needs the sweep extra: pip install ".[sweep]".') from None
+
+
 def _prepare(command: str, args: List[str]) -> List[str]:
     args = migrate(args, note=True)
+    _require_plugins(args)
     if command == "data":
         if not args or args[0] not in DATA_ACTIONS:
             raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")

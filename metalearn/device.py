@@ -139,3 +139,18 @@ def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
     use_amp = amp == "true" or (amp == "auto" and native)
     why = f"device.amp={amp}: {reason}"
     return FastPaths(amp=use_amp, channels_last=bool(device_cfg.channels_last), why=why)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def share_cores(jobs: int) -> int:
+    """Threads for one of `jobs` runs side by side (a parallel launcher): the cores split between them."""
+    threads = max(1, cores() // max(1, jobs))
+    torch.set_num_threads(threads)
+    return threads

@@ -24,7 +24,7 @@ from metalearn.algorithms import build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from metalearn.config import TaskConfig, validate
 from metalearn.data import EpisodeSampler, build_dataset
-from metalearn.device import resolve_device
+from metalearn.device import cores, resolve_device, share_cores
 from metalearn.errors import MetalearnError
 from metalearn.hooks import (
     Checkpoints,
@@ -63,6 +63,15 @@ class GracefulStop:
             signal.signal(s, handler)
 
 
+def parallel_jobs() -> int:
+    """How many runs a parallel launcher (joblib) runs at once; 1 for one run or a sequential sweep."""
+    launcher = HydraConfig.get().get("launcher") or {}
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    if n_jobs is None:
+        return 1
+    return cores() if n_jobs < 0 else int(n_jobs)  # joblib: -1 means one job per core
+
+
 def train(cfg: DictConfig) -> Path:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validate(cfg)
@@ -71,6 +80,9 @@ def train(cfg: DictConfig) -> Path:
     for stale in remove_stale_temporaries(run_dir):
         log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
     device = resolve_device(cfg.device.name)
+    jobs = parallel_jobs()
+    if jobs > 1:  # runs side by side would fight over every core: each takes its share
+        log.info("%d runs in parallel (hydra.launcher.n_jobs): %d thread(s) each", jobs, share_cores(jobs))
     torch.manual_seed(cfg.seed)
     loop, task = cfg.train, cfg.task
 

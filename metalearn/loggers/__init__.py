@@ -19,6 +19,10 @@ def build_writers(loggers: DictConfig, run_dir: Path) -> List[MetricWriter]:
             writer = instantiate(node, run_dir=run_dir)
         except Exception as err:
             cause = err.__cause__ or err
+            if isinstance(cause, ImportError):
+                raise MetalearnError(
+                    f'logger={name} needs the loggers extra ({cause}): pip install ".[loggers]".'
+                ) from None
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise MetalearnError(f"loggers.{name} cannot be built ({reason}).") from None
         if not isinstance(writer, MetricWriter):

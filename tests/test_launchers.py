@@ -1,0 +1,51 @@
+"""Sweeps through Hydra's launcher plugins: joblib runs jobs side by side, each with its share of the cores."""
+
+import pytest
+import torch
+
+from helpers.runs import overrides_for
+from metalearn.device import cores
+
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the sweep extra: pip install '.[sweep]'")
+
+
+def test_joblib_runs_a_sweep_in_parallel_with_the_cores_shared(cli, tiny_overrides, tmp_path):
+    overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
+    cli(
+        "train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1",
+        "train.steps=2",
+        *overrides,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0-protonet-seed0", "1-protonet-seed1"]
+    for run in runs:
+        assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+        assert (
+            f"2 runs in parallel (hydra.launcher.n_jobs): {max(1, cores() // 2)} thread(s) each"
+            in (run / "train.log").read_text()
+        )
+
+
+def test_a_missing_plugin_names_the_extra(cli, tmp_path, monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_joblib_plugin(name, *args, **kwargs):
+        if name.startswith("hydra_plugins.hydra_joblib_launcher"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_joblib_plugin)
+    result = cli("train", "-m", "hydra/launcher=joblib", "seed=0,1", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == 'metalearn: error: hydra/launcher=joblib needs the sweep extra: pip install ".[sweep]".'
+    )
