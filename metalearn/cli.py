@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, List
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn.aliases import migrate
 from metalearn.config import compose, register_schemas
@@ -109,7 +109,7 @@ def train_app(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except BaseException:
-        if cfg.resume is None:  # refused or failed before anything was saved: leave no empty run folder
+        if OmegaConf.select(cfg, "resume", throw_on_missing=False) is None:  # failed before anything was saved
             discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
         raise
 

@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from metalearn.device import SWITCHES
 from metalearn.errors import MetalearnError
@@ -200,6 +200,9 @@ class RunSeed:
 
 def validate(cfg: DictConfig) -> None:
     """Every node checked against its schema: range checks, and each component's own keys; errors name the key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MetalearnError(f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no value (???): set it.")
     try:
         RunSeed(cfg.seed)
     except SettingError as err:

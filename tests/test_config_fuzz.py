@@ -29,14 +29,20 @@ KEYS = sorted(
 )
 # Small magnitudes keep every accepted run tiny; the rest are the values a typo or a wrong guess gives.
 VALUES = st.one_of(
-    st.integers(-3, 40).map(str),
+    st.integers(-3, 12).map(str),
     st.floats(-10, 10, allow_nan=False).map(lambda f: f"{f:.3g}"),
     st.sampled_from(["0", "-1", "0.0", "inf", "-inf", "nan", "null", "true", "false", "???", "[]", "[1,2]", "{a:1}"]),
     st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,  # the same examples on every machine: a CI time that does not vary
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(algo=st.sampled_from(ALGOS), key=st.sampled_from(KEYS), value=VALUES)
 def test_any_override_runs_or_is_one_paragraph_error(cli, tiny_overrides, tmp_path_factory, algo, key, value):
     run = tmp_path_factory.mktemp("fuzz") / "run"

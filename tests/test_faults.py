@@ -172,6 +172,8 @@ def test_out_of_range_seeds_are_refused(cli, tiny_overrides, tmp_path):
         for value in (-1, 2**63):
             result = cli("train", *tiny(tiny_overrides, 1), f"{key}={value}", cwd=tmp_path, check=False)
             assert result.returncode == 1 and f"{key} must be in [0, 2**63)" in result.stderr, result.stderr
+        result = cli("train", *tiny(tiny_overrides, 1), f"{key}=???", cwd=tmp_path, check=False)  # found by hypothesis
+        assert result.returncode == 1 and f"{key} has no value (???)" in result.stderr, result.stderr
 
 
 def test_the_printed_commands_can_be_pasted_for_a_folder_with_a_space(cli, tiny_overrides, tmp_path):
