@@ -213,7 +213,8 @@ def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
             scale = 100 if key == "accuracy" else 1
             stats = [mean_ci([scale * s[step] for s in series if step in s]) for step in steps]
             mean = [m for m, _ in stats]
-            axes.plot(steps, mean, label=f"{group} ({len(members)} runs)")
+            marker = "o" if len(steps) <= 20 else None  # a few validations: show where they were
+            axes.plot(steps, mean, marker=marker, label=f"{group} ({len(members)} runs)")
             axes.fill_between(steps, [m - c for m, c in stats], [m + c for m, c in stats], alpha=0.2)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("step")
