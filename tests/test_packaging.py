@@ -20,6 +20,8 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
         "metalearn/conf/train.yaml",
         "metalearn/conf/eval.yaml",
         "metalearn/conf/export.yaml",
+        "metalearn/conf/hydra/launcher/slurm.yaml",
+        "metalearn/conf/logger/tensorboard.yaml",
         "metalearn/conf/algo/maml.yaml",
         "metalearn/conf/algo/fomaml.yaml",
         "metalearn/conf/data/omniglot.yaml",
