@@ -12,14 +12,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.aliases import migrate
 from metalearn.config import compose, register_schemas
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, RunFailed
 from metalearn.exported import is_export, record_folder
 from metalearn.runs import (
     discard_unstarted_run,
@@ -61,8 +61,27 @@ commands:
 
 
 def _fail(message: str, code: int = 1) -> None:
+    if _in_sweep():
+        _fail_sweep_run(message)
     print(f"metalearn: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _fail_sweep_run(message: str) -> None:
+    """One run of a sweep failed: its log says why, and the sweep goes on (an exception, not an exit)."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    logging.getLogger("metalearn").error(message)
+    raise RunFailed(f"metalearn: error: run {HydraConfig.get().runtime.output_dir} failed: {message}")
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -83,6 +102,8 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
     def wrapper(cfg: DictConfig):
         try:
             return task(cfg)
+        except RunFailed:
+            raise
         except MetalearnError as err:
             _fail(str(err))
         except OSError as err:  # a file that cannot be read or written: say which and why, not a traceback
@@ -101,15 +122,17 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_user_errors_exit
-def train_app(cfg: DictConfig) -> None:
+def train_app(cfg: DictConfig) -> Optional[float]:
+    """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored."""
     from hydra.core.hydra_config import HydraConfig
 
     from metalearn.train import train
 
     try:
-        train(cfg)
+        return train(cfg).best_val_accuracy
     except BaseException:
-        if OmegaConf.select(cfg, "resume", throw_on_missing=False) is None:  # failed before anything was saved
+        # A single run refused before anything was saved leaves no folder; a sweep's run keeps its log.
+        if OmegaConf.select(cfg, "resume", throw_on_missing=False) is None and not _in_sweep():
             discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
         raise
 
@@ -187,6 +210,7 @@ PLUGINS = {
     ("hydra/launcher", "joblib"): "hydra_plugins.hydra_joblib_launcher",
     ("hydra/launcher", "submitit"): "hydra_plugins.hydra_submitit_launcher",
     ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
+    ("hparams_search", ""): "hydra_plugins.hydra_optuna_sweeper",  # every preset is an Optuna study
 }
 
 
@@ -205,9 +229,21 @@ def _require_plugins(args: List[str]) -> None:
                 raise MetalearnError(f'{group}={choice} needs the sweep extra: pip install ".[sweep]".') from None
 
 
+def _register_study_sweeper() -> None:
+    """hparams_search's sweeper, known to Hydra however metalearn was installed (an editable install's
+    hydra_plugins folder is not scanned), by Hydra's documented manual registration."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.metalearn_study.optuna_study import OptunaStudy
+
+    Plugins.instance().register(OptunaStudy)
+
+
 def _prepare(command: str, args: List[str]) -> List[str]:
     args = migrate(args, note=True)
     _require_plugins(args)
+    if command == "train":
+        _register_study_sweeper()
     if command == "data":
         if not args or args[0] not in DATA_ACTIONS:
             raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")

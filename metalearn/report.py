@@ -5,8 +5,8 @@ A group is the runs whose overrides are equal but for the seed (and where
 the data lives): per group the runs, the steps they reached, the best
 validation accuracy and the latest test result of each run as a mean with a
 95% interval across seeds, tasks (or images) per second and wall time.
-Runs that are still going, stopped or never evaluated stay in the table,
-marked as such. Writes report.csv, report.md and three PNG plots.
+Runs that are still going, stopped, failed (an error in their train.log) or
+never evaluated stay in the table, marked as such. Writes report.csv, report.md and three PNG plots.
 """
 
 import csv
@@ -35,6 +35,7 @@ class Run:
     steps: int  # train.steps it was started (or last resumed) with
     records: List[dict] = field(default_factory=list)
     evals: List[dict] = field(default_factory=list)
+    error: Optional[str] = None  # why the run stopped, when its log says (a sweep's runs log their errors)
 
     @property
     def step(self) -> int:
@@ -42,6 +43,8 @@ class Run:
 
     @property
     def status(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
         if not self.records:
             return "not started"
         if self.step < self.steps:
@@ -83,6 +86,20 @@ def _jsonl(path: Path) -> List[dict]:
     return out
 
 
+def logged_error(log: Path) -> Optional[str]:
+    """The first clause of the last error in a run's train.log ("training diverged at step 12"), if any
+    since the run was last resumed."""
+    if not log.is_file():
+        return None
+    error = None
+    for line in log.read_text().splitlines():
+        if "[ERROR] - " in line:
+            error = line.split("[ERROR] - ", 1)[1].split(":", 1)[0].strip()[:80]
+        elif "] - resuming " in line:
+            error = None
+    return error
+
+
 def find_runs(folders: Sequence[str]) -> List[Run]:
     found = []
     for folder in folders:
@@ -95,7 +112,8 @@ def find_runs(folders: Sequence[str]) -> List[Run]:
             settings = tuple(o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(NOT_SETTINGS))
             config = run / ".hydra" / "config.yaml"
             steps = int(OmegaConf.load(config).train.steps) if config.is_file() else 0
-            found.append(Run(run, settings, steps, _jsonl(run / "metrics.jsonl"), _jsonl(run / "evals.jsonl")))
+            records, evals = _jsonl(run / "metrics.jsonl"), _jsonl(run / "evals.jsonl")
+            found.append(Run(run, settings, steps, records, evals, logged_error(run / "train.log")))
     if not found:
         raise MetalearnError(f"no runs under {', '.join(folders)} (folders holding .hydra/overrides.yaml).")
     return found

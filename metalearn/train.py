@@ -11,8 +11,9 @@ import logging
 import shlex
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -72,9 +73,27 @@ def parallel_jobs() -> int:
     return cores() if n_jobs < 0 else int(n_jobs)  # joblib: -1 means one job per core
 
 
-def train(cfg: DictConfig) -> Path:
+def in_optuna_study() -> bool:
+    """This run is a trial of an Optuna study (hparams_search=...): its best validation accuracy is the objective."""
+    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_accuracy: Optional[float]  # None: no validation with a finite loss ran
+
+
+def train(cfg: DictConfig) -> TrainResult:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validate(cfg)
+    scored = in_optuna_study()
+    if scored and cfg.train.val_every > cfg.train.steps:
+        raise MetalearnError(
+            f"a trial of an Optuna study is scored by its best validation accuracy, but train.val_every="
+            f"{cfg.train.val_every} is more than train.steps={cfg.train.steps}, so no validation would run: "
+            f"choose train.val_every <= train.steps."
+        )
     if cfg.resume is None:
         refuse_existing_run(run_dir)
     for stale in remove_stale_temporaries(run_dir):
@@ -123,13 +142,14 @@ def train(cfg: DictConfig) -> Path:
         )
 
     rate_key = f"{algo.throughput_unit}_per_s"
+    validation = Validation(
+        algo, val_sampler, writers, loop.val_every, loop.val_episodes, cfg.eval.batch_size, lambda: save("best")
+    )
     hooks: List[Hook] = [
         DivergenceGuard(),  # first: a diverged step writes nothing
         TrainMetrics(writers, loop.log_every, rate_key),
         ConfiguredHooks(cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
-        Validation(
-            algo, val_sampler, writers, loop.val_every, loop.val_episodes, cfg.eval.batch_size, lambda: save("best")
-        ),
+        validation,
         Checkpoints(loop.ckpt_every, lambda: save("last")),
     ]
 
@@ -193,4 +213,9 @@ def train(cfg: DictConfig) -> Path:
         )
         raise SystemExit(128 + stop.signum)
     print(f"run folder: {shlex.quote(str(run_dir))}")
-    return run_dir
+    best = validation.best if validation.best >= 0 else None
+    if best is None and scored:
+        raise MetalearnError(
+            "no validation of this trial had a finite loss, so it has no score: the trial counts as failed."
+        )
+    return TrainResult(run_dir, best)

@@ -32,23 +32,49 @@ def test_joblib_runs_a_sweep_in_parallel_with_the_cores_shared(cli, tiny_overrid
         )
 
 
-def test_a_missing_plugin_names_the_extra(cli, tmp_path, monkeypatch):
+def test_a_failed_run_does_not_stop_the_others_and_the_sweep_ends_saying_which(cli, tiny_overrides, tmp_path):
+    overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
+    result = cli(
+        "train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "algo.outer_lr=1e30,0.001",  # the first diverges at its second step
+        "train.steps=4",
+        *overrides,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        check=False,
+    )
+    failed, done = tmp_path / "sweep" / "0-protonet-seed0", tmp_path / "sweep" / "1-protonet-seed0"
+    assert torch.load(done / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert "[ERROR] - training diverged at step 2" in (failed / "train.log").read_text()
+    assert result.returncode == 1
+    assert f"metalearn: error: run {failed} failed: training diverged at step 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "choice, module",
+    [
+        ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher"),
+        ("hparams_search=maml", "hydra_plugins.hydra_optuna_sweeper"),
+    ],
+)
+def test_a_missing_plugin_names_the_extra(cli, tmp_path, monkeypatch, choice, module):
     import importlib
 
     real_import = importlib.import_module
 
-    def without_joblib_plugin(name, *args, **kwargs):
-        if name.startswith("hydra_plugins.hydra_joblib_launcher"):
+    def without_plugin(name, *args, **kwargs):
+        if name.startswith(module):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(importlib, "import_module", without_joblib_plugin)
-    result = cli("train", "-m", "hydra/launcher=joblib", "seed=0,1", cwd=tmp_path, check=False)
+    monkeypatch.setattr(importlib, "import_module", without_plugin)
+    result = cli("train", "-m", choice, "seed=0,1", cwd=tmp_path, check=False)
     assert result.returncode == 1
-    assert (
-        result.stderr.strip()
-        == 'metalearn: error: hydra/launcher=joblib needs the sweep extra: pip install ".[sweep]".'
-    )
+    assert result.stderr.strip() == f'metalearn: error: {choice} needs the sweep extra: pip install ".[sweep]".'
 
 
 @pytest.mark.skipif(

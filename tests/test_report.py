@@ -76,3 +76,23 @@ def test_the_report_table_and_files_hold_the_figures_computed_by_hand(cli, sweep
 def test_a_folder_without_runs_is_one_line_error(cli, tmp_path):
     result = cli("report", str(tmp_path), check=False)
     assert result.returncode == 1 and result.stderr.strip().startswith("metalearn: error: no runs under")
+
+
+def test_a_run_whose_log_ends_on_an_error_is_marked_failed_until_it_is_resumed(cli, sweep):
+    log = sweep / "3" / "train.log"
+    log.write_text(
+        "[2026-01-01 00:00:00,000][metalearn.train][INFO] - run folder x\n"
+        "[2026-01-01 00:00:01,000][metalearn][ERROR] - training diverged at step 3: the training loss is nan.\n"
+    )
+    cli("report", str(sweep))
+    with open(sweep / "report.csv") as handle:
+        assert {r["group"]: r for r in csv.DictReader(handle)}["algo=protonet"]["status"] == (
+            "done, failed: training diverged at step 3"
+        )
+    with log.open("a") as handle:
+        handle.write("[2026-01-01 00:01:00,000][metalearn.train][INFO] - resuming x from step 2\n")
+    cli("report", str(sweep))
+    with open(sweep / "report.csv") as handle:
+        assert (
+            "stopped or running at step 2" in {r["group"]: r for r in csv.DictReader(handle)}["algo=protonet"]["status"]
+        )

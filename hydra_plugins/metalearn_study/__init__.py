@@ -1,0 +1,1 @@
+"""metalearn's Hydra plugins: the Optuna study sweeper."""
