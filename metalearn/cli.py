@@ -249,6 +249,12 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             raise MetalearnError(f"metalearn data needs an action: {' or '.join(DATA_ACTIONS)}.")
         return [f"action={args[0]}", *args[1:]]
     if command == "train":
+        study = find_override(args, "hparams_search")
+        if study is not None and not any(a.startswith("-") for a in args):
+            raise MetalearnError(
+                f"hparams_search={study} runs an Optuna study, a sweep: add -m "
+                f"(metalearn train -m hparams_search={study} ...)."
+            )
         run = find_override(args, "resume")
         if run is None:
             run_dir = find_override(args, "hydra.run.dir")

@@ -137,12 +137,24 @@ def group_name(run: Run, common: tuple) -> str:
     return " ".join(o for o in run.settings if o not in common) or "(defaults)"
 
 
+def _short(setting: str) -> str:
+    """A sampled float (an Optuna trial's 0.0012520653814999472) to 4 significant digits: 0.001252."""
+    key, _, value = setting.partition("=")
+    try:
+        return f"{key}={float(value):.4g}" if any(c in value for c in ".e") else setting
+    except ValueError:
+        return setting
+
+
 def by_group(runs: List[Run]) -> Dict[str, List[Run]]:
     common = common_settings(runs) if len({r.settings for r in runs}) > 1 else ()
     groups: Dict[str, List[Run]] = {}
     for run in runs:
         groups.setdefault(group_name(run, common), []).append(run)
-    return groups
+    labels = {name: " ".join(_short(s) for s in name.split(" ")) for name in groups}
+    if len(set(labels.values())) < len(labels):  # shortened, two groups would read the same: keep every digit
+        return groups
+    return {labels[name]: members for name, members in groups.items()}
 
 
 def group_rows(runs: List[Run]) -> List[dict]:
@@ -232,13 +244,18 @@ def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
             stats = [mean_ci([scale * s[step] for s in series if step in s]) for step in steps]
             mean = [m for m, _ in stats]
             marker = "o" if len(steps) <= 20 else None  # a few validations: show where they were
-            axes.plot(steps, mean, marker=marker, label=f"{group} ({len(members)} runs)")
+            axes.plot(
+                steps, mean, marker=marker, label=f"{group} ({len(members)} run{'s' if len(members) > 1 else ''})"
+            )
             axes.fill_between(steps, [m - c for m, c in stats], [m + c for m, c in stats], alpha=0.2)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("step")
         axes.set_ylabel(label)
         axes.set_title(f"{label} against step: mean and 95% interval across seeds")
-        axes.legend(fontsize="small")
+        if len(groups) <= 4:
+            axes.legend(fontsize="small")
+        else:  # many groups (a study's trials): the legend below the axes, not over the lines
+            axes.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
         figure.tight_layout()
         figure.savefig(out / name)
         plt.close(figure)

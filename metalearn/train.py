@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -75,7 +76,8 @@ def parallel_jobs() -> int:
 
 def in_optuna_study() -> bool:
     """This run is a trial of an Optuna study (hparams_search=...): its best validation accuracy is the objective."""
-    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    hydra = HydraConfig.get()
+    return hydra.mode == RunMode.MULTIRUN and "optuna" in str(hydra.sweeper.get("_target_", "")).lower()
 
 
 @dataclass

@@ -19,7 +19,7 @@ def test_joblib_runs_a_sweep_in_parallel_with_the_cores_shared(cli, tiny_overrid
         "seed=0,1",
         "train.steps=2",
         *overrides,
-        "hydra.sweep.dir=sweep",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",  # joblib's workers outlive a test, and its working directory
         cwd=tmp_path,
     )
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
@@ -42,7 +42,7 @@ def test_a_failed_run_does_not_stop_the_others_and_the_sweep_ends_saying_which(c
         "algo.outer_lr=1e30,0.001",  # the first diverges at its second step
         "train.steps=4",
         *overrides,
-        "hydra.sweep.dir=sweep",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         check=False,
     )
@@ -90,7 +90,7 @@ def test_submitit_local_runs_a_sweep_as_jobs(cli, tiny_overrides, tmp_path):
         "seed=0,1",
         "train.steps=2",
         *overrides,
-        "hydra.sweep.dir=sweep",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
     )
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -95,3 +95,12 @@ def test_a_study_no_trial_completes_ends_on_one_line_and_each_log_says_why(cli, 
     for trial in ("trial0", "trial1"):
         log = (tmp_path / "study" / trial / "train.log").read_text()
         assert "train.val_every=5 is more than train.steps=4, so no validation would run" in log
+
+
+def test_a_study_without_multirun_is_refused_before_anything_runs(cli, tmp_path):
+    result = cli("train", "hparams_search=maml", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and not (tmp_path / "runs").exists()
+    assert result.stderr.strip() == (
+        "metalearn: error: hparams_search=maml runs an Optuna study, a sweep: add -m "
+        "(metalearn train -m hparams_search=maml ...)."
+    )

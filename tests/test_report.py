@@ -96,3 +96,20 @@ def test_a_run_whose_log_ends_on_an_error_is_marked_failed_until_it_is_resumed(c
         assert (
             "stopped or running at step 2" in {r["group"]: r for r in csv.DictReader(handle)}["algo=protonet"]["status"]
         )
+
+
+def test_sampled_floats_read_short_unless_two_groups_would_then_read_the_same(cli, tmp_path):
+    for name, lr in (("a", "0.0012520653814999472"), ("b", "0.0007501954443620128"), ("c", "1e+30")):
+        write_run(tmp_path / "s" / name, [f"algo.outer_lr={lr}", "task.train.ways=60"], 4, [(4, 0.5)], [(4, 1.0)], [])
+    cli("report", str(tmp_path / "s"))
+    with open(tmp_path / "s" / "report.csv") as handle:
+        groups = {row["group"] for row in csv.DictReader(handle)}
+    assert groups == {"algo.outer_lr=0.001252", "algo.outer_lr=0.0007502", "algo.outer_lr=1e+30"}
+
+    # 0.00125206538 and 0.00125206539 both read 0.001252: every digit is kept
+    for name, lr in (("a", "0.00125206538"), ("b", "0.00125206539")):
+        write_run(tmp_path / "t" / name, [f"algo.outer_lr={lr}", "task.train.ways=60"], 4, [(4, 0.5)], [(4, 1.0)], [])
+    cli("report", str(tmp_path / "t"))
+    with open(tmp_path / "t" / "report.csv") as handle:
+        groups = {row["group"] for row in csv.DictReader(handle)}
+    assert groups == {"algo.outer_lr=0.00125206538", "algo.outer_lr=0.00125206539"}
