@@ -328,6 +328,37 @@ def _check_overrides(command: str, args: List[str]) -> None:
         _fail(_one_paragraph(err))
 
 
+# Where a process other than rank 0 logs: the console, warnings and errors only.
+QUIET_RANK = (
+    "hydra.output_subdir=null",
+    "hydra.job_logging.handlers.file.filename=/dev/null",
+    "hydra.job_logging.root.level=WARNING",
+)
+
+
+def _join_ranks(command: str, args: List[str]) -> List[str]:
+    """Under torchrun (train, eval): join the process group; every rank runs in rank 0's run folder.
+
+    Rank 0 resolves the run folder (its time stamp included) and gives it to the others, which write
+    nothing there: no .hydra record, no log file.
+    """
+    from metalearn import distributed
+
+    if command not in ("train", "eval") or not distributed.from_environment().active:
+        return args
+    if any(a.startswith("-") for a in args):
+        raise MetalearnError(
+            "a run on several processes (torchrun) is one run: drop -m and other flags (--cfg, --help), "
+            "or run them without torchrun."
+        )
+    cfg = compose(args, CONFIG_NAMES[command], with_hydra=True)
+    ranks = distributed.start(cfg.device.dist_timeout_s)
+    run_dir = ranks.broadcast(str(Path(cfg.hydra.run.dir).absolute()) if ranks.main else None)
+    replaced = {"hydra.run.dir", *([] if ranks.main else [override_key(q) for q in QUIET_RANK])}
+    args = [a for a in args if override_key(a) not in replaced]
+    return args + [f"hydra.run.dir={quoted(run_dir)}"] + ([] if ranks.main else list(QUIET_RANK))
+
+
 def report_command(args: List[str]) -> None:
     """`metalearn report <folder> ... [out=<folder>] [--eval]` (no config to compose: plain arguments)."""
     from metalearn.report import find_runs, report
@@ -362,6 +393,10 @@ def main(argv: List[str] = None) -> None:
         _fail(str(err))
     register_schemas()
     _check_overrides(command, rest)
+    try:
+        rest = _join_ranks(command, rest)
+    except MetalearnError as err:
+        _fail(str(err))
     sys.argv = [f"metalearn-{command}"] + rest
     try:
         COMMANDS[command]()

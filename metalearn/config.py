@@ -122,8 +122,11 @@ class DeviceConfig:
     # CPUs, bf16 GPUs), true or false. A string, as YAML reads true/false as booleans.
     amp: str = "auto"
     channels_last: bool = True  # NHWC memory format for the convolutions of a loop over tasks (same maths)
+    # A run on several processes (torchrun): seconds a process waits for the others before it stops with an error.
+    dist_timeout_s: int = 300
 
     def __post_init__(self):
+        at_least(self, "dist_timeout_s", 1)
         if str(self.amp).strip().lower() not in SWITCHES:
             raise SettingError("amp", f"must be auto, true or false (got {self.amp!r}).")
 
@@ -174,8 +177,10 @@ def register_schemas() -> None:
     store.store(name="data_schema", node=DataAppConfig)
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """The config `metalearn train <overrides>` runs with (for scripts and tests); old keys work here too."""
+def compose(overrides: Sequence[str] = (), config_name: str = "train", with_hydra: bool = False) -> DictConfig:
+    """The config `metalearn train <overrides>` runs with (for scripts and tests); old keys work here too.
+
+    with_hydra: the `hydra` node too (its run folder, with the time of this call)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -183,7 +188,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
     register_schemas()
     with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
-        return hydra_compose(config_name, overrides=migrate(list(overrides)))
+        return hydra_compose(config_name, overrides=migrate(list(overrides)), return_hydra_config=with_hydra)
 
 
 COMPONENTS = ("algo", "data", "model")

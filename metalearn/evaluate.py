@@ -27,6 +27,7 @@ from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoi
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_device
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.exported import is_export, load_export, record_folder
 from metalearn.io import file_sha256, json_line
@@ -56,28 +57,36 @@ def auto_batch_size(requested: Optional[int], episodes: int, device: torch.devic
 
 
 def score_episodes(
-    algos: Sequence[Algorithm], sampler: EpisodeSampler, episodes: int, batch_size: Optional[int], desc: str
+    algos: Sequence[Algorithm],
+    sampler: EpisodeSampler,
+    episodes: int,
+    batch_size: Optional[int],
+    desc: str,
+    ranks: Ranks = SINGLE,
 ) -> List[EpisodeResult]:
     """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
     The ensemble averages the members' class probabilities per query; its
     log-probabilities serve as logits for accuracy and loss. `batch_size`
     episodes are scored at a time (None: auto_batch_size); it changes neither
-    the episodes nor the result.
+    the episodes nor the result. On several processes each scores its part of
+    every batch and the per-episode figures are gathered, so the interval is
+    over all episodes.
     """
     device = sampler.device
     size = auto_batch_size(batch_size, episodes, device)
     scored = len(algos) + (len(algos) > 1)
     accuracies, losses = [[] for _ in range(scored)], [[] for _ in range(scored)]
     digest = hashlib.sha256()
-    with tqdm(total=episodes, desc=desc, unit="ep", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=episodes, desc=desc, unit="ep", leave=False, dynamic_ncols=True, disable=not ranks.main) as bar:
         done = 0
         while done < episodes:
             count = min(size, episodes - done)
             ids = sampler.episode_ids(done, count)
-            batch = sampler.gather(ids)
+            mine = ids[ranks.part(count)]  # all of them in one process
+            batch = sampler.gather(mine)
             try:
-                all_logits = [algo.predict(batch).float() for algo in algos]
+                all_logits = [algo.predict(batch).float() for algo in algos] if len(mine) else []
             except torch.cuda.OutOfMemoryError:
                 if count == 1:
                     raise MetalearnError(
@@ -90,13 +99,18 @@ def score_episodes(
                 torch.cuda.empty_cache()
                 continue
             digest.update(ids.numpy().tobytes())
-            if len(algos) > 1:
+            if len(algos) > 1 and all_logits:
                 all_logits.append(torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log())
             labels = batch.query_labels
-            for i, logits in enumerate(all_logits):
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(count, -1)
-                losses[i].append(loss.double().mean(dim=1).cpu())
-                accuracies[i].append((logits.argmax(dim=-1) == labels).double().mean(dim=1).cpu())
+            for i in range(scored):
+                loss, accuracy = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+                if all_logits:
+                    logits = all_logits[i]
+                    flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+                    loss = flat.view(len(mine), -1).double().mean(dim=1).cpu()
+                    accuracy = (logits.argmax(dim=-1) == labels).double().mean(dim=1).cpu()
+                losses[i].append(ranks.gather(loss, count))
+                accuracies[i].append(ranks.gather(accuracy, count))
             done += count
             bar.update(count)
     results = []
@@ -116,8 +130,10 @@ def score_episodes(
     return results
 
 
-def run_episodes(algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch_size: int, desc: str) -> EpisodeResult:
-    return score_episodes([algo], sampler, episodes, batch_size, desc)[0]
+def run_episodes(
+    algo: Algorithm, sampler: EpisodeSampler, episodes: int, batch_size: int, desc: str, ranks: Ranks = SINGLE
+) -> EpisodeResult:
+    return score_episodes([algo], sampler, episodes, batch_size, desc, ranks)[0]
 
 
 def scored_file(cfg: DictConfig) -> str:

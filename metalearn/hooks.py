@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from metalearn.algorithms import Algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import EpisodeSampler
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import run_episodes
 from metalearn.loggers import MetricWriter
@@ -155,8 +156,9 @@ class Validation(Hook):
         episodes: int,
         batch_size,
         save_best: Callable[[], None],
+        ranks: Ranks = SINGLE,
     ):
-        self.algo, self.sampler, self.writers = algo, sampler, writers
+        self.algo, self.sampler, self.writers, self.ranks = algo, sampler, writers, ranks
         self.every, self.episodes, self.batch_size = every, episodes, batch_size
         self.save_best = save_best
         self.best = -1.0
@@ -164,7 +166,7 @@ class Validation(Hook):
     def after_step(self, state, result, items, seconds):
         if not state.due(self.every):
             return
-        val = run_episodes(self.algo, self.sampler, self.episodes, self.batch_size, "validating")
+        val = run_episodes(self.algo, self.sampler, self.episodes, self.batch_size, "validating", self.ranks)
         write_all(
             self.writers,
             {

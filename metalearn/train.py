@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from metalearn import distributed
 from metalearn.algorithms import build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from metalearn.config import TaskConfig, validate
@@ -96,20 +97,26 @@ def train(cfg: DictConfig) -> TrainResult:
             f"{cfg.train.val_every} is more than train.steps={cfg.train.steps}, so no validation would run: "
             f"choose train.val_every <= train.steps."
         )
-    if cfg.resume is None:
-        refuse_existing_run(run_dir)
-    for stale in remove_stale_temporaries(run_dir):
-        log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
-    device = resolve_device(cfg.device.name)
+    ranks = distributed.start(cfg.device.dist_timeout_s)  # one process: rank 0 of 1
+    if ranks.main:  # rank 0 alone writes the run folder
+        if cfg.resume is None:
+            refuse_existing_run(run_dir)
+        for stale in remove_stale_temporaries(run_dir):
+            log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
+    device = ranks.device(resolve_device(cfg.device.name))
     jobs = parallel_jobs()
     if jobs > 1:  # runs side by side would fight over every core: each takes its share
         log.info("%d runs in parallel (hydra.launcher.n_jobs): %d thread(s) each", jobs, share_cores(jobs))
+    if ranks.active:
+        threads = share_cores(ranks.local_world) if device.type == "cpu" else torch.get_num_threads()
+        log.info("rank %d of %d on %s, %d thread(s)", ranks.rank, ranks.world, device, threads)
     torch.manual_seed(cfg.seed)
     loop, task = cfg.train, cfg.task
 
     dataset = build_dataset(cfg.data)
     train_split = dataset.load_split("train")
     algo = build_algorithm(cfg, device, train_split.num_classes, train_split.image_shape)
+    algo.ranks = ranks
     ways, shots, queries = TaskConfig.training_shape(task)
     if queries < 1 and algo.needs_queries:
         raise MetalearnError(f"algo={cfg.algo.name} trains on query images: task.train.queries must be at least 1.")
@@ -126,10 +133,12 @@ def train(cfg: DictConfig) -> TrainResult:
     val_sampler = EpisodeSampler(
         dataset.load_split("val"), task.ways, task.shots, task.queries, device, seed=loop.val_seed
     )
-    writers = build_writers(cfg.get("loggers"), run_dir)
+    writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
     state = LoopState(step=0, steps=loop.steps)
 
     def save(which: str) -> None:
+        if not ranks.main:
+            return
         save_checkpoint(
             checkpoint_path(run_dir, which),
             {
@@ -145,7 +154,14 @@ def train(cfg: DictConfig) -> TrainResult:
 
     rate_key = f"{algo.throughput_unit}_per_s"
     validation = Validation(
-        algo, val_sampler, writers, loop.val_every, loop.val_episodes, cfg.eval.batch_size, lambda: save("best")
+        algo,
+        val_sampler,
+        writers,
+        loop.val_every,
+        loop.val_episodes,
+        cfg.eval.batch_size,
+        lambda: save("best"),
+        ranks,
     )
     hooks: List[Hook] = [
         DivergenceGuard(),  # first: a diverged step writes nothing
@@ -166,7 +182,8 @@ def train(cfg: DictConfig) -> TrainResult:
         algo.check_resume(loop.steps)
         for writer in writers:
             writer.resume(state.step)
-        record_resume(run_dir, list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg), state.step)
+        if ranks.main:
+            record_resume(run_dir, list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg), state.step)
         log.info("resuming %s from step %d", run_dir, state.step)
     else:
         log.info("run folder %s", run_dir)
@@ -182,15 +199,24 @@ def train(cfg: DictConfig) -> TrainResult:
     with (
         GracefulStop() as stop,
         logging_redirect_tqdm(),
-        tqdm(total=loop.steps, initial=state.step, desc="meta-training", unit="step", dynamic_ncols=True) as bar,
+        tqdm(
+            total=loop.steps,
+            initial=state.step,
+            desc="meta-training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not ranks.main,
+        ) as bar,
     ):
+        stopping = False  # agreed by every rank at each step, so all stop after the same one
         try:
-            while state.step < loop.steps and stop.signum is None:
+            while state.step < loop.steps and not stopping:
                 tick = time.perf_counter()
-                batch = algo.sample(train_sampler, loop.meta_batch_size)
-                result = algo.meta_train_step(batch)
+                batch = algo.sample(train_sampler, loop.meta_batch_size)  # the whole batch, on every rank
+                result = algo.meta_train_step(ranks.split(batch) if ranks.active else batch)
+                result, stopping = ranks.batch_result(result, stop.signum is not None)
                 seconds = time.perf_counter() - tick
-                items = len(batch[0])  # tasks, or images for a classifier's batch
+                items = len(batch[0])  # tasks, or images for a classifier's batch (all ranks together)
                 state.step += 1
                 bar.update(1)
                 bar.set_postfix(
@@ -203,18 +229,25 @@ def train(cfg: DictConfig) -> TrainResult:
                 )
                 for hook in hooks:
                     hook.after_step(state, result, items, seconds)
+        except RuntimeError as err:
+            if not ranks.active or not distributed.lost_peer(err):
+                raise
+            raise MetalearnError(distributed.lost_rank_message(err, ranks)) from None
         finally:
             for writer in writers:
                 writer.close()
 
-    if stop.signum is not None:
+    if stopping:
         save("last")
         log.warning("stopped at step %d; checkpoints/last.pt saved", state.step)
-        print(
-            f"run folder: {shlex.quote(str(run_dir))}\nresume with: metalearn train resume={shlex.quote(str(run_dir))}"
-        )
-        raise SystemExit(128 + stop.signum)
-    print(f"run folder: {shlex.quote(str(run_dir))}")
+        if ranks.main:
+            print(
+                f"run folder: {shlex.quote(str(run_dir))}\n"
+                f"resume with: metalearn train resume={shlex.quote(str(run_dir))}"
+            )
+        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+    if ranks.main:
+        print(f"run folder: {shlex.quote(str(run_dir))}")
     best = validation.best if validation.best >= 0 else None
     if best is None and scored:
         raise MetalearnError(

@@ -16,6 +16,7 @@ import torch
 from omegaconf import MISSING
 
 from metalearn.data import Episodes, EpisodeSampler
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Algorithm(ABC):
     head = WAYS_HEAD
     model: torch.nn.Module
     needs_queries = True  # meta-training reads the episodes' query sets
+    # The run's processes (metalearn.distributed): the loop gives each its slice of the batch, and the
+    # algorithm averages its update over them (ranks.average_gradients) before applying it.
+    ranks: Ranks = SINGLE
     throughput_unit = "tasks"  # what one training batch counts, for the tasks/s (images/s) figure
 
     def sample(self, sampler: EpisodeSampler, meta_batch_size: int):

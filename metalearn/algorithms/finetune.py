@@ -104,6 +104,7 @@ class Finetune(Algorithm):
         logits = self.model(batch.images)
         loss = self.loss(logits, batch)
         loss.backward()
+        self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         accuracy = (logits.argmax(dim=-1) == batch.labels).float().mean()

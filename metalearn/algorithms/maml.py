@@ -304,6 +304,7 @@ class MAML(Algorithm):
             p.grad = grads["params"][name]
         for name, r in self.rates.items():
             r.grad = grads["rates"][name]
+        self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}

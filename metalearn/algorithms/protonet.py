@@ -83,6 +83,7 @@ class ProtoNet(Algorithm):
         grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(detached_params(self.model), *episodes)
         for name, p in self.model.named_parameters():
             p.grad = grads[name].mean(dim=0)
+        self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

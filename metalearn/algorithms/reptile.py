@@ -18,7 +18,7 @@ per-task function pure and the tasks of a meta-batch independent.
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from metalearn.algorithms.batching import (
     over_tasks,
     resolve_vectorize,
 )
-from metalearn.data import Episodes
+from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
 from metalearn.settings import at_least, finite, positive
@@ -67,6 +67,20 @@ class ReptileSettings(AlgoSettings, VectorizedSettings):
         for key in ("inner_steps", "inner_batch", "inner_steps_eval", "inner_batch_eval"):
             at_least(self, key, 1)
         at_least(self, "anneal_steps", 1, optional=True)
+
+
+class OrderedEpisodes(NamedTuple):
+    """Training episodes with each task's inner minibatch order [T, steps*batch]."""
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    orders: torch.Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support.shape[0]
 
 
 class Reptile(Algorithm):
@@ -149,11 +163,21 @@ class Reptile(Algorithm):
         done = min(self.step / self.anneal_steps, 1.0)
         return self.meta_step + (self.meta_step_final - self.meta_step) * done
 
-    def adapted_weights(self, episodes: Episodes):
-        """Each task's adapted weights [T, ...] from its support set; the minibatch order from torch's RNG."""
-        orders = self._orders(
+    def sample(self, sampler: EpisodeSampler, meta_batch_size: int) -> "OrderedEpisodes":
+        """The meta-batch with each task's minibatch order, drawn for the whole batch (from torch's RNG)
+        so that a rank's slice of it is what one process would have drawn for those tasks."""
+        episodes = sampler.sample(meta_batch_size)
+        return OrderedEpisodes(*episodes, self._train_orders(episodes))
+
+    def _train_orders(self, episodes: Episodes) -> torch.Tensor:
+        return self._orders(
             episodes.num_tasks, episodes.support.shape[1], self.inner_steps, self.inner_batch, episodes.support.device
         )
+
+    def adapted_weights(self, episodes: Episodes):
+        """Each task's adapted weights [T, ...] from its support set, in the batch's minibatch orders
+        (plain Episodes: orders drawn now)."""
+        orders = episodes.orders if isinstance(episodes, OrderedEpisodes) else self._train_orders(episodes)
         return self._adapt_tasks(detached_params(self.model), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
@@ -161,8 +185,11 @@ class Reptile(Algorithm):
         self.model.train()
         adapted, (losses, accuracies) = self.adapted_weights(episodes)
         eps = self.outer_step_size()
-        for name, p in self.model.named_parameters():
-            p.add_(adapted[name].mean(dim=0) - p, alpha=eps)
+        params = dict(self.model.named_parameters())
+        moves = [adapted[name].mean(dim=0) - p for name, p in params.items()]
+        self.ranks.average(moves)  # over the whole meta-batch when it is split across processes
+        for p, move in zip(params.values(), moves):
+            p.add_(move, alpha=eps)
         self.step += 1
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
 

@@ -1,0 +1,162 @@
+"""One run on K processes (torchrun): each rank takes its slice of the one seeded meta-batch.
+
+Every rank samples the same batch (the samplers share their seed) and works
+on the slice `part(n)` of its n items (tasks, or images for a classifier).
+Its algorithm computes the mean gradient of its slice; `average` weights it
+by the slice's share of the batch and sums it over the ranks with one
+all-reduce of one flat buffer, so every rank holds the batch's mean gradient
+and takes the same outer step: K processes train the model one process
+trains, to the order of floating-point sums. Rank 0 alone writes the run
+folder. The process group is torch.distributed's, set up from the variables
+torchrun gives each process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
+"""
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from metalearn.errors import MetalearnError
+
+DEFAULT_TIMEOUT_S = 300  # how long a rank waits for the others before the run stops with an error
+
+
+@dataclass
+class Ranks:
+    """This process's place among the run's processes; one process: rank 0 of 1, and every method a no-op."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    share: float = field(default=1.0, repr=False)  # this rank's fraction of the current batch
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def part(self, count: int) -> slice:
+        """This rank's contiguous slice of `count` items (the first ranks take one more when uneven)."""
+        return slice(count * self.rank // self.world, count * (self.rank + 1) // self.world)
+
+    def split(self, batch: NamedTuple, what: str = "train.meta_batch_size") -> NamedTuple:
+        """This rank's slice of a batch (every field sliced along its first dimension); sets `share`."""
+        count = len(batch[0])
+        if count < self.world:
+            raise MetalearnError(
+                f"{what}={count} cannot be split across {self.world} processes: each needs at least one item. "
+                f"Set {what} to at least {self.world} (a multiple of {self.world} shares the work evenly)."
+            )
+        part = self.part(count)
+        self.share = (part.stop - part.start) / count
+        return type(batch)(*(item[part] for item in batch))
+
+    def average(self, tensors: Sequence[torch.Tensor]) -> None:
+        """In place: each rank's tensors (means over its slice) become the means over the whole batch."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors]) * self.share
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients an optimizer is about to apply, averaged over the batch (one all-reduce)."""
+        self.average([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+
+    def batch_result(self, result: dict, stop: bool) -> tuple:
+        """A step's loss and accuracy over the whole batch, and whether any rank was asked to stop."""
+        if not self.active:
+            return result, stop
+        values = torch.tensor(
+            [result["loss"] * self.share, result["accuracy"] * self.share, float(stop)], dtype=torch.float64
+        )
+        dist.all_reduce(values)
+        return {**result, "loss": values[0].item(), "accuracy": values[1].item()}, bool(values[2].item() > 0)
+
+    def gather(self, values: torch.Tensor, count: int) -> torch.Tensor:
+        """Per-item values of `count` items, each rank holding those of `part(count)`: all of them, in order."""
+        if not self.active:
+            return values
+        size = -(-count // self.world)  # the largest part
+        padded = torch.zeros(size, dtype=values.dtype)
+        padded[: len(values)] = values.cpu()
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(pieces, padded)
+        parts = [Ranks(r, self.world).part(count) for r in range(self.world)]
+        return torch.cat([piece[: p.stop - p.start] for piece, p in zip(pieces, parts)])
+
+    def broadcast(self, value):
+        """Rank 0's value (a picklable object) on every rank."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def device(self, device: torch.device) -> torch.device:
+        """On CUDA, this rank's GPU (LOCAL_RANK); a CPU is shared."""
+        if device.type != "cuda" or not self.active:
+            return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise MetalearnError(
+                f"rank {self.rank} is local rank {self.local_rank}, but this machine has "
+                f"{torch.cuda.device_count()} GPUs: start at most that many processes per machine."
+            )
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+
+SINGLE = Ranks()
+
+
+def from_environment() -> Ranks:
+    """This process's ranks from torchrun's variables (one process when they are absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    return Ranks(
+        rank=int(os.environ["RANK"]),
+        world=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def start(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
+    """Join the process group torchrun's variables describe: gloo for CPU tensors, nccl for CUDA ones."""
+    ranks = from_environment()
+    if ranks.active and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ranks
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lost_rank_message(err: BaseException, ranks: Ranks) -> str:
+    """What a rank says when a collective fails: another rank stopped or hung."""
+    return (
+        f"rank {ranks.rank} of {ranks.world} lost the other processes ({str(err).splitlines()[0][:200]}): one of "
+        f"them stopped or did not answer within the timeout. The run folder keeps its last checkpoint: resume it "
+        f"with the same torchrun command plus resume=<run folder> (any number of processes)."
+    )
+
+
+def lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (closed connection) or silent (timeout)."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    signs = ("Connection closed", "Connection reset", "Broken pipe", "timed out", "Timed out", "timeout")
+    return isinstance(err, backend_error) or any(sign in str(err) for sign in signs)
