@@ -115,6 +115,11 @@ class EvalConfig:
         seed(self, "seed")
 
 
+class Precision(Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -122,6 +127,9 @@ class DeviceConfig:
     # CPUs, bf16 GPUs), true or false. A string, as YAML reads true/false as booleans.
     amp: str = "auto"
     channels_last: bool = True  # NHWC memory format for the convolutions of a loop over tasks (same maths)
+    # float32, or float64 for a reference run (slower; no bf16 autocast): results to ~1e-10 across
+    # process counts and summation orders, where float32's rounding, which Adam amplifies, shows.
+    dtype: Precision = Precision.float32
     # A run on several processes (torchrun): seconds a process waits for the others before it stops with an error.
     dist_timeout_s: int = 300
 

@@ -138,6 +138,8 @@ def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
             )
     use_amp = amp == "true" or (amp == "auto" and native)
     why = f"device.amp={amp}: {reason}"
+    if "float64" in str(device_cfg.get("dtype", "float32")):
+        use_amp, why = False, "device.dtype=float64: no bf16 autocast"
     return FastPaths(amp=use_amp, channels_last=bool(device_cfg.channels_last), why=why)
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import metalearn
-from metalearn.algorithms import Algorithm, build_algorithm
+from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
@@ -258,7 +258,9 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     device = resolve_device(lead.device.name)
     task = lead.task
     test_split = load_split(lead.data, "test")
-    sampler = EpisodeSampler(test_split, task.ways, task.shots, task.queries, device, seed=lead.eval.seed)
+    sampler = EpisodeSampler(
+        test_split, task.ways, task.shots, task.queries, device, seed=lead.eval.seed, dtype=run_dtype(lead)
+    )
     members = [_load_member(member, device, test_split.image_shape) for member in configs]
     results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating")
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
-from metalearn.algorithms import build_algorithm
+from metalearn.algorithms import build_algorithm, run_dtype
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from metalearn.config import TaskConfig, validate
 from metalearn.data import EpisodeSampler, build_dataset
@@ -129,9 +129,10 @@ def train(cfg: DictConfig) -> TrainResult:
         seed=cfg.seed,
         replay_fraction=loop.replay.fraction,
         replay_size=loop.replay.size,
+        dtype=run_dtype(cfg),
     )
     val_sampler = EpisodeSampler(
-        dataset.load_split("val"), task.ways, task.shots, task.queries, device, seed=loop.val_seed
+        dataset.load_split("val"), task.ways, task.shots, task.queries, device, seed=loop.val_seed, dtype=run_dtype(cfg)
     )
     writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
     state = LoopState(step=0, steps=loop.steps)

@@ -7,7 +7,9 @@ whose head the class's `head` asks for.
 """
 
 import torch
-from omegaconf import DictConfig
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm
 from metalearn.algorithms.batching import cpu_workers
@@ -34,14 +36,15 @@ def head_size(cls: type, cfg: DictConfig, train_classes: int) -> int:
 
 
 def build_algorithm(
-    cfg: DictConfig, device: torch.device, train_classes: int, image_shape, dtype: torch.dtype = torch.float32
+    cfg: DictConfig, device: torch.device, train_classes: int, image_shape, dtype: Optional[torch.dtype] = None
 ) -> Algorithm:
     """The algorithm cfg.algo names, its model built from cfg.model for `image_shape` images, on `device`.
 
     The model computes on the fast paths device.amp / device.channels_last
     resolve to on this device (algo.fast_paths says which and why); `dtype`
-    float64 serves reference checks.
+    float64 serves reference checks (default: device.dtype).
     """
+    dtype = dtype or run_dtype(cfg)
     cls = component_class(cfg.algo, "algo")
     if not issubclass(cls, Algorithm):
         raise MetalearnError(f"algo._target_={cfg.algo._target_} is not an Algorithm.")
@@ -61,4 +64,10 @@ def build_algorithm(
     return algo
 
 
-__all__ = ["Algorithm", "CLASS_HEAD", "EMBEDDING", "WAYS_HEAD", "build_algorithm", "head_size"]
+def run_dtype(cfg: DictConfig) -> torch.dtype:
+    """The floating-point type of the run's weights and images (device.dtype)."""
+    precision = OmegaConf.select(cfg, "device.dtype", default="float32")
+    return getattr(torch, getattr(precision, "value", precision))  # an Enum in a checked config
+
+
+__all__ = ["Algorithm", "CLASS_HEAD", "EMBEDDING", "WAYS_HEAD", "build_algorithm", "head_size", "run_dtype"]

@@ -26,7 +26,7 @@ from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
 from metalearn.device import PLAIN, FastPaths
-from metalearn.models import CHANNELS_LAST, NCHW, build_model
+from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
 from metalearn.settings import SettingError, at_least, positive, within
 
 
@@ -101,8 +101,9 @@ class Finetune(Algorithm):
 
     def meta_train_step(self, batch: LabelledImages) -> Dict[str, float]:
         self.model.train()
-        logits = self.model(batch.images)
-        loss = self.loss(logits, batch)
+        with across_ranks(self.model, self.ranks):  # a batch split across processes: BatchNorm over all of it
+            logits = self.model(batch.images)
+            loss = self.loss(logits, batch)
         loss.backward()
         self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
@@ -200,7 +201,7 @@ class Distill(Finetune):
         if self._teacher is None:
             shape = tuple(batch.images.shape[1:])
             self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], shape, logits.device, self.fast)
-        with torch.no_grad():
+        with torch.no_grad(), across_ranks(self._teacher, self.ranks):
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
         soft = (
             F.kl_div(

@@ -7,7 +7,7 @@ from torch import nn
 
 from metalearn.models.base import Backbone, ModelSettings
 from metalearn.models.conv4 import Conv4
-from metalearn.models.layout import CHANNELS_LAST, LAYOUTS, NCHW, VMAP, in_nchw, set_layout
+from metalearn.models.layout import CHANNELS_LAST, LAYOUTS, NCHW, VMAP, across_ranks, in_nchw, set_layout
 from metalearn.errors import MetalearnError
 from metalearn.settings import component_class, construct, settings_of
 
@@ -39,6 +39,7 @@ def build_model(
 
 
 __all__ = [
+    "across_ranks",
     "Backbone",
     "CHANNELS_LAST",
     "Conv4",

@@ -39,7 +39,8 @@ class Conv2d(nn.Conv2d):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that, in the vmap layout, normalises a bf16 input in float32.
+    """BatchNorm that, in the vmap layout, normalises a bf16 input in float32, and that can normalise a
+    batch split across processes with the statistics of the whole of it (`across_ranks`).
 
     Under vmap the backward of a bf16 input with float32 weights fails in
     torch 2.14 ("expected scalar type BFloat16 but found Float"); the next
@@ -47,11 +48,43 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     layout = NCHW
+    ranks = None  # while a batch split across processes passes through: metalearn.distributed.Ranks
 
     def forward(self, x):
         if self.layout == VMAP and x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
+        if self.ranks is not None and (self.training or self.running_mean is None):
+            return self._over_ranks(x)
         return super().forward(x)
+
+    def _over_ranks(self, x):
+        """Batch statistics summed over the ranks with torch's differentiable all-reduce (what SyncBatchNorm
+        does on GPUs, which it alone supports): the ranks' outputs are the whole batch's."""
+        from torch.distributed.nn.functional import all_reduce
+
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.bfloat16, torch.float16) else x
+        channels, dims = x.shape[1], (0, 2, 3)
+        count = round(x.shape[0] / self.ranks.share) * x.shape[2] * x.shape[3]  # the images of every rank
+        sums = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims)])) / count
+        mean, var = sums[:channels], sums[channels:] - sums[:channels] ** 2
+        y = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(dtype)
+
+
+@contextmanager
+def across_ranks(model: nn.Module, ranks):
+    """The model's BatchNorm2d layers normalise a batch split across `ranks` as the whole batch."""
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm2d)] if ranks.active else []
+    for norm in norms:
+        norm.ranks = ranks
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.ranks = None
 
 
 class Features(nn.Sequential):
