@@ -12,6 +12,7 @@ torchrun gives each process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 """
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -116,11 +117,39 @@ class Ranks:
         return torch.device("cuda", self.local_rank)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """y = the sum over the ranks of each rank's x. Each rank's loss is weighted by its share of the batch
+    afterwards (Ranks.average), so the gradient reaching x is the share-weighted sum of the ranks' gradients
+    at y, divided by this rank's share."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, ranks: "Ranks") -> torch.Tensor:
+        ctx.ranks = ranks
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        share = ctx.ranks.share
+        total = grad * share
+        dist.all_reduce(total)
+        return total / share, None
+
+
+def sum_over_ranks(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The sum over the ranks, differentiable (e.g. BatchNorm statistics of a batch split across ranks)."""
+    return _SumOverRanks.apply(tensor, ranks) if ranks.active else tensor
+
+
 SINGLE = Ranks()
 
 
 def from_environment() -> Ranks:
-    """This process's ranks from torchrun's variables (one process when they are absent)."""
+    """This process's ranks from torchrun's variables, or from a submitit job's tasks (SLURM,
+    hydra.launcher.tasks_per_node > 1); one process when there are neither."""
+    if "WORLD_SIZE" not in os.environ:
+        _export_job_tasks()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
@@ -132,6 +161,22 @@ def from_environment() -> Ranks:
     )
 
 
+def _export_job_tasks() -> None:
+    """In a submitit job of several tasks, torchrun's variables from the job's (submitit's own helper)."""
+    try:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    try:
+        tasks = submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not in a submitit job
+        return
+    if tasks > 1:
+        # GPUs stay visible: a rank takes the one of its local rank (Ranks.device).
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def start(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the process group torchrun's variables describe: gloo for CPU tensors, nccl for CUDA ones."""
     ranks = from_environment()
@@ -139,6 +184,14 @@ def start(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ranks
+
+
+def leave_log_to_rank_0() -> None:
+    """A rank other than 0 writes no log file (in a launcher's job Hydra gave every task the run's log)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def stop() -> None:

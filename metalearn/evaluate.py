@@ -26,7 +26,8 @@ from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
-from metalearn.device import cpu_isa, cpu_model, resolve_device
+from metalearn import distributed
+from metalearn.device import cpu_isa, cpu_model, resolve_device, share_cores
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.exported import is_export, load_export, record_folder
@@ -255,14 +256,21 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     for member in configs:
         validate(member)
     lead = configs[0]
-    device = resolve_device(lead.device.name)
+    ranks = distributed.start(lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
+    device = ranks.device(resolve_device(lead.device.name))
+    if ranks.active and device.type == "cpu":
+        share_cores(ranks.local_world)
     task = lead.task
     test_split = load_split(lead.data, "test")
     sampler = EpisodeSampler(
         test_split, task.ways, task.shots, task.queries, device, seed=lead.eval.seed, dtype=run_dtype(lead)
     )
     members = [_load_member(member, device, test_split.image_shape) for member in configs]
-    results = score_episodes([m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating")
+    results = score_episodes(
+        [m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating", ranks
+    )
+    if not ranks.main:
+        return results  # rank 0 prints and records the result, the same on every rank
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
     for result, member in zip(results, configs):
         line = _describe(result, lead, scored_file(member))

@@ -98,6 +98,8 @@ def train(cfg: DictConfig) -> TrainResult:
             f"choose train.val_every <= train.steps."
         )
     ranks = distributed.start(cfg.device.dist_timeout_s)  # one process: rank 0 of 1
+    if not ranks.main:
+        distributed.leave_log_to_rank_0()
     if ranks.main:  # rank 0 alone writes the run folder
         if cfg.resume is None:
             refuse_existing_run(run_dir)

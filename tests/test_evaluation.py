@@ -156,7 +156,7 @@ def test_best_checkpoint_is_the_best_validation(cli, tiny_overrides, tmp_path, m
     """Validation accuracies 50, 90, 30, 40%: best.pt is step 2's, not the last one's."""
     scripted = iter([0.5, 0.9, 0.3, 0.4])
 
-    def fake_validation(algo, sampler, episodes, batch_size, desc):
+    def fake_validation(algo, sampler, episodes, batch_size, desc, ranks):
         return EpisodeResult(accuracy=next(scripted), ci95=0.01, loss=1.0, episodes=episodes)
 
     monkeypatch.setattr("metalearn.hooks.run_episodes", fake_validation)

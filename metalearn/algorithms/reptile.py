@@ -196,15 +196,16 @@ class Reptile(Algorithm):
     @torch.no_grad()
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
-        # Fine-tuning minibatches in a fixed order, so evaluation does not touch the training RNG.
+        # Fine-tuning minibatches in one fixed order for every task, so evaluation does not touch the
+        # training RNG and an episode's score does not depend on the batch (or the process) it is scored in.
         orders = self._orders(
-            episodes.num_tasks,
+            1,
             episodes.support.shape[1],
             self.inner_steps_eval,
             self.inner_batch_eval,
             episodes.support.device,
             torch.Generator().manual_seed(0),
-        )
+        ).expand(episodes.num_tasks, -1)
         return self._predict(
             detached_params(self.model), episodes.support, episodes.support_labels, episodes.query, orders
         )

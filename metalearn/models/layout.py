@@ -58,15 +58,15 @@ class BatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
     def _over_ranks(self, x):
-        """Batch statistics summed over the ranks with torch's differentiable all-reduce (what SyncBatchNorm
-        does on GPUs, which it alone supports): the ranks' outputs are the whole batch's."""
-        from torch.distributed.nn.functional import all_reduce
+        """Batch statistics summed over the ranks, differentiably (what torch's SyncBatchNorm does, on GPUs
+        only): every rank's outputs are those of the whole batch."""
+        from metalearn.distributed import sum_over_ranks
 
         dtype = x.dtype
         x = x.float() if dtype in (torch.bfloat16, torch.float16) else x
         channels, dims = x.shape[1], (0, 2, 3)
         count = round(x.shape[0] / self.ranks.share) * x.shape[2] * x.shape[3]  # the images of every rank
-        sums = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims)])) / count
+        sums = sum_over_ranks(torch.cat([x.sum(dims), (x * x).sum(dims)]), self.ranks) / count
         mean, var = sums[:channels], sums[channels:] - sums[:channels] ** 2
         y = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
         if self.affine:
