@@ -40,6 +40,7 @@ commands:
           e.g. metalearn train algo=maml data.root=/data
                metalearn train -m algo=maml,fomaml seed=0,1,2
                metalearn train resume=<run folder> [train.steps=...]
+               torchrun --nproc_per_node=4 -m metalearn train device=cuda   (one run on 4 GPUs)
   eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
                metalearn eval 'run=[<run>,<run>,<run>]'   (an ensemble, next to each member)
@@ -351,8 +352,10 @@ def _join_ranks(command: str, args: List[str]) -> List[str]:
             "a run on several processes (torchrun) is one run: drop -m and other flags (--cfg, --help), "
             "or run them without torchrun."
         )
+    from metalearn.device import resolve_device
+
     cfg = compose(args, CONFIG_NAMES[command], with_hydra=True)
-    ranks = distributed.start(cfg.device.dist_timeout_s)
+    ranks = distributed.start(resolve_device(cfg.device.name), cfg.device.dist_timeout_s)
     run_dir = ranks.broadcast(str(Path(cfg.hydra.run.dir).absolute()) if ranks.main else None)
     replaced = {"hydra.run.dir", *([] if ranks.main else [override_key(q) for q in QUIET_RANK])}
     args = [a for a in args if override_key(a) not in replaced]

@@ -177,11 +177,15 @@ def _export_job_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def start(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
-    """Join the process group torchrun's variables describe: gloo for CPU tensors, nccl for CUDA ones."""
+def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
+    """Join the process group torchrun's variables describe: gloo for CPU tensors, and for a run on GPUs
+    nccl for CUDA ones, each process on the GPU of its local rank."""
     ranks = from_environment()
     if ranks.active and not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"
+        if device.type == "cuda":
+            ranks.device(device)  # before the group exists: its first collective runs on this GPU
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ranks
 

@@ -256,8 +256,9 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     for member in configs:
         validate(member)
     lead = configs[0]
-    ranks = distributed.start(lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
-    device = ranks.device(resolve_device(lead.device.name))
+    device = resolve_device(lead.device.name)
+    ranks = distributed.start(device, lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
+    device = ranks.device(device)
     if ranks.active and device.type == "cpu":
         share_cores(ranks.local_world)
     task = lead.task

@@ -97,7 +97,8 @@ def train(cfg: DictConfig) -> TrainResult:
             f"{cfg.train.val_every} is more than train.steps={cfg.train.steps}, so no validation would run: "
             f"choose train.val_every <= train.steps."
         )
-    ranks = distributed.start(cfg.device.dist_timeout_s)  # one process: rank 0 of 1
+    device = resolve_device(cfg.device.name)
+    ranks = distributed.start(device, cfg.device.dist_timeout_s)  # one process: rank 0 of 1
     if not ranks.main:
         distributed.leave_log_to_rank_0()
     if ranks.main:  # rank 0 alone writes the run folder
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> TrainResult:
             refuse_existing_run(run_dir)
         for stale in remove_stale_temporaries(run_dir):
             log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
-    device = ranks.device(resolve_device(cfg.device.name))
+    device = ranks.device(device)
     jobs = parallel_jobs()
     if jobs > 1:  # runs side by side would fight over every core: each takes its share
         log.info("%d runs in parallel (hydra.launcher.n_jobs): %d thread(s) each", jobs, share_cores(jobs))

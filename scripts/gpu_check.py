@@ -163,6 +163,47 @@ def throughput(device: str) -> str:
     return "\n" + out.stdout.rstrip()
 
 
+def tiny_data(base: Path) -> list:
+    data = base / "data"
+    return [f"data.root={data / 'root'}", f"data.split={data / 'split'}", f"data.cache_dir={data / 'cache'}"]
+
+
+def ranks_equal_one(base: Path, device: str, nproc: int) -> str:
+    """One fomaml run on `nproc` processes (torchrun, a GPU each) = the same run on one, in float64."""
+    common = [*tiny_data(base), "algo=fomaml", "task.queries=3", "model.hidden=16", "train.meta_batch_size=4"]
+    common += ["train.steps=3", "train.val_every=3", "device.dtype=float64", f"device={device}"]
+    one, many = base / "ranks" / "one", base / "ranks" / "many"
+    cli("train", *common, f"hydra.run.dir={one}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    done = subprocess.run(
+        [*torchrun, "-m", "metalearn", "train", *common, f"hydra.run.dir={many}"], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["algo"]["model"] for r in (one, many))
+    # conv biases a BatchNorm follows have rounding-noise gradients (tests/test_distributed.py): left out
+    gap = max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith(".0.bias"))
+    if gap > 1e-9:
+        raise RuntimeError(f"{nproc} processes differ from 1 by {gap:.2e}")
+    return f"largest weight difference {gap:.1e}"
+
+
+def ranks_throughput(base: Path, device: str, nproc: int) -> str:
+    """scripts/bench_distributed.py: MAML 5-way 1-shot meta-batch 32 tasks/s on 1 and `nproc` processes."""
+    counts = ["1"] + ([str(nproc)] if nproc > 1 else [])
+    data = tiny_data(base)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_distributed.py"), *data[1:], "--device", device]
+        + ["--steps", "20", "--data-root", data[0].split("=", 1)[1], "--nproc", *counts],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return "\n" + out.stdout.rstrip()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
@@ -189,6 +230,13 @@ def main():
                 f"{algo}: train, resume, eval with device={args.device}",
                 lambda algo=algo: train_and_eval(algo, base, args.device),
             )
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # a dry run: 2 CPU processes
+        if gpus > 1:
+            checks.run(f"{gpus} processes (torchrun) = 1 process", lambda: ranks_equal_one(base, args.device, gpus))
+        checks.run(
+            f"MAML tasks/s on 1{f' and {gpus}' if gpus > 1 else ''} process(es)",
+            lambda: ranks_throughput(base, args.device, gpus),
+        )
     for label, maml in [
         ("MAML second order", {"first_order": False}),
         ("MAML first order", {"first_order": True}),

@@ -130,3 +130,26 @@ def test_a_killed_rank_ends_the_run_with_an_error_and_it_resumes(cli, tiny_overr
     step = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
     cli("train", f"resume={run}", f"train.steps={step + 1}", cwd=tmp_path)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == step + 1
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="the sweep extra: pip install '.[sweep]'",
+)
+def test_a_launcher_job_of_two_tasks_is_one_run_on_two_processes(cli, tiny_overrides, tmp_path, rank_threads):
+    """What hydra/launcher=slurm does with tasks_per_node=2, through submitit's local executor."""
+    common = [*overrides_for("fomaml", tiny_overrides), *FLOAT64, "train.steps=3"]
+    cli("train", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    cli(
+        "train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        *common,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    two = tmp_path / "sweep" / "0-fomaml-seed0"
+    assert_same_model(tmp_path / "one", two)
+    log = (two / "train.log").read_text()
+    assert "rank 0 of 2" in log and "rank 1 of 2" not in log
