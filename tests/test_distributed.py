@@ -18,6 +18,9 @@ from omegaconf import OmegaConf
 from helpers.ranks import run_ranks, start_ranks
 from helpers.runs import overrides_for
 from metalearn.algorithms import build_algorithm
+from metalearn.data import Episodes
+from metalearn.distributed import Ranks
+from metalearn.errors import MetalearnError
 from metalearn.device import cores
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
@@ -59,6 +62,13 @@ def assert_same_model(one, two, atol=1e-10):
         assert torch.allclose(weight, b["algo"]["model"][name], rtol=0, atol=tolerance), name
     images = torch.rand(6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(outputs(one, images), outputs(two, images), rtol=0, atol=atol)
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.2)
 
 
 def val_records(run):
@@ -106,22 +116,20 @@ def test_evaluation_on_two_processes_scores_the_episodes_one_process_scores(cli,
         assert one[key] == pytest.approx(two[key], abs=1e-6) if isinstance(one[key], float) else one[key] == two[key]
 
 
-def test_a_meta_batch_smaller_than_the_processes_is_refused(tiny_overrides, tmp_path):
-    processes = start_ranks(
-        2, ["train", *overrides_for("protonet", tiny_overrides), "train.meta_batch_size=1"], tmp_path
-    )
-    results = [p.communicate(timeout=300) for p in processes]
-    assert all(p.returncode == 1 for p in processes)
-    assert "train.meta_batch_size=1 cannot be split across 2 processes" in results[0][1]
+def test_a_batch_is_split_in_order_and_one_smaller_than_the_processes_is_refused():
+    batch = Episodes(*(torch.arange(5 * k).view(5, k) for k in (1, 2, 3, 4)))
+    parts = [Ranks(rank, 2).split(batch) for rank in range(2)]
+    assert [p.support.flatten().tolist() for p in parts] == [[0, 1], [2, 3, 4]]
+    assert torch.equal(torch.cat([p.query for p in parts]), batch.query)
+    with pytest.raises(MetalearnError, match="train.meta_batch_size=1 cannot be split across 2 processes"):
+        Ranks(0, 2).split(Episodes(*(t[:1] for t in batch)))
 
 
 def test_a_killed_rank_ends_the_run_with_an_error_and_it_resumes(cli, tiny_overrides, tmp_path):
     run = tmp_path / "run"
     overrides = [*overrides_for("fomaml", tiny_overrides), "train.steps=100000", "train.ckpt_every=1"]
     processes = start_ranks(2, ["train", *overrides, "device.dist_timeout_s=60", f"hydra.run.dir={run}"], tmp_path)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: (run / "checkpoints" / "last.pt").exists())
     processes[1].send_signal(signal.SIGKILL)
     started = time.monotonic()
     _, err = processes[0].communicate(timeout=120)
@@ -153,3 +161,17 @@ def test_a_launcher_job_of_two_tasks_is_one_run_on_two_processes(cli, tiny_overr
     assert_same_model(tmp_path / "one", two)
     log = (two / "train.log").read_text()
     assert "rank 0 of 2" in log and "rank 1 of 2" not in log
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    overrides = [*overrides_for("fomaml", tiny_overrides), "train.steps=100000", "train.ckpt_every=100000"]
+    processes = start_ranks(2, ["train", *overrides, f"hydra.run.dir={run}"], tmp_path)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text())
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    logged = max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert saved == logged  # rank 0 saved the step both ranks stopped after
+    assert f"resume with: metalearn train resume={run}" in outputs[0][0]
