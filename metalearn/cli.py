@@ -132,8 +132,12 @@ def train_app(cfg: DictConfig) -> Optional[float]:
     try:
         return train(cfg).best_val_accuracy
     except BaseException:
-        # A single run refused before anything was saved leaves no folder; a sweep's run keeps its log.
-        if OmegaConf.select(cfg, "resume", throw_on_missing=False) is None and not _in_sweep():
+        # A single run refused before anything was saved leaves no folder; a sweep's run keeps its log, and
+        # of a run's processes only rank 0, which writes the folder, may remove it.
+        from metalearn.distributed import from_environment
+
+        unsaved = OmegaConf.select(cfg, "resume", throw_on_missing=False) is None
+        if unsaved and not _in_sweep() and from_environment().main:
             discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
         raise
 

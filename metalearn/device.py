@@ -110,12 +110,13 @@ class FastPaths:
     amp: bool
     channels_last: bool
     why: str
+    dtype: str = "float32"  # device.dtype: the weights' and images' type when not under autocast
 
     def describe(self, layout: str = "") -> str:
         """e.g. 'bf16 autocast, channels-last layout (why)'; `layout` names the model's own (models.LAYOUTS)."""
         layout = layout or ("channels_last" if self.channels_last else "nchw")
         names = {"channels_last": "channels-last", "nchw": "NCHW"}
-        return f"{'bf16 autocast' if self.amp else 'float32'}, {names.get(layout, layout)} layout ({self.why})"
+        return f"{'bf16 autocast' if self.amp else self.dtype}, {names.get(layout, layout)} layout ({self.why})"
 
 
 PLAIN = FastPaths(amp=False, channels_last=False, why="float32 in NCHW")
@@ -138,9 +139,10 @@ def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
             )
     use_amp = amp == "true" or (amp == "auto" and native)
     why = f"device.amp={amp}: {reason}"
-    if "float64" in str(device_cfg.get("dtype", "float32")):
+    dtype = "float64" if "float64" in str(device_cfg.get("dtype", "float32")) else "float32"
+    if dtype == "float64":
         use_amp, why = False, "device.dtype=float64: no bf16 autocast"
-    return FastPaths(amp=use_amp, channels_last=bool(device_cfg.channels_last), why=why)
+    return FastPaths(amp=use_amp, channels_last=bool(device_cfg.channels_last), why=why, dtype=dtype)
 
 
 def cores() -> int:
