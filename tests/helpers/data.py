@@ -105,8 +105,44 @@ def tiny_mnist(base: Path) -> list:
     return ["data=mnist", f"data.root={write_tiny_mnist(base / 'root')}", f"data.cache_dir={base / 'cache'}"]
 
 
+def write_tiny_folder(root: Path, classes: int = 8, per_class: int = 6) -> Path:
+    """Class folders of real image files: PNG and JPEG, grey and RGB, of several sizes (data=folder reads any)."""
+    for c in range(classes):
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(c)
+        for i in range(per_class):
+            size = (20 + 4 * (i % 3), 24 + 2 * (c % 4))
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
+            image = Image.fromarray(pixels, "RGB")
+            if i % 2:
+                image.convert("L").save(folder / f"{i}.png")
+            else:
+                image.save(folder / f"{i}.jpg", quality=95)
+    (root / "notes.txt").write_text("not a class folder\n")
+    return root
+
+
+def write_mnist_folder(shared: Path, root: Path, per_digit: int) -> Path:
+    """The first `per_digit` MNIST test images of each digit as PNGs in a folder per digit."""
+    from metalearn.data.mnist import load_pools
+
+    images, labels = load_pools(str(shared), str(root.parent / "mnist-cache"), False)["test"]
+    for digit in range(10):
+        folder = root / f"digit{digit}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, index in enumerate((labels == digit).nonzero().flatten()[:per_digit].tolist()):
+            Image.fromarray(images[index].numpy(), "L").save(folder / f"{i:03d}.png")
+    return root
+
+
+def tiny_folder(base: Path) -> list:
+    """A tiny image folder (8 classes) and the data.* overrides that select it."""
+    return ["data=folder", f"data.root={write_tiny_folder(base / 'root')}", f"data.cache_dir={base / 'cache'}"]
+
+
 # Per dataset of conf/data: a writer of small files in its exact on-disk format (the contract tests use it).
-TINY_DATASETS = {"omniglot": tiny_omniglot, "mnist": tiny_mnist}
+TINY_DATASETS = {"omniglot": tiny_omniglot, "mnist": tiny_mnist, "folder": tiny_folder}
 
 
 def tiny_data_config(tiny_data: dict):
