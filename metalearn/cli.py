@@ -115,7 +115,9 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
                 raise
             _fail(
                 f"out of memory ({_one_paragraph(err)[:300]}). Nothing already saved was changed: choose smaller "
-                f"settings (model.hidden, train.meta_batch_size, task.ways, eval.batch_size) or another device."
+                f"settings (train.meta_batch_size, task.ways, eval.batch_size, a smaller model: model.hidden or "
+                f"model.channels); for MAML, first order (algo.first_order=true) or fewer algo.inner_steps; "
+                f"or another device."
             )
 
     return wrapper

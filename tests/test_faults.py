@@ -197,6 +197,7 @@ def test_a_model_too_large_for_memory_is_an_error_not_a_traceback(cli, tiny_over
     result = cli("train", *tiny(tiny_overrides, 1), "model.hidden=1000000", f"hydra.run.dir={run}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "metalearn: error: out of memory" in result.stderr and "model.hidden" in result.stderr
+    assert "algo.first_order=true" in result.stderr
     assert not run.exists()  # nothing was started, so no run folder is left behind
 
 

@@ -63,7 +63,8 @@ def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Call
 
         def vectorized(*args):
             in_dims = (None,) * shared_args + (0,) * (len(args) - shared_args)
-            return torch.func.vmap(task_fn, in_dims=in_dims)(*args)
+            # randomness: each task draws its own (a DropBlock or dropout in the backbone)
+            return torch.func.vmap(task_fn, in_dims=in_dims, randomness="different")(*args)
 
         return vectorized
 
