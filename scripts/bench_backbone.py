@@ -1,4 +1,4 @@
-"""Speed and memory of a backbone: one ProtoNet step and one first-order MAML step on RGB images.
+"""Speed and memory of a backbone: a ProtoNet step and a first- and second-order MAML step on RGB images.
 
 Each row runs in its own process (so its peak memory is its own) on random
 3 x size x size images (miniImageNet's shape at the default 84), with the
@@ -28,8 +28,8 @@ from metalearn.config import compose
 from metalearn.data import ClassSplit, EpisodeSampler
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
 
-# (algorithm, shots, meta-batch): ProtoNet 5-way 5-shot one episode per step; FOMAML 5-way 1-shot, 4 tasks.
-ROWS = [("protonet", 5, 1), ("fomaml", 1, 4)]
+# (algorithm, shots, meta-batch): ProtoNet 5-way 5-shot one episode per step; (FO)MAML 5-way 1-shot, 4 tasks.
+ROWS = [("protonet", 5, 1), ("fomaml", 1, 4), ("maml", 1, 4)]
 WAYS, QUERIES = 5, 15
 
 
