@@ -141,8 +141,60 @@ def tiny_folder(base: Path) -> list:
     return ["data=folder", f"data.root={write_tiny_folder(base / 'root')}", f"data.cache_dir={base / 'cache'}"]
 
 
+def cifar100_names() -> list:
+    """CIFAR-100's fine class names in its label order (alphabetical), from the shipped CIFAR-FS lists."""
+    from importlib import resources
+
+    lists = resources.files("metalearn.data") / "splits" / "cifar100" / "cifarfs"
+    return sorted(line for part in ("train", "val", "test") for line in (lists / f"{part}.txt").read_text().split())
+
+
+def write_tiny_cifar100(root: Path, per_class: dict = None) -> Path:
+    """cifar-100-python/{train,test,meta} as the CIFAR-100 archive has them (python pickles of numpy
+    arrays with bytes keys), with `per_class` random 32x32 images per class in each set."""
+    import pickle
+
+    import numpy as np
+
+    per_class = per_class or {"train": 2, "test": 1}
+    names = cifar100_names()
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    for name, count in per_class.items():
+        fine = [label for label in range(100) for _ in range(count)]
+        content = {
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(len(fine))],
+            b"batch_label": f"{name} batch".encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": [label // 5 for label in fine],
+            b"data": generator.integers(0, 256, (len(fine), 3072), dtype=np.uint8),
+        }
+        (base / name).write_bytes(pickle.dumps(content, protocol=2))
+    meta = {
+        b"fine_label_names": [n.encode() for n in names],
+        b"coarse_label_names": [f"superclass{i:02d}".encode() for i in range(20)],
+    }
+    (base / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def tiny_cifarfs(base: Path) -> list:
+    return ["data=cifarfs", f"data.root={write_tiny_cifar100(base / 'root')}"]
+
+
+def tiny_fc100(base: Path) -> list:
+    return ["data=fc100", f"data.root={write_tiny_cifar100(base / 'root')}"]
+
+
 # Per dataset of conf/data: a writer of small files in its exact on-disk format (the contract tests use it).
-TINY_DATASETS = {"omniglot": tiny_omniglot, "mnist": tiny_mnist, "folder": tiny_folder}
+TINY_DATASETS = {
+    "omniglot": tiny_omniglot,
+    "mnist": tiny_mnist,
+    "folder": tiny_folder,
+    "cifarfs": tiny_cifarfs,
+    "fc100": tiny_fc100,
+}
 
 
 def tiny_data_config(tiny_data: dict):

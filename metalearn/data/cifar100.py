@@ -1,0 +1,142 @@
+"""CIFAR-100 split by class for few-shot learning: CIFAR-FS and FC100.
+
+Read from torchvision's layout, `<data.root>/cifar-100-python/{train,test,meta}`
+(the python pickles of the CIFAR-100 archive), without writing there. Both of
+CIFAR-100's sets are pooled (600 images per class) and the classes are split
+by the lists shipped in metalearn/data/splits/cifar100/ (see SOURCES there):
+`cifarfs` (Bertinetto et al. 2019: 64 / 16 / 20 classes) or `fc100` (Oreshkin
+et al. 2018: by superclass, 60 / 20 / 20), or a folder with your own
+train.txt, val.txt, test.txt of fine class names. Images are 32x32 RGB.
+
+The pickles are read with an unpickler that admits numpy arrays and plain
+containers only, so a tampered file cannot run code.
+"""
+
+import io
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from metalearn.data.base import Dataset, DataSettings
+from metalearn.data.split import ClassSplit
+from metalearn.errors import MetalearnError
+
+FILES = ("train", "test", "meta")
+SPLITS = ("cifarfs", "fc100")
+PARTS = ("train", "val", "test")
+# What the pickles may build: numpy arrays and their dtypes (numpy 1 and 2 module names), and bytes
+# as a protocol-2 pickle written by Python 3 spells them.
+ALLOWED = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-100 file")
+        return super().find_class(module, name)
+
+
+@dataclass
+class CIFAR100Settings(DataSettings):
+    """CIFAR-100's classes split into train, val and test."""
+
+    split: str = "cifarfs"  # cifarfs, fc100, or a folder holding train.txt, val.txt, test.txt (fine class names)
+
+
+class CIFAR100(Dataset):
+    Settings = CIFAR100Settings
+
+    def __init__(self, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None):
+        self.root, self.split, self.download = Path(root).expanduser(), split, download
+
+    def _base(self) -> Path:
+        return self.root / "cifar-100-python"
+
+    def _missing_message(self, missing: List[str], reason: str = "") -> str:
+        base = self._base()
+        return (
+            f"CIFAR-100 not found: {reason or 'missing'} {', '.join(missing)} under {base}/. Extract "
+            f"cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html, the python version) in "
+            f"{self.root}/, giving {base}/train, test and meta; point data.root at the folder that holds "
+            f"cifar-100-python/, or run with data.download=true to fetch it with torchvision."
+        )
+
+    def _read(self, name: str) -> dict:
+        path = self._base() / name
+        try:
+            with open(path, "rb") as handle:
+                return _ArraysOnly(io.BytesIO(handle.read()), encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+            raise MetalearnError(
+                f"{path} is not a CIFAR-100 python file ({err}): extract cifar-100-python.tar.gz again."
+            ) from None
+
+    def _pool(self) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """Every image [60000, 3, 32, 32], its fine label, and the fine labels' names."""
+        missing = [name for name in FILES if not (self._base() / name).is_file()]
+        if missing and self.download:
+            from torchvision.datasets import CIFAR100 as Fetch
+
+            try:
+                Fetch(str(self.root), download=True)
+            except Exception as err:  # any network or file failure: say what to place where
+                raise MetalearnError(
+                    self._missing_message(missing, f"the download failed ({type(err).__name__}: {err}), so fetch")
+                ) from None
+            missing = [name for name in FILES if not (self._base() / name).is_file()]
+        if missing:
+            raise MetalearnError(self._missing_message(missing))
+        meta = self._read("meta")
+        names = [n.decode() for n in meta[b"fine_label_names"]]
+        images, fine = [], []
+        for name in ("train", "test"):
+            part = self._read(name)
+            data = torch.as_tensor(part[b"data"])
+            if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
+                raise MetalearnError(
+                    f"{self._base() / name} holds {tuple(data.shape)} {data.dtype}, not [n, 3072] uint8."
+                )
+            images.append(data.view(-1, 3, 32, 32))
+            fine.append(torch.as_tensor(part[b"fine_labels"], dtype=torch.long))
+        return torch.cat(images), torch.cat(fine), names
+
+    def _classes(self, part: str) -> List[str]:
+        if self.split in SPLITS:
+            listed = resources.files("metalearn.data") / "splits" / "cifar100" / self.split / f"{part}.txt"
+            text = listed.read_text()
+        else:
+            path = Path(self.split).expanduser() / f"{part}.txt"
+            if not path.is_file():
+                raise MetalearnError(
+                    f"data.split={self.split}: {path} not found. Use cifarfs, fc100, or a folder with "
+                    f"train.txt, val.txt and test.txt (a CIFAR-100 fine class name per line)."
+                )
+            text = path.read_text()
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def load_split(self, part: str) -> ClassSplit:
+        images, labels, names = self._pool()
+        classes = self._classes(part)
+        index: Dict[str, int] = {name: i for i, name in enumerate(names)}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise MetalearnError(
+                f"the {part} list of data.split={self.split} names unknown CIFAR-100 classes: {unknown[:5]}."
+            )
+        wanted = torch.tensor([index[c] for c in classes])
+        keep = torch.isin(labels, wanted)
+        remap = torch.full((len(names),), -1, dtype=torch.long)
+        remap[wanted] = torch.arange(len(classes))  # class ids 0..C-1 in the list's order
+        return ClassSplit(images[keep].contiguous(), remap[labels[keep]], f"cifar100/{self.split}/{part}", part)
