@@ -8,12 +8,10 @@ by the lists shipped in metalearn/data/splits/cifar100/ (see SOURCES there):
 et al. 2018: by superclass, 60 / 20 / 20), or a folder with your own
 train.txt, val.txt, test.txt of fine class names. Images are 32x32 RGB.
 
-The pickles are read with an unpickler that admits numpy arrays and plain
-containers only, so a tampered file cannot run code.
+The pickles are read with metalearn.data.pickles, so a tampered file cannot
+run code.
 """
 
-import io
-import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,30 +20,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from metalearn.data.base import Dataset, DataSettings
+from metalearn.data.pickles import PICKLE_ERRORS, load_arrays
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
 
 FILES = ("train", "test", "meta")
 SPLITS = ("cifarfs", "fc100")
 PARTS = ("train", "val", "test")
-# What the pickles may build: numpy arrays and their dtypes (numpy 1 and 2 module names), and bytes
-# as a protocol-2 pickle written by Python 3 spells them.
-ALLOWED = {
-    ("_codecs", "encode"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-100 file")
-        return super().find_class(module, name)
 
 
 @dataclass
@@ -76,9 +57,8 @@ class CIFAR100(Dataset):
     def _read(self, name: str) -> dict:
         path = self._base() / name
         try:
-            with open(path, "rb") as handle:
-                return _ArraysOnly(io.BytesIO(handle.read()), encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+            return load_arrays(path.read_bytes(), encoding="bytes")
+        except PICKLE_ERRORS as err:
             raise MetalearnError(
                 f"{path} is not a CIFAR-100 python file ({err}): extract cifar-100-python.tar.gz again."
             ) from None

@@ -187,6 +187,58 @@ def tiny_fc100(base: Path) -> list:
     return ["data=fc100", f"data.root={write_tiny_cifar100(base / 'root')}"]
 
 
+MINI_CLASSES = {"train": 6, "val": 5, "test": 5}
+
+
+def mini_class(part: str, index: int) -> str:
+    """A WordNet-id-like class name, as miniImageNet's labels are (n01532829)."""
+    return f"n{ {'train': 1, 'val': 2, 'test': 3}[part]:02d}{index:06d}"
+
+
+def write_tiny_miniimagenet(root: Path, per_class: int = 3) -> Path:
+    """miniimagenet/images/*.jpg (of several sizes) and the Ravi & Larochelle CSVs (filename,label)."""
+    base = root / "miniimagenet"
+    (base / "images").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for part, classes in MINI_CLASSES.items():
+        lines = ["filename,label"]
+        for c in range(classes):
+            label = mini_class(part, c)
+            for i in range(per_class):
+                name = f"{label}{i + 1:08d}.jpg"
+                size = (90 + 7 * i, 84 + 5 * c)
+                # a colour per class under the noise, so a preview shows which images belong together
+                colour = torch.tensor([(53 * c) % 256, (97 * c + 80) % 256, (151 * c + 160) % 256])
+                noise = torch.randint(0, 60, (size[1], size[0], 3), generator=generator)
+                pixels = (colour * 0.75 + noise).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy(), "RGB").save(base / "images" / name, quality=95)
+                lines.append(f"{name},{label}")
+        (base / f"{part}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_tiny_miniimagenet_pickles(root: Path, per_class: int = 3, size: int = 84) -> Path:
+    """miniimagenet/mini-imagenet-cache-<part>.pkl: {"image_data": uint8 [N, size, size, 3], "class_dict"}."""
+    import pickle
+
+    base = root / "miniimagenet"
+    base.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1)
+    for part, classes in MINI_CLASSES.items():
+        count = classes * per_class
+        data = torch.randint(0, 256, (count, size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+        # rows of a class need not be contiguous: interleave them
+        class_dict = {mini_class(part, c): list(range(c, count, classes)) for c in range(classes)}
+        content = {"image_data": data, "class_dict": class_dict}
+        (base / f"mini-imagenet-cache-{part}.pkl").write_bytes(pickle.dumps(content, protocol=4))
+    return root
+
+
+def tiny_miniimagenet(base: Path) -> list:
+    root = write_tiny_miniimagenet(base / "root")
+    return ["data=miniimagenet", f"data.root={root}", f"data.cache_dir={base / 'cache'}"]
+
+
 # Per dataset of conf/data: a writer of small files in its exact on-disk format (the contract tests use it).
 TINY_DATASETS = {
     "omniglot": tiny_omniglot,
@@ -194,6 +246,7 @@ TINY_DATASETS = {
     "folder": tiny_folder,
     "cifarfs": tiny_cifarfs,
     "fc100": tiny_fc100,
+    "miniimagenet": tiny_miniimagenet,
 }
 
 
