@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from metalearn.data import ClassSplit, EpisodeSampler
+from helpers.data import tiny_data_config
+from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 
 
@@ -169,3 +170,23 @@ def test_replay_settings_are_checked():
         EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=1.0, replay_size=10)
     with pytest.raises(MetalearnError, match="train.replay.size"):
         EpisodeSampler(labelled_split(), 5, 1, 1, "cpu", seed=0, replay_fraction=0.5, replay_size=0)
+
+
+def test_episodes_gathered_in_host_memory_equal_those_gathered_on_the_device(tiny_data):
+    """The path a GPU takes for a dataset larger than its share of the GPU's memory, run on the CPU."""
+    split = load_split(tiny_data_config(tiny_data), "train")
+    here = EpisodeSampler(split, 5, 1, 3, "cpu", seed=4, images_on_device=True)
+    host = EpisodeSampler(split, 5, 1, 3, "cpu", seed=4, images_on_device=False)
+    for a, b in zip(here.sample(3), host.sample(3)):
+        assert torch.equal(a, b)
+    assert torch.equal(here.sample_images(7).images, host.sample_images(7).images)
+
+
+def test_images_go_to_a_gpu_only_within_their_share_of_its_free_memory(monkeypatch):
+    from metalearn.data import sampler as module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4000, 8000))  # bytes free, total
+    cuda = torch.device("cuda")
+    assert module.images_fit(torch.zeros(1000, dtype=torch.uint8), cuda)  # 1000 <= 0.25 * 4000
+    assert not module.images_fit(torch.zeros(1001, dtype=torch.uint8), cuda)
+    assert module.images_fit(torch.zeros(10**6, dtype=torch.uint8), torch.device("cpu"))

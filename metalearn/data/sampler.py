@@ -9,12 +9,35 @@ as uint8; a batch is one gather from it.
 """
 
 import hashlib
-from typing import NamedTuple
+import logging
+from typing import NamedTuple, Optional
 
 import torch
 
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
+
+log = logging.getLogger(__name__)
+
+# The share of a GPU's free memory a split's images may take there; the rest is the model's.
+DEVICE_SHARE = 0.25
+
+
+def images_fit(images: torch.Tensor, device: torch.device) -> bool:
+    """A split's uint8 images go to the device when they take at most DEVICE_SHARE of its free memory."""
+    if device.type != "cuda":
+        return True  # the CPU is where they are
+    free, _ = torch.cuda.mem_get_info(device)
+    size = images.numel() * images.element_size()
+    fits = size <= DEVICE_SHARE * free
+    log.info(
+        "%.0f MiB of images %s: %.0f MiB of the GPU's memory is free (they may take %d%% of it)",
+        size / 2**20,
+        "sampled on the GPU" if fits else "kept in host memory, each episode copied to the GPU",
+        free / 2**20,
+        100 * DEVICE_SHARE,
+    )
+    return fits
 
 
 class Episodes(NamedTuple):
@@ -85,6 +108,7 @@ class EpisodeSampler:
         dtype: torch.dtype = torch.float32,
         replay_fraction: float = 0.0,
         replay_size: int = 0,
+        images_on_device: Optional[bool] = None,
     ):
         check_feasible(split, ways, shots, queries)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):
@@ -94,7 +118,9 @@ class EpisodeSampler:
             )
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device, self.dtype, self.seed, self.part = torch.device(device), dtype, seed, split.part
-        self.images = split.images.to(self.device)
+        self.on_device = images_fit(split.images, self.device) if images_on_device is None else images_on_device
+        # On the device, an episode is gathered there; else in host memory, and only the episode travels.
+        self.images = split.images.to(self.device) if self.on_device else split.images
         self.labels = split.labels.to(self.device)
         counts = split.class_counts()
         # Image ids of each class in one padded table [classes, most images] (on the CPU, like all draws).
@@ -118,6 +144,15 @@ class EpisodeSampler:
         )
         self.replay_filled = 0
         self.replay_next = 0
+
+    def _images(self, ids: torch.Tensor) -> torch.Tensor:
+        """The uint8 images of `ids` on the device, gathered there or on the host."""
+        if self.on_device:
+            return self.images[ids.to(self.device)]
+        gathered = self.images[ids.cpu()]
+        if self.device.type == "cuda":  # from pinned memory the copy runs alongside the GPU's work
+            gathered = gathered.pin_memory()
+        return gathered.to(self.device, non_blocking=True)
 
     def episode_ids(self, start: int, count: int) -> torch.Tensor:
         """Image ids [count, ways, shots+queries] of episodes start..start+count-1, on the CPU."""
@@ -163,13 +198,14 @@ class EpisodeSampler:
 
     def sample_images(self, count: int) -> LabelledImages:
         """`count` images drawn uniformly from the whole split, for classifier pretraining."""
-        ids = torch.randint(len(self.images), (count,), generator=self.generator).to(self.device)
-        return LabelledImages(self.images[ids].to(self.dtype).div_(255), self.labels[ids])
+        ids = torch.randint(len(self.images), (count,), generator=self.generator)
+        images = self._images(ids)
+        return LabelledImages(images.to(self.dtype).div_(255), self.labels[ids.to(self.device)])
 
     def gather(self, ids: torch.Tensor) -> Episodes:
         """The episodes of image ids [T, ways, shots+queries], on the device."""
         num_tasks, n, k = len(ids), self.ways, self.shots
-        images = self.images[ids.to(self.device)].to(self.dtype).div_(255)  # [T, ways, k+q, 1, H, W]
+        images = self._images(ids).to(self.dtype).div_(255)  # [T, ways, k+q, 1, H, W]
         shape = images.shape[-3:]
         return Episodes(
             support=images[:, :, :k].reshape(num_tasks, n * k, *shape),
