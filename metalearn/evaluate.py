@@ -26,6 +26,7 @@ from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
+from metalearn.data.transforms import preprocess_of
 from metalearn import distributed
 from metalearn.device import cpu_isa, cpu_model, resolve_device, share_cores
 from metalearn.distributed import SINGLE, Ranks
@@ -264,7 +265,14 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     task = lead.task
     test_split = load_split(lead.data, "test")
     sampler = EpisodeSampler(
-        test_split, task.ways, task.shots, task.queries, device, seed=lead.eval.seed, dtype=run_dtype(lead)
+        test_split,
+        task.ways,
+        task.shots,
+        task.queries,
+        device,
+        seed=lead.eval.seed,
+        dtype=run_dtype(lead),
+        preprocess=preprocess_of(lead.data),
     )
     members = [_load_member(member, device, test_split.image_shape) for member in configs]
     results = score_episodes(

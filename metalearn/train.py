@@ -27,6 +27,7 @@ from metalearn.algorithms import build_algorithm, run_dtype
 from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from metalearn.config import TaskConfig, validate
 from metalearn.data import EpisodeSampler, build_dataset
+from metalearn.data.transforms import preprocess_of
 from metalearn.device import cores, resolve_device, share_cores
 from metalearn.errors import MetalearnError
 from metalearn.hooks import (
@@ -133,9 +134,17 @@ def train(cfg: DictConfig) -> TrainResult:
         replay_fraction=loop.replay.fraction,
         replay_size=loop.replay.size,
         dtype=run_dtype(cfg),
+        preprocess=preprocess_of(cfg.data, training=True),
     )
     val_sampler = EpisodeSampler(
-        dataset.load_split("val"), task.ways, task.shots, task.queries, device, seed=loop.val_seed, dtype=run_dtype(cfg)
+        dataset.load_split("val"),
+        task.ways,
+        task.shots,
+        task.queries,
+        device,
+        seed=loop.val_seed,
+        dtype=run_dtype(cfg),
+        preprocess=preprocess_of(cfg.data),
     )
     writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
     state = LoopState(step=0, steps=loop.steps)

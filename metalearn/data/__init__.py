@@ -1,6 +1,6 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
-from metalearn.data.base import Dataset, DataSettings
+from metalearn.data.base import PREPROCESSING, Dataset, DataSettings
 from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages
 from metalearn.data.split import ClassSplit
 from metalearn.settings import component_class, construct, settings_of
@@ -8,7 +8,8 @@ from metalearn.settings import component_class, construct, settings_of
 
 def build_dataset(data_cfg) -> Dataset:
     """The dataset data_cfg names with `_target_`, its settings checked."""
-    return construct(component_class(data_cfg, "data"), settings_of(data_cfg, "data"))
+    skip = ("_target_", "name", *PREPROCESSING)  # the sampler's (metalearn.data.transforms)
+    return construct(component_class(data_cfg, "data"), settings_of(data_cfg, "data"), skip=skip)
 
 
 def load_split(data_cfg, part: str) -> ClassSplit:

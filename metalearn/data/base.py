@@ -10,11 +10,12 @@ backbone takes its input channels and image size from those images.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 
 from metalearn.data.split import ClassSplit
+from metalearn.settings import SettingError, at_least
 
 
 @dataclass
@@ -26,6 +27,27 @@ class DataSettings:
     root: str = "data"  # the folder holding its files; never written to
     download: bool = False  # fetch with torchvision when the files are missing
     cache_dir: Optional[str] = None  # decoded-tensor cache; null: $METALEARN_CACHE, else ~/.cache/metalearn
+    # Per-channel normalisation of images scaled to [0, 1]: (x - mean) / std; null: none. Set for RGB sets.
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    # Pretraining batches (finetune, distill) randomly cropped after padding by crop_padding, and flipped.
+    augment: bool = False
+    crop_padding: int = 4
+
+    def __post_init__(self):
+        check_preprocessing(self)
+
+
+# The preprocessing keys: the sampler applies them, a dataset's constructor does not take them.
+PREPROCESSING = ("mean", "std", "augment", "crop_padding")
+
+
+def check_preprocessing(settings) -> None:
+    if (settings.mean is None) != (settings.std is None):
+        raise SettingError("mean", "and data.std go together: give both (one value per channel) or neither.")
+    if settings.std is not None and (len(settings.std) != len(settings.mean) or min(settings.std) <= 0):
+        raise SettingError("std", f"must be positive, one per channel like data.mean (got {settings.std}).")
+    at_least(settings, "crop_padding", 0)
 
 
 class Dataset(ABC):

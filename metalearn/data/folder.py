@@ -45,6 +45,7 @@ class FolderSettings(DataSettings):
     invert: bool = False  # true: dark ink on a light ground becomes high values, as Omniglot and MNIST have it
 
     def __post_init__(self):
+        super().__post_init__()
         at_least(self, "image_size", 4)
         if self.channels not in (1, 3):
             raise SettingError("channels", f"must be 1 (grey) or 3 (RGB) (got {self.channels}).")

@@ -41,6 +41,7 @@ class MiniImageNetSettings(DataSettings):
     image_size: int = 84  # the side images are resized to
 
     def __post_init__(self):
+        super().__post_init__()
         at_least(self, "image_size", 4)
 
 

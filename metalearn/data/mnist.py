@@ -147,6 +147,7 @@ class MNISTSettings(DataSettings):
     classes: DigitClasses = field(default_factory=DigitClasses)
 
     def __post_init__(self):
+        super().__post_init__()
         with prefixed("classes"):
             self.classes.check()
         if self.split != "digits":

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from metalearn.data.split import ClassSplit
+from metalearn.data.transforms import IDENTITY, Preprocess
 from metalearn.errors import MetalearnError
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class EpisodeSampler:
         replay_fraction: float = 0.0,
         replay_size: int = 0,
         images_on_device: Optional[bool] = None,
+        preprocess: Preprocess = IDENTITY,
     ):
         check_feasible(split, ways, shots, queries)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):
@@ -118,6 +120,8 @@ class EpisodeSampler:
             )
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device, self.dtype, self.seed, self.part = torch.device(device), dtype, seed, split.part
+        preprocess.check(split.image_shape[0], split.name)
+        self.preprocess = preprocess
         self.on_device = images_fit(split.images, self.device) if images_on_device is None else images_on_device
         # On the device, an episode is gathered there; else in host memory, and only the episode travels.
         self.images = split.images.to(self.device) if self.on_device else split.images
@@ -199,13 +203,13 @@ class EpisodeSampler:
     def sample_images(self, count: int) -> LabelledImages:
         """`count` images drawn uniformly from the whole split, for classifier pretraining."""
         ids = torch.randint(len(self.images), (count,), generator=self.generator)
-        images = self._images(ids)
-        return LabelledImages(images.to(self.dtype).div_(255), self.labels[ids.to(self.device)])
+        images = self.preprocess.augment(self._images(ids).to(self.dtype).div_(255), self.generator)
+        return LabelledImages(self.preprocess.normalize(images), self.labels[ids.to(self.device)])
 
     def gather(self, ids: torch.Tensor) -> Episodes:
         """The episodes of image ids [T, ways, shots+queries], on the device."""
         num_tasks, n, k = len(ids), self.ways, self.shots
-        images = self._images(ids).to(self.dtype).div_(255)  # [T, ways, k+q, 1, H, W]
+        images = self.preprocess.normalize(self._images(ids).to(self.dtype).div_(255))  # [T, ways, k+q, C, H, W]
         shape = images.shape[-3:]
         return Episodes(
             support=images[:, :, :k].reshape(num_tasks, n * k, *shape),
