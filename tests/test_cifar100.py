@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers.data import cifar100_names, write_tiny_cifar100
+from helpers.runs import protonet_on
 from metalearn.config import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
@@ -69,18 +70,4 @@ def test_your_own_split_lists_of_fine_classes(cifar, tmp_path):
 
 
 def test_a_run_trains_and_evaluates_on_cifarfs(cli, cifar, tmp_path):
-    run = tmp_path / "run"
-    common = ["data=cifarfs", f"data.root={cifar}", "algo=protonet", "task.train.ways=5", "task.train.queries=2"]
-    common += ["task.queries=2"]
-    cli(
-        "train",
-        *common,
-        "model.hidden=8",
-        "device=cpu",
-        "train.steps=2",
-        "train.val_every=2",
-        "train.val_episodes=4",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
-    assert "cifarfs 5-way 1-shot" in cli("eval", f"run={run}", "eval.episodes=10", cwd=tmp_path).stdout
+    assert "cifarfs 5-way 1-shot" in protonet_on(cli, ["data=cifarfs", f"data.root={cifar}"], tmp_path)

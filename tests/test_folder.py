@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from helpers.data import SHARED_DATA, write_tiny_folder
+from helpers.runs import protonet_on
 from metalearn.config import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
@@ -97,11 +98,8 @@ def test_the_cache_is_read_instead_of_the_images_until_they_change(tmp_path, mon
 
 def test_a_run_trains_and_evaluates_on_a_folder(cli, tmp_path):
     root = write_tiny_folder(tmp_path / "root", classes=9)
-    run = tmp_path / "run"
-    common = ["data=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.fractions=[0.34,0.33,0.33]"]
-    tiny = ["algo=protonet", "task.ways=3", "task.train.ways=3", "task.queries=2", "model.hidden=8", "device=cpu"]
-    cli("train", *common, *tiny, "train.steps=2", "train.val_every=2", "train.val_episodes=4", f"hydra.run.dir={run}")
-    out = cli("eval", f"run={run}", "eval.episodes=10").stdout
+    data = ["data=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.fractions=[0.34,0.33,0.33]"]
+    out = protonet_on(cli, data, tmp_path, ways=3)
     assert "test accuracy" in out and "folder 3-way 1-shot" in out
 
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from helpers.data import MINI_CLASSES, mini_class, write_tiny_miniimagenet, write_tiny_miniimagenet_pickles
+from helpers.runs import protonet_on
 from metalearn.config import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
@@ -79,17 +80,5 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 
 def test_a_run_trains_and_evaluates_on_miniimagenet(cli, tmp_path):
     root = write_tiny_miniimagenet_pickles(tmp_path / "root", size=32)
-    run = tmp_path / "run"
-    common = ["data=miniimagenet", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=32"]
-    common += ["algo=protonet", "task.train.ways=5", "task.train.queries=2", "task.queries=2", "model.hidden=8"]
-    cli(
-        "train",
-        *common,
-        "device=cpu",
-        "train.steps=2",
-        "train.val_every=2",
-        "train.val_episodes=4",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
-    assert "miniimagenet 5-way 1-shot" in cli("eval", f"run={run}", "eval.episodes=10", cwd=tmp_path).stdout
+    data = ["data=miniimagenet", f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=32"]
+    assert "miniimagenet 5-way 1-shot" in protonet_on(cli, data, tmp_path)

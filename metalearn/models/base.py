@@ -35,6 +35,18 @@ class ModelSettings:
     name: str = MISSING  # how runs and messages name it
 
 
+class FeaturesAndHead(nn.Module):
+    """A backbone that is a `features` body (metalearn.models.layout.Features) followed by a `head`."""
+
+    @property
+    def layout(self) -> str:
+        """The layout the network computes in (see metalearn.models.layout)."""
+        return self.features.layout
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 @runtime_checkable
 class Backbone(Protocol):
     features: nn.Module  # images [N, C, H, W] -> embeddings [N, feature_size]

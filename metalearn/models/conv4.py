@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.base import ModelSettings
+from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import at_least
 
@@ -34,7 +34,7 @@ class Conv4Settings(ModelSettings):
 BLOCKS = 4
 
 
-class Conv4(nn.Module):
+class Conv4(FeaturesAndHead):
     """4 x [conv3x3, BatchNorm, max-pool 2x2, ReLU] then a linear head; 28x28 -> 1x1, 84x84 -> 5x5.
 
     `features` maps images to embeddings of `feature_size` = hidden x the
@@ -74,11 +74,3 @@ class Conv4(nn.Module):
         self.features.amp = amp
         self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
         set_channels_last(self, channels_last)
-
-    @property
-    def layout(self) -> str:
-        """The layout the network computes in (see metalearn.models.layout)."""
-        return self.features.layout
-
-    def forward(self, x):
-        return self.head(self.features(x))

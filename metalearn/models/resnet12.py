@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.base import ModelSettings
+from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import SettingError, at_least, within
 
@@ -80,7 +80,7 @@ class Block(nn.Module):
         return self.out(self.body(x) + self.shortcut(x))
 
 
-class ResNet12(nn.Module):
+class ResNet12(FeaturesAndHead):
     Settings = ResNet12Settings
     batch_norm = "transductive"
 
@@ -110,10 +110,3 @@ class ResNet12(nn.Module):
         self.feature_size = channels[-1]
         self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
         set_channels_last(self, channels_last)
-
-    @property
-    def layout(self) -> str:
-        return self.features.layout
-
-    def forward(self, x):
-        return self.head(self.features(x))

@@ -71,3 +71,12 @@ def train_resume_eval(cli, overrides: list, tmp_path: Path, name: str) -> Path:
     (record,) = [json.loads(line) for line in (split / "evals.jsonl").read_text().splitlines()]
     assert record["algo"] == overrides[0].split("=")[1] and 0 <= record["accuracy"] <= 1
     return split
+
+
+def protonet_on(cli, data_overrides: list, tmp_path: Path, ways: int = 5) -> str:
+    """A 2-step ProtoNet run on a dataset (its data.* overrides), then `metalearn eval`: the eval's output."""
+    run = tmp_path / "run"
+    tiny = ["algo=protonet", f"task.ways={ways}", f"task.train.ways={ways}", "task.train.queries=2", "task.queries=2"]
+    tiny += ["model.hidden=8", "device=cpu", "train.steps=2", "train.val_every=2", "train.val_episodes=4"]
+    cli("train", *data_overrides, *tiny, f"hydra.run.dir={run}", cwd=tmp_path)
+    return cli("eval", f"run={run}", "eval.episodes=10", cwd=tmp_path).stdout
