@@ -11,6 +11,7 @@ from metalearn.algorithms.batching import resolve_vectorize
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.batching import Vectorize
 from metalearn.data import ClassSplit, EpisodeSampler
+from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 
 WAYS = 3
@@ -193,3 +194,38 @@ def test_auto_strategy_is_vmap_on_cuda_and_loop_on_cpu():
     assert resolve_vectorize(Vectorize.auto, torch.device("cpu")) is False
     assert resolve_vectorize("vmap", torch.device("cpu")) is True
     assert resolve_vectorize("loop", torch.device("cuda")) is False
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"adapt": "head"}, {"learn_inner_lr": True}],
+    ids=["maml", "anil", "meta-sgd"],
+)
+def test_checkpointed_inner_steps_give_the_plain_second_order_meta_gradient(variant):
+    """algo.checkpoint_inner recomputes the inner steps in the backward pass: the same numbers, less memory."""
+    batch = episodes()
+
+    def meta_gradients(checkpoint_inner):
+        torch.manual_seed(1)  # Meta-SGD's initial rates
+        algo = MAML(
+            model64(),
+            inner_lr=0.3,
+            inner_steps=3,
+            inner_steps_eval=2,
+            outer_lr=1e-3,
+            first_order=False,
+            vectorize=False,
+            checkpoint_inner=checkpoint_inner,
+            **variant,
+        )
+        return algo.meta_gradients(batch)
+
+    plain, checkpointed = meta_gradients(False), meta_gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-10), name
+
+
+def test_checkpointed_inner_steps_refuse_vmap_with_the_way_out():
+    with pytest.raises(MetalearnError, match="add algo.vectorize=loop"):
+        MAML(model64(), 0.3, 1, 1, 1e-3, first_order=False, vectorize=True, checkpoint_inner=True)

@@ -26,6 +26,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
+from torch.utils.checkpoint import checkpoint
 
 from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
@@ -73,6 +74,10 @@ class MAMLSettings(AlgoSettings, VectorizedSettings):
     adapt: AdaptedParams = AdaptedParams.all  # which weights the inner loop adapts
     learn_inner_lr: bool = False  # Meta-SGD: one learned inner rate per adapted weight
     inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])  # Meta-SGD: initial rates, uniform
+    # Second order: keep only each inner step's input and recompute its activations in the backward pass,
+    # so memory grows with inner_steps by the adapted weights, not the activations (about twice the time
+    # of a step on a CPU); the loop strategy only.
+    checkpoint_inner: bool = False
 
     def __post_init__(self):
         positive(self, "outer_lr")
@@ -103,6 +108,7 @@ class MAML(Algorithm):
         inner_lr_init: Sequence[float] = (0.005, 0.1),
         workers: int = 1,
         inner_loss: str = "mean",
+        checkpoint_inner: bool = False,
     ):
         head_only = AdaptedParams(adapt) is AdaptedParams.head
         if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
@@ -113,6 +119,12 @@ class MAML(Algorithm):
                 "set algo.first_order=false or algo.learn_inner_lr=false."
             )
         vectorize = resolve_vectorize(vectorize, model_device(model))
+        if checkpoint_inner and vectorize:
+            raise MetalearnError(
+                "algo.checkpoint_inner=true recomputes the inner steps in the backward pass, which the vmap "
+                "strategy cannot: add algo.vectorize=loop (on a GPU the tasks then run one after another)."
+            )
+        self.checkpoint_inner = checkpoint_inner and not first_order
         self.model = model
         self.ways = model.head.out_features
         self.sum_over_shots = InnerLoss(inner_loss) is InnerLoss.sum_over_shots
@@ -248,13 +260,21 @@ class MAML(Algorithm):
             def inner_loss(adapted):
                 return self._inner_loss(functional_call(model, adapted, (sx,)), sy)
 
-        adapted = {name: params[name] for name in self.adapted_names}
+        names = list(self.adapted_names)
+
+        def inner_step(*values):
+            g = torch.autograd.grad(inner_loss(dict(zip(names, values))), values, create_graph=second_order)
+            return tuple(p - rates.get(name, self.inner_lr) * gi for name, p, gi in zip(names, values, g))
+
+        adapted = tuple(params[name] for name in names)
         for _ in range(steps):
-            g = torch.autograd.grad(inner_loss(adapted), list(adapted.values()), create_graph=second_order)
-            adapted = {name: p - rates.get(name, self.inner_lr) * gi for (name, p), gi in zip(adapted.items(), g)}
+            if second_order and self.checkpoint_inner:  # activations recomputed in the backward pass
+                adapted = checkpoint(inner_step, *adapted, use_reentrant=False)
+            else:
+                adapted = inner_step(*adapted)
             if not second_order:
-                adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
-        return {**params, **adapted}
+                adapted = tuple(p.detach().requires_grad_() for p in adapted)
+        return {**params, **dict(zip(names, adapted))}
 
     def _predict_looped(self, meta: Meta, sx, sy, qx) -> torch.Tensor:
         """Query logits after `inner_steps_eval` steps, a task at a time in plain autograd, on worker threads."""
