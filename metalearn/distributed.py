@@ -20,6 +20,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from metalearn.device import share_cores
 from metalearn.errors import MetalearnError
 
 DEFAULT_TIMEOUT_S = 300  # how long a rank waits for the others before the run stops with an error
@@ -103,6 +104,12 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def share_threads(self, device: torch.device) -> int:
+        """On a CPU the processes of one machine split its cores (each takes cores / local processes)."""
+        if self.active and device.type == "cpu":
+            return share_cores(self.local_world)
+        return torch.get_num_threads()
 
     def device(self, device: torch.device) -> torch.device:
         """On CUDA, this rank's GPU (LOCAL_RANK); a CPU is shared."""
@@ -196,11 +203,6 @@ def leave_log_to_rank_0() -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
-
-
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def lost_rank_message(err: BaseException, ranks: Ranks) -> str:

@@ -28,7 +28,7 @@ from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.data.transforms import preprocess_of
 from metalearn import distributed
-from metalearn.device import cpu_isa, cpu_model, resolve_device, share_cores
+from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.exported import is_export, load_export, record_folder
@@ -260,8 +260,7 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     device = resolve_device(lead.device.name)
     ranks = distributed.start(device, lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
     device = ranks.device(device)
-    if ranks.active and device.type == "cpu":
-        share_cores(ranks.local_world)
+    ranks.share_threads(device)
     task = lead.task
     test_split = load_split(lead.data, "test")
     sampler = EpisodeSampler(

@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if jobs > 1:  # runs side by side would fight over every core: each takes its share
         log.info("%d runs in parallel (hydra.launcher.n_jobs): %d thread(s) each", jobs, share_cores(jobs))
     if ranks.active:
-        threads = share_cores(ranks.local_world) if device.type == "cpu" else torch.get_num_threads()
+        threads = ranks.share_threads(device)
         log.info("rank %d of %d on %s, %d thread(s)", ranks.rank, ranks.world, device, threads)
     torch.manual_seed(cfg.seed)
     loop, task = cfg.train, cfg.task
