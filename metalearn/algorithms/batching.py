@@ -13,6 +13,9 @@ from typing import Callable, Dict, List, Union
 
 import torch
 
+from metalearn.errors import MetalearnError
+from metalearn.models.batch_stats import sync_buffers
+
 Params = Dict[str, torch.Tensor]
 
 
@@ -38,6 +41,13 @@ def resolve_vectorize(choice: Union[bool, str, Vectorize], device: torch.device)
     if choice is Vectorize.auto:
         return torch.device(device).type == "cuda"
     return choice is Vectorize.vmap
+
+
+def loop_only(choice: Union[bool, str, Vectorize], why: str) -> bool:
+    """The loop strategy, where vmap cannot do the job: refuses an explicit vmap with `why` and the fix."""
+    if choice is True or (not isinstance(choice, bool) and Vectorize(choice) is Vectorize.vmap):
+        raise MetalearnError(f"{why}, which the vmap strategy cannot: add algo.vectorize=loop.")
+    return False
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -87,13 +97,18 @@ class TaskThreads:
     CPU `workers` tasks at once on a core each beat one task at a time on all
     cores. Each worker has its own copy of the model because functional_call
     swaps a module's weights in place: the copies' own weights are never used,
-    only their structure (models with buffers would need them kept in sync).
+    only their structure and buffers (running statistics), copied in at each map.
     """
 
     def __init__(self, model: torch.nn.Module, workers: int):
         self.model = model
         self.replicas = [model] if workers <= 1 else [copy.deepcopy(model) for _ in range(workers)]
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    @property
+    def models(self) -> List[torch.nn.Module]:
+        """Every model a map may run on, in the order of the tasks they take."""
+        return [self.model, *(r for r in self.replicas if r is not self.model)]
 
     def map(self, run: Callable, tasks: int) -> List:
         """`run(model, task_slice)` over contiguous slices of range(tasks), one per worker; results in order."""
@@ -104,6 +119,7 @@ class TaskThreads:
         slices = [slice(bounds[i], bounds[i + 1]) for i in range(workers)]
         for replica in self.replicas:
             replica.train(self.model.training)
+        sync_buffers(self.model, self.replicas[:workers])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

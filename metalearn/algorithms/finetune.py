@@ -27,6 +27,7 @@ from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
 from metalearn.device import PLAIN, FastPaths
 from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
+from metalearn.models.batch_stats import BatchNormMode, recording
 from metalearn.settings import SettingError, at_least, positive, within
 
 
@@ -101,9 +102,11 @@ class Finetune(Algorithm):
 
     def meta_train_step(self, batch: LabelledImages) -> Dict[str, float]:
         self.model.train()
-        with across_ranks(self.model, self.ranks):  # a batch split across processes: BatchNorm over all of it
+        with across_ranks(self.model, self.ranks), recording([self.model]) as batch_statistics:
+            # a batch split across processes: BatchNorm over all of it; model.bn=inductive: its statistics noted
             logits = self.model(batch.images)
             loss = self.loss(logits, batch)
+        batch_statistics.commit(self.model, self.ranks)
         loss.backward()
         self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
@@ -177,7 +180,8 @@ def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.devi
         layout=CHANNELS_LAST if fast.channels_last else NCHW,
     ).to(device)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
-    return teacher.train().requires_grad_(False)  # batch statistics, as when it was trained
+    # As it was trained: batch statistics (transductive) or its running statistics (inductive)
+    return teacher.train(teacher.batch_norm != BatchNormMode.inductive.value).requires_grad_(False)
 
 
 class Distill(Finetune):

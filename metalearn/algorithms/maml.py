@@ -34,6 +34,7 @@ from metalearn.algorithms.batching import (
     TaskThreads,
     VectorizedSettings,
     detached_params,
+    loop_only,
     model_device,
     over_tasks,
     resolve_vectorize,
@@ -42,6 +43,7 @@ from metalearn.algorithms.batching import (
 from metalearn.data import Episodes
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
+from metalearn.models.batch_stats import has_running_stats, recording, recording_paused
 from metalearn.settings import SettingError, at_least, positive
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
@@ -118,12 +120,18 @@ class MAML(Algorithm):
                 "learned inner rates (Meta-SGD) get no gradient in first order: "
                 "set algo.first_order=false or algo.learn_inner_lr=false."
             )
-        vectorize = resolve_vectorize(vectorize, model_device(model))
-        if checkpoint_inner and vectorize:
-            raise MetalearnError(
-                "algo.checkpoint_inner=true recomputes the inner steps in the backward pass, which the vmap "
-                "strategy cannot: add algo.vectorize=loop (on a GPU the tasks then run one after another)."
+        if checkpoint_inner:
+            vectorize = loop_only(
+                vectorize,
+                "algo.checkpoint_inner=true recomputes the inner steps in the backward pass (on a GPU the tasks "
+                "then run one after another)",
             )
+        if has_running_stats(model):
+            vectorize = loop_only(
+                vectorize,
+                "model.bn=inductive folds each inner step's BatchNorm statistics into running averages",
+            )
+        vectorize = resolve_vectorize(vectorize, model_device(model))
         self.checkpoint_inner = checkpoint_inner and not first_order
         self.model = model
         self.ways = model.head.out_features
@@ -269,7 +277,13 @@ class MAML(Algorithm):
         adapted = tuple(params[name] for name in names)
         for _ in range(steps):
             if second_order and self.checkpoint_inner:  # activations recomputed in the backward pass
-                adapted = checkpoint(inner_step, *adapted, use_reentrant=False)
+                # (the recomputation notes no BatchNorm statistics: the forward pass did)
+                adapted = checkpoint(
+                    inner_step,
+                    *adapted,
+                    use_reentrant=False,
+                    context_fn=lambda: (nullcontext(), recording_paused(model)),
+                )
             else:
                 adapted = inner_step(*adapted)
             if not second_order:
@@ -319,7 +333,9 @@ class MAML(Algorithm):
 
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
         self.model.train()
-        grads, (losses, accuracies) = self._meta_grads(self._meta(), *episodes)
+        with recording(self._threads.models) as batch_statistics:  # model.bn=inductive's running averages
+            grads, (losses, accuracies) = self._meta_grads(self._meta(), *episodes)
+        batch_statistics.commit(self.model, self.ranks)
         for name, p in self.model.named_parameters():
             p.grad = grads["params"][name]
         for name, r in self.rates.items():

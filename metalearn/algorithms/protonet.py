@@ -6,7 +6,8 @@ network is trained end to end on the query cross-entropy, with training
 episodes that may have more classes than the evaluated tasks (the paper
 trains Omniglot with 60). Each task's support and query images go through
 the network as one batch, so batch norm sees the task (transductive, like
-every algorithm here; see docs/algorithms.md).
+MAML's; see docs/algorithms.md), or with model.bn=inductive, as the paper's
+code, BatchNorm keeps running statistics that normalise at test time.
 """
 
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from metalearn.algorithms.batching import (
 )
 from metalearn.data import Episodes
 from metalearn.models import VMAP, set_layout
+from metalearn.models.batch_stats import statistics_pass
 from metalearn.settings import at_least, positive
 
 
@@ -81,6 +83,10 @@ class ProtoNet(Algorithm):
         ways = episodes.ways
         task_grad = grad(lambda p, sx, sy, qx, qy: self._task_loss(p, sx, sy, qx, qy, ways), has_aux=True)
         grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(detached_params(self.model), *episodes)
+        # model.bn=inductive: the batch statistics of the same passes, under the same weights
+        statistics_pass(
+            self.model, [torch.cat([sx, qx]) for sx, qx in zip(episodes.support, episodes.query)], self.ranks
+        )
         for name, p in self.model.named_parameters():
             p.grad = grads[name].mean(dim=0)
         self.ranks.average_gradients(self.optimizer)

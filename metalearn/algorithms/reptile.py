@@ -36,6 +36,7 @@ from metalearn.algorithms.batching import (
 from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
+from metalearn.models.batch_stats import statistics_pass
 from metalearn.settings import at_least, finite, positive
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class Reptile(Algorithm):
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
         self.model.train()
         adapted, (losses, accuracies) = self.adapted_weights(episodes)
+        statistics_pass(self.model, list(episodes.support), self.ranks)  # model.bn=inductive: the tasks' statistics
         eps = self.outer_step_size()
         params = dict(self.model.named_parameters())
         moves = [adapted[name].mean(dim=0) - p for name, p in params.items()]

@@ -26,6 +26,8 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from metalearn.models.batch_stats import BatchNormMode
+
 
 @dataclass
 class ModelSettings:
@@ -33,10 +35,15 @@ class ModelSettings:
 
     _target_: str = MISSING  # the backbone's class
     name: str = MISSING  # how runs and messages name it
+    # transductive: BatchNorm normalises with the statistics of the batch it sees, also at test time (MAML's
+    # protocol); inductive: running statistics at test time, each query classified alone (ProtoNet's code).
+    bn: BatchNormMode = BatchNormMode.transductive
 
 
 class FeaturesAndHead(nn.Module):
     """A backbone that is a `features` body (metalearn.models.layout.Features) followed by a `head`."""
+
+    batch_norm = BatchNormMode.transductive.value  # the model's `bn` setting, as evaluations record it
 
     @property
     def layout(self) -> str:

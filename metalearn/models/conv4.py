@@ -5,17 +5,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from metalearn.errors import MetalearnError
+from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import at_least
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, running_stats: bool = False) -> nn.Sequential:
     return nn.Sequential(
         Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        # Batch statistics at train and test time, as in MAML: no running
-        # averages, so a functional call has no buffers to update.
-        BatchNorm2d(out_channels, track_running_stats=False),
+        # Transductive (MAML's protocol): batch statistics at train and test time, no running averages.
+        BatchNorm2d(out_channels, track_running_stats=running_stats),
         # max-pool then ReLU equals ReLU then max-pool (both are monotone),
         # and the ReLU then touches a quarter of the values.
         nn.MaxPool2d(2),
@@ -43,9 +43,6 @@ class Conv4(FeaturesAndHead):
     """
 
     Settings = Conv4Settings
-    # BatchNorm normalises with the statistics of the batch it sees (a support or a query set), in
-    # training and at test time, as in the MAML paper: evaluation is transductive over each query set.
-    batch_norm = "transductive"
 
     def __init__(
         self,
@@ -55,8 +52,11 @@ class Conv4(FeaturesAndHead):
         image_size: int = 28,
         amp: bool = False,
         channels_last: bool = False,
+        bn: str = "transductive",
     ):
         super().__init__()
+        self.batch_norm = BatchNormMode(bn).value
+        running_stats = self.batch_norm == BatchNormMode.inductive.value
         side = image_size
         for _ in range(BLOCKS):
             side //= 2
@@ -67,8 +67,8 @@ class Conv4(FeaturesAndHead):
             )
         self.feature_size = hidden * side * side
         self.features = Features(
-            conv_block(in_channels, hidden),
-            *(conv_block(hidden, hidden) for _ in range(BLOCKS - 1)),
+            conv_block(in_channels, hidden, running_stats),
+            *(conv_block(hidden, hidden, running_stats) for _ in range(BLOCKS - 1)),
             nn.Flatten(),
         )
         self.features.amp = amp

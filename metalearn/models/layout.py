@@ -9,7 +9,10 @@ plain torch modules simply computes in NCHW under every layout.
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from metalearn.models.batch_stats import record, record_moments
 
 # How a model's convolutions lay out their activations:
 CHANNELS_LAST = "channels_last"  # NHWC, the fast kernels of a CPU's loop over tasks
@@ -49,13 +52,22 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     layout = NCHW
     ranks = None  # while a batch split across processes passes through: metalearn.distributed.Ranks
+    # With running statistics (model.bn=inductive), training batches are noted here while
+    # metalearn.models.batch_stats.recording is open, never folded in place (see that module).
+    recording = None
+    recording_paused = False
 
     def forward(self, x):
         if self.layout == VMAP and x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
         if self.ranks is not None and (self.training or self.running_mean is None):
             return self._over_ranks(x)
-        return super().forward(x)
+        if self.running_mean is None:  # transductive: the batch's own statistics, always
+            return super().forward(x)
+        if not self.training:  # inductive, at test time: the running statistics
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        record(self, x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     def _over_ranks(self, x):
         """Batch statistics summed over the ranks, differentiably (what torch's SyncBatchNorm does, on GPUs
@@ -68,6 +80,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         count = round(x.shape[0] / self.ranks.share) * x.shape[2] * x.shape[3]  # the images of every rank
         sums = sum_over_ranks(torch.cat([x.sum(dims), (x * x).sum(dims)]), self.ranks) / count
         mean, var = sums[:channels], sums[channels:] - sums[:channels] ** 2
+        if self.running_mean is not None:
+            record_moments(self, mean, var, count)
         y = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)

@@ -5,9 +5,8 @@ Four residual blocks (64, 160, 320, 640 channels by default), each three
 with BatchNorm on the shortcut, then a leaky ReLU and a 2x2 max-pool; the
 embedding is the average over the last map (640 numbers for any image size,
 as RFS has it). DropBlock (Ghiasi et al. 2018) in the last two blocks is an
-option, off by default. BatchNorm uses the statistics of the batch it sees,
-as conv4 does here, so every algorithm (MAML's functional and vmapped passes
-included) runs on it unchanged.
+option, off by default. BatchNorm follows model.bn as conv4's does
+(metalearn.models.batch_stats), so every algorithm runs on it unchanged.
 """
 
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from metalearn.errors import MetalearnError
+from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import SettingError, at_least, within
@@ -59,20 +59,21 @@ class DropBlock(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropblock: nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropblock: nn.Module, running_stats: bool = False):
         super().__init__()
         self.body = nn.Sequential(
             Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            BatchNorm2d(out_channels, track_running_stats=False),
+            BatchNorm2d(out_channels, track_running_stats=running_stats),
             nn.LeakyReLU(SLOPE),
             Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            BatchNorm2d(out_channels, track_running_stats=False),
+            BatchNorm2d(out_channels, track_running_stats=running_stats),
             nn.LeakyReLU(SLOPE),
             Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            BatchNorm2d(out_channels, track_running_stats=False),
+            BatchNorm2d(out_channels, track_running_stats=running_stats),
         )
         self.shortcut = nn.Sequential(
-            Conv2d(in_channels, out_channels, 1, bias=False), BatchNorm2d(out_channels, track_running_stats=False)
+            Conv2d(in_channels, out_channels, 1, bias=False),
+            BatchNorm2d(out_channels, track_running_stats=running_stats),
         )
         self.out = nn.Sequential(nn.LeakyReLU(SLOPE), nn.MaxPool2d(2), dropblock)
 
@@ -82,7 +83,6 @@ class Block(nn.Module):
 
 class ResNet12(FeaturesAndHead):
     Settings = ResNet12Settings
-    batch_norm = "transductive"
 
     def __init__(
         self,
@@ -94,8 +94,11 @@ class ResNet12(FeaturesAndHead):
         image_size: int = 84,
         amp: bool = False,
         channels_last: bool = False,
+        bn: str = "transductive",
     ):
         super().__init__()
+        self.batch_norm = BatchNormMode(bn).value
+        running_stats = self.batch_norm == BatchNormMode.inductive.value
         if image_size < 16:
             raise MetalearnError(
                 f"model=resnet12 halves the image 4 times, so {image_size}x{image_size} images are too small: "
@@ -103,7 +106,8 @@ class ResNet12(FeaturesAndHead):
             )
         widths = [in_channels, *channels]
         blocks = [
-            Block(widths[i], widths[i + 1], DropBlock(dropblock if i >= 2 else 0.0, dropblock_size)) for i in range(4)
+            Block(widths[i], widths[i + 1], DropBlock(dropblock if i >= 2 else 0.0, dropblock_size), running_stats)
+            for i in range(4)
         ]
         self.features = Features(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.features.amp = amp
