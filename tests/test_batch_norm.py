@@ -24,7 +24,17 @@ ALGOS = {
 
 
 def algorithm(name, bn, *overrides, train_classes=6):
-    cfg = compose([f"algo={name}", f"task.ways={WAYS}", "model.hidden=4", "device.amp=false", f"model.bn={bn}", *ALGOS[name], *overrides])
+    cfg = compose(
+        [
+            f"algo={name}",
+            f"task.ways={WAYS}",
+            "model.hidden=4",
+            "device.amp=false",
+            f"model.bn={bn}",
+            *ALGOS[name],
+            *overrides,
+        ]
+    )
     torch.manual_seed(0)
     return build_algorithm(cfg, torch.device("cpu"), train_classes, (1, 28, 28), dtype=torch.float64)
 

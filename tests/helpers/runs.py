@@ -12,6 +12,8 @@ TINY_ALGO = {
     "fomaml": ["algo.inner_steps_eval=2"],
     "anil": ["algo.inner_steps_eval=2"],
     "metasgd": [],
+    # Epochs of one step: the multi-step loss's weights change at each; the cosine spans the 3-step run.
+    "mamlpp": ["algo.inner_steps=2", "algo.inner_steps_eval=2", "algo.epoch_steps=1", "algo.anneal_steps=3"],
     # The outer step anneals over 3 steps: the resume test's runs of 2 and 3 steps share one schedule.
     "reptile": [
         "algo.inner_steps=2",

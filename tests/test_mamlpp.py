@@ -1,0 +1,168 @@
+"""MAML++ against MAML and against its formulas by hand, in float64."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metalearn.algorithms import build_algorithm
+from metalearn.algorithms.mamlpp import msl_weights
+from metalearn.config import compose
+from metalearn.errors import MetalearnError
+from metalearn.models.step_norm import set_norm_step
+
+from helpers.reference import assert_dicts_close, episodes
+from helpers.runs import overrides_for, train_resume_eval
+
+WAYS = 3
+EVERY_SWITCH_OFF = [
+    "algo.multi_step_loss=false",
+    "algo.per_step_bn_stats=false",
+    "algo.per_step_bn_weights=false",
+    "algo.learn_inner_lr=false",
+    "algo.cosine_annealing=false",
+]
+
+
+def build(algo, *overrides, bn="transductive"):
+    cfg = compose(
+        [f"algo={algo}", f"task.ways={WAYS}", "model.hidden=4", "device.amp=false", f"model.bn={bn}", *overrides]
+    )
+    torch.manual_seed(0)
+    return build_algorithm(cfg, torch.device("cpu"), 6, (1, 28, 28), dtype=torch.float64)
+
+
+def test_msl_weights_follow_the_reference_schedule():
+    assert msl_weights(5, 0, 10) == pytest.approx([0.2] * 5)
+    # epoch 4 of 10: each non-final weight falls by 4 x 1/(5*10); the final one takes what they give up
+    assert msl_weights(5, 4, 10) == pytest.approx([0.12] * 4 + [0.52])
+    # late: the non-final weights stop at 0.03 / 5, the final one at 1 - 4 x that
+    assert msl_weights(5, 50, 10) == pytest.approx([0.006] * 4 + [0.976])
+    assert sum(msl_weights(5, 7, 10)) == pytest.approx(1.0)
+
+
+def test_with_every_switch_off_it_is_maml():
+    batch = episodes(tasks=3)
+    common = ["algo.inner_steps=3", "algo.inner_lr=0.3", "algo.inner_loss=mean"]
+    maml = build("maml", *common).meta_gradients(batch)
+    mamlpp = build("mamlpp", *common, *EVERY_SWITCH_OFF).meta_gradients(batch)
+    assert_dicts_close(mamlpp, maml)
+
+
+def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights):
+    """By hand: per task, unrolled SGD with create_graph; the outer loss sum_k w_k * query loss after step k."""
+    names = [n for n, _ in model.named_parameters()]
+    start = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in start]
+    for sx, sy, qx, qy in zip(*batch):
+        fast, loss = list(start), 0
+        for k in range(steps):
+            support = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            grads = torch.autograd.grad(support, fast, create_graph=True)
+            fast = [w - inner_lr * g for w, g in zip(fast, grads)]
+            loss = loss + weights[k] * F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx,)), qy)
+        total = [t + g / len(batch.support) for t, g in zip(total, torch.autograd.grad(loss, start))]
+    return dict(zip(names, total))
+
+
+def test_the_multi_step_loss_is_the_weighted_sum_by_hand():
+    batch = episodes(tasks=2)
+    only_msl = [o for o in EVERY_SWITCH_OFF if "multi_step" not in o]
+    algo = build("mamlpp", "algo.inner_steps=3", "algo.epoch_steps=1", "algo.msl_epochs=4", *only_msl)
+    algo.step = 2  # epoch 2 of 4: unequal weights
+    weights = msl_weights(3, 2, 4)
+    assert len(set(weights)) == 2
+    assert_dicts_close(algo.meta_gradients(batch), naive_msl_meta_gradient(algo.model, batch, 0.1, 3, weights))
+    algo.step = 4  # msl_epochs over: the last step's loss alone
+    assert_dicts_close(algo.meta_gradients(batch), naive_msl_meta_gradient(algo.model, batch, 0.1, 3, [0, 0, 1]))
+
+
+def test_derivative_order_switches_at_the_configured_epoch():
+    batch = episodes(tasks=2)
+    annealed = build("mamlpp", "algo.inner_steps=2", "algo.epoch_steps=2", "algo.first_order_epochs=1")
+    first = build("mamlpp", "algo.inner_steps=2", "algo.epoch_steps=2", "algo.first_order=true")
+    second = build("mamlpp", "algo.inner_steps=2", "algo.epoch_steps=2")
+    for step, expected in [(0, first), (1, first), (2, second), (3, second)]:
+        annealed.step = expected.step = step
+        assert annealed.second_order() is (expected is second)
+        assert_dicts_close(annealed.meta_gradients(batch), expected.meta_gradients(batch))
+    assert not _close(first.meta_gradients(batch), second.meta_gradients(batch))
+
+
+def _close(a, b):
+    return all(torch.allclose(a[n], b[n], rtol=1e-6, atol=1e-9) for n in a)
+
+
+def test_learned_rates_get_gradients_and_adapt_at_test_time():
+    batch = episodes(tasks=2)
+    algo = build("mamlpp", "algo.inner_steps=2", "algo.inner_steps_eval=3")
+    grads = algo.meta_gradients(batch)
+    rate_grads = {n: g for n, g in grads.items() if n.startswith("inner_lr.")}
+    assert set(rate_grads) == {f"inner_lr.{n}" for n in algo.adapted_names}
+    assert all(g.shape == (2,) for g in rate_grads.values())
+    assert all(g.abs().sum() > 0 for n, g in rate_grads.items() if n.endswith("weight"))
+    before = {n: r.detach().clone() for n, r in algo.rates.items()}
+    algo.meta_train_step(batch)
+    # (a convolution's bias before BatchNorm has no effect, so its rate may get no gradient)
+    assert all(not torch.equal(before[n], r) for n, r in algo.rates.items() if n.endswith("weight"))
+    # At test time the steps use the learned rates (step 2 and later: the last step's): all zero = no adaptation.
+    adapted = algo.predict(batch)
+    with torch.no_grad():
+        for rate in algo.rates.values():
+            rate.zero_()
+    unadapted = algo.predict(batch)
+    algo.model.eval()
+    set_norm_step(algo.model, 2)
+    with torch.no_grad():
+        plain = torch.stack([algo.model(q) for q in batch.query])
+    assert torch.allclose(unadapted, plain, atol=1e-12)
+    assert not torch.allclose(adapted, plain, atol=1e-6)
+
+
+def test_per_step_running_statistics_are_kept_per_step_and_restored():
+    batch = episodes(tasks=2)
+    algo = build("mamlpp", "algo.inner_steps=3", bn="inductive")
+    algo.meta_train_step(batch)
+    norm = algo.model.features[0][1]
+    assert norm.running_mean.shape == (3, 4)
+    assert not torch.allclose(norm.running_mean[0], norm.running_mean[2])  # each step's own statistics
+    assert all((norm.running_mean[k] != 0).all() for k in range(3))  # every step folded some in
+    state = algo.state_dict()
+    fresh = build("mamlpp", "algo.inner_steps=3", bn="inductive")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.model.features[0][1].running_mean, norm.running_mean)
+    assert fresh.step == 1
+    assert torch.allclose(fresh.predict(batch), algo.predict(batch), atol=0)
+
+
+def test_checkpointed_inner_steps_give_the_same_meta_gradient():
+    batch = episodes(tasks=2)
+    plain = build("mamlpp", "algo.inner_steps=3", "algo.epoch_steps=1", bn="inductive")
+    checkpointed = build(
+        "mamlpp", "algo.inner_steps=3", "algo.epoch_steps=1", "algo.checkpoint_inner=true", bn="inductive"
+    )
+    plain.step = checkpointed.step = 3  # MSL weights unequal, not yet annealed away
+    assert_dicts_close(checkpointed.meta_gradients(batch), plain.meta_gradients(batch))
+
+
+def test_cosine_annealing_of_the_outer_rate_and_resuming_past_it():
+    algo = build("mamlpp", "train.steps=10", "algo.outer_lr=0.01", "algo.min_outer_lr=0.001")
+    rates = []
+    for step in (0, 5, 10):
+        algo.step = step
+        rates.append(algo.outer_lr_now())
+    assert rates == pytest.approx([0.01, 0.001 + 0.009 * (1 + math.cos(math.pi / 2)) / 2, 0.001])
+    with pytest.raises(MetalearnError, match="algo.anneal_steps=20.*algo.cosine_annealing=false"):
+        algo.check_resume(20)
+    algo.check_resume(10)
+
+
+def test_inductive_mamlpp_trains_resumes_exactly_and_records_its_protocol(cli, tiny_overrides, tmp_path):
+    run = train_resume_eval(cli, [*overrides_for("mamlpp", tiny_overrides), "model.bn=inductive"], tmp_path, "mamlpp")
+    (record,) = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert record["batch_norm"] == "inductive"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]
+    assert state["model"]["features.0.1.running_mean"].shape == (2, 8)  # per step, 8 channels
