@@ -1,9 +1,18 @@
-"""Checkpoints: where a run keeps them, atomic save, safe load (weights_only)."""
+"""Checkpoints: where a run keeps them, atomic save, safe load (weights_only).
+
+checkpoints/last.pt is where training goes on from; checkpoints/best.pt holds the weights of the
+best validation accuracy; with train.keep_best=N the 2nd..Nth best are checkpoints/next_best/step-<step>.pt
+(`metalearn eval checkpoint=topN` scores the ensemble of best.pt and those).
+"""
 
 import errno
 import math
+import os
+import re
 import shlex
+import shutil
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,12 +24,99 @@ VERSION = 1
 
 
 def checkpoint_name(cfg) -> str:
-    """`checkpoint=best|last` of an eval or export config, as a string."""
+    """`checkpoint=best|last` (eval: also topN) of an eval or export config, as a string."""
     return cfg.checkpoint.value if hasattr(cfg.checkpoint, "value") else str(cfg.checkpoint)
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
+
+
+def run_of(path: Path) -> Path:
+    """The run folder of a file under its checkpoints/ folder."""
+    return next((p.parent for p in Path(path).parents if p.name == "checkpoints"), Path(path).parent.parent)
+
+
+NEXT_BEST = "next_best"  # checkpoints/next_best/: the 2nd..Nth best validation checkpoints (train.keep_best=N)
+_TOP = re.compile(r"top([1-9][0-9]*)")
+
+
+def next_best_name(step: int) -> str:
+    """`which` (for checkpoint_path) of the kept validation checkpoint of `step` that is not the best."""
+    return f"{NEXT_BEST}/step-{step}"
+
+
+def next_best_files(run_dir: Path) -> Dict[int, Path]:
+    """step -> checkpoints/next_best/step-<step>.pt, for the files there."""
+    found = {}
+    for path in (Path(run_dir) / "checkpoints" / NEXT_BEST).glob("step-*.pt"):
+        digits = path.stem[len("step-") :]
+        if digits.isdigit():
+            found[int(digits)] = path
+    return found
+
+
+def top_count(name: str) -> Optional[int]:
+    """N of `checkpoint=topN`; None for best and last; any other name is an error that lists the choices."""
+    if name in ("best", "last"):
+        return None
+    match = _TOP.fullmatch(name)
+    if match is None:
+        raise MetalearnError(
+            f"checkpoint={name} names no checkpoint of a run: choose best, last, or topN (e.g. top5: the ensemble "
+            f"of the run's 5 best validation checkpoints, kept by training with train.keep_best=5)."
+        )
+    return int(match.group(1))
+
+
+def kept_score(payload: dict) -> Optional[float]:
+    """The validation accuracy that kept this checkpoint (its entry in the ranking it was saved with)."""
+    for entry in payload.get("kept_best") or []:
+        if entry.get("step") == payload.get("step"):
+            return entry["val_accuracy"]
+    return payload.get("best_val_accuracy")  # best.pt written before train.keep_best: its own score
+
+
+def ranked_checkpoints(run_dir: Path) -> List[Tuple[str, dict]]:
+    """The run's kept validation checkpoints, best first: (file under checkpoints/, payload).
+
+    best.pt and next_best/step-*.pt, ranked by the validation accuracy each was kept for, ties to the
+    earlier step, as training ranks them.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    paths = [folder / "best.pt"] if (folder / "best.pt").is_file() else []
+    paths += [path for _, path in sorted(next_best_files(run_dir).items())]
+    found = [(str(path.relative_to(folder)), load_checkpoint(path)) for path in paths]
+
+    def rank(item):
+        score = kept_score(item[1])
+        return (-score if score is not None else math.inf, item[1]["step"])
+
+    return sorted(found, key=rank)
+
+
+def keep_copy(source: Path, target: Path) -> None:
+    """`target` becomes a copy of `source`, atomically: a hard link where the file system has them, else a copy.
+
+    A later atomic save over `source` (a new file) leaves the copy as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        run_dir = run_of(target)
+        raise MetalearnError(
+            f"could not write {target} ({write_failure(err)}). Free space on that disk (or lift the limit), then "
+            f"continue with: metalearn train resume={shlex.quote(str(run_dir))}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_failure(err: Exception) -> str:
@@ -54,7 +150,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     try:
         atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
     except (OSError, RuntimeError) as err:
-        run_dir = Path(path).parent.parent
+        run_dir = run_of(path)
         raise MetalearnError(
             f"could not write {path} ({write_failure(err)}). The previous {Path(path).name}, if there was one, is "
             f"intact: nothing half-written replaced it. Free space on that disk (or lift the limit), then continue "

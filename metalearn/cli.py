@@ -44,6 +44,7 @@ commands:
   eval    evaluate a run's checkpoint on test-split episodes (accuracy ± 95% CI)
           e.g. metalearn eval run=<run folder> [checkpoint=best|last] [eval.episodes=600]
                metalearn eval 'run=[<run>,<run>,<run>]'   (an ensemble, next to each member)
+               metalearn eval run=<run folder> checkpoint=top5   (its 5 best, train.keep_best=5)
                metalearn eval run=<omniglot run> data=mnist     (cross-domain)
   export  a run's weights alone as safetensors (no pickle), its config as metadata
           e.g. metalearn export run=<run folder> [checkpoint=best] [out=model.safetensors]

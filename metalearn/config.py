@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from metalearn.checkpoint import checkpoint_name, top_count
 from metalearn.device import SWITCHES
 from metalearn.errors import MetalearnError
 from metalearn.settings import SettingError, at_least, checked, prefixed, seed, settings_of
@@ -93,10 +94,14 @@ class TrainLoopConfig:
     val_seed: int = 0  # validation episodes: the same tasks at every validation, any meta-batch size
     ckpt_every: int = 500  # steps between writes of checkpoints/last.pt
     log_every: int = 50  # steps per "train" record in metrics.jsonl
+    # validation checkpoints kept: the best in checkpoints/best.pt, the 2nd..Nth best in
+    # checkpoints/next_best/step-<step>.pt (ranked by validation accuracy, ties to the earlier step);
+    # `metalearn eval checkpoint=topN` scores their ensemble.
+    keep_best: int = 1
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
-        for key in ("steps", "meta_batch_size", "val_every", "val_episodes", "ckpt_every", "log_every"):
+        for key in ("steps", "meta_batch_size", "val_every", "val_episodes", "ckpt_every", "log_every", "keep_best"):
             at_least(self, key, 1)
         seed(self, "val_seed")
         with prefixed("replay"):
@@ -160,7 +165,9 @@ class TrainAppConfig:
 @dataclass
 class EvalAppConfig(TrainAppConfig):
     run: Any = MISSING  # a run folder, or a list of them to evaluate as an ensemble
-    checkpoint: CheckpointName = CheckpointName.best  # which checkpoint of the run is scored
+    # which checkpoint of the run is scored: best, last, or topN (e.g. top5), the ensemble of its N best
+    # validation checkpoints (a run trained with train.keep_best=N or more)
+    checkpoint: str = "best"
 
 
 @dataclass
@@ -222,5 +229,7 @@ def validate(cfg: DictConfig) -> None:
         raise MetalearnError(str(err)) from None
     for group in RUN_NODES:
         checked(cfg[group], group)
+    if "checkpoint" in cfg:  # metalearn eval: best, last or topN
+        top_count(checkpoint_name(cfg))
     for group in COMPONENTS:
         settings_of(cfg[group], group)

@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 import metalearn
 from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
-from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
+from metalearn.checkpoint import (
+    checkpoint_name,
+    checkpoint_path,
+    kept_score,
+    load_checkpoint,
+    ranked_checkpoints,
+    top_count,
+)
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.data.transforms import preprocess_of
@@ -145,20 +152,61 @@ def scored_file(cfg: DictConfig) -> str:
 
 @dataclass
 class Member:
-    """One evaluated run: its algorithm with the checkpoint's weights, and what identifies the checkpoint."""
+    """One evaluated checkpoint: its algorithm with the checkpoint's weights, and what identifies the checkpoint."""
 
     algo: Algorithm
     step: int
     sha256: str
+    file: str = ""  # what was scored: best.pt, last.pt, next_best/step-<step>.pt or an exported file's name
+    val_accuracy: Optional[float] = None  # checkpoint=topN: the validation accuracy it was kept for
+
+
+def _member(cfg: DictConfig, ckpt: dict, path: Path, file: str, device: torch.device, image_shape) -> Member:
+    algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
+    algo.load_state_dict(ckpt["algo"])
+    return Member(algo, ckpt["step"], file_sha256(path), file)
 
 
 def _load_member(cfg: DictConfig, device: torch.device, image_shape) -> Member:
     """A run's checkpoint, or a file `metalearn export` wrote, loaded into the algorithm its config builds."""
     path = Path(cfg.run) if is_export(cfg.run) else checkpoint_path(Path(cfg.run), checkpoint_name(cfg))
     ckpt = load_export(path) if is_export(cfg.run) else load_checkpoint(path)
-    algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
-    algo.load_state_dict(ckpt["algo"])
-    return Member(algo, ckpt["step"], file_sha256(path))
+    return _member(cfg, ckpt, path, scored_file(cfg), device, image_shape)
+
+
+def top_checkpoints(cfg: DictConfig, count: int) -> List[tuple]:
+    """checkpoint=topN: the run's N best validation checkpoints, best first, as (file under checkpoints/, payload).
+
+    A run that keeps fewer is an error that says how many it keeps and how to keep more.
+    """
+    if is_export(cfg.run):
+        raise MetalearnError(
+            f"{cfg.run} is an exported file, a single checkpoint: checkpoint=top{count} scores the {count} best "
+            f"validation checkpoints of a run folder trained with train.keep_best={count}."
+        )
+    run = Path(cfg.run)
+    ranked = ranked_checkpoints(run)
+    if len(ranked) >= count:
+        return ranked[:count]
+    have = len(ranked)
+    kept = f"{have} ({', '.join(name for name, _ in ranked)})" if ranked else "none"
+    trained_with = cfg.train.keep_best
+    if trained_with < count:
+        how = (
+            f"it was trained with train.keep_best={trained_with}. Train a run with train.keep_best={count} "
+            f"(or more) to keep its {count} best, e.g. metalearn train ... train.keep_best={count}"
+        )
+    else:
+        how = (
+            f"it was trained with train.keep_best={trained_with} but validated with a finite loss only {have} "
+            f"time(s) so far (one checkpoint per validation, every train.val_every steps). Train it longer: "
+            f"metalearn train resume={quoted(str(run))} train.steps=<more>"
+        )
+    fewer = f", or score fewer: checkpoint=top{have}" if have else ""
+    raise MetalearnError(
+        f"checkpoint=top{count} is the ensemble of a run's {count} best validation checkpoints, but {run} keeps "
+        f"{kept}: {how}{fewer}."
+    )
 
 
 def hardware(device: torch.device) -> str:
@@ -190,7 +238,7 @@ def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torc
         "algo": cfg.algo.name,
         "inner_steps_eval": cfg.algo.get("inner_steps_eval"),
         "batch_norm": getattr(member.algo.model, "batch_norm", "none"),
-        "checkpoint": scored_file(cfg),
+        "checkpoint": member.file,
         "step": member.step,
         "checkpoint_sha256": member.sha256,
         "metalearn": metalearn.__version__,
@@ -244,19 +292,27 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
 
 
 def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
-    """Score one run's checkpoint, or an ensemble of runs, on test-split episodes.
+    """Score one run's checkpoint, an ensemble of runs, or the ensemble of a run's best checkpoints, on
+    test-split episodes.
 
-    Prints one line per run (and one for the ensemble) and appends each run's
-    result to its own evals.jsonl; an ensemble's result is recorded with
-    every member.
+    Prints one line per member (and one for the ensemble). An ensemble of runs appends each run's result
+    to its own evals.jsonl, recorded with the ensemble's; checkpoint=topN appends one record, the
+    ensemble's, which lists its members (file, step, validation and test accuracy).
     """
     runs = list(cfg.run) if OmegaConf.is_list(cfg.run) else [cfg.run]
     if not runs:
         raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
+    top = top_count(checkpoint_name(cfg))
+    if top is not None and len(runs) > 1:
+        raise MetalearnError(
+            f"checkpoint=top{top} is the ensemble of one run's {top} best checkpoints: evaluate one run with it, "
+            f"or ensemble runs with checkpoint=best or checkpoint=last."
+        )
     configs = member_configs(cfg) if len(runs) > 1 else [cfg]
     for member in configs:
         validate(member)
     lead = configs[0]
+    chosen = top_checkpoints(lead, top) if top is not None else None  # before any data is read: a clear error
     device = resolve_device(lead.device.name)
     ranks = distributed.start(device, lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
     device = ranks.device(device)
@@ -273,16 +329,28 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         dtype=run_dtype(lead),
         preprocess=preprocess_of(lead.data),
     )
-    members = [_load_member(member, device, test_split.image_shape) for member in configs]
+    if chosen is not None:
+        folder = checkpoint_path(Path(lead.run), "best").parent
+        members = [
+            _member(lead, payload, folder / name, name, device, test_split.image_shape) for name, payload in chosen
+        ]
+        for member, (_, payload) in zip(members, chosen):
+            member.val_accuracy = kept_score(payload)
+        del chosen  # the weights are in the members now
+    else:
+        members = [_load_member(member, device, test_split.image_shape) for member in configs]
     results = score_episodes(
         [m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating", ranks
     )
     if not ranks.main:
         return results  # rank 0 prints and records the result, the same on every rank
+    if top is not None:
+        _record_top(results, lead, members, device)
+        return results
     records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
-    for result, member in zip(results, configs):
-        line = _describe(result, lead, scored_file(member))
-        print(line if len(configs) == 1 else f"{member.run}: {line}")
+    for result, config, member in zip(results, configs, members):
+        line = _describe(result, lead, member.file)
+        print(line if len(configs) == 1 else f"{config.run}: {line}")
     if len(configs) > 1:
         ensemble = results[-1]
         print(f"ensemble of {len(configs)}: {_describe(ensemble, lead, 'mean class probabilities')}")
@@ -293,3 +361,35 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         _append(record_folder(member.run), record)
         log.info("%s: %s", member.run, json.dumps(record))
     return results
+
+
+def _record_top(results: List[EpisodeResult], cfg: DictConfig, members: List[Member], device: torch.device) -> None:
+    """checkpoint=topN: each member's line, the ensemble's, and one record of the ensemble with its members."""
+    for result, member in zip(results, members):
+        print(_describe(result, cfg, member.file))
+    ensemble = results[-1]  # with one member (top1), that member
+    if len(members) > 1:
+        what = _describe(ensemble, cfg, "mean class probabilities")
+        print(f"ensemble of the {len(members)} best checkpoints: {what}")
+    record = _record(ensemble, cfg, members[0], device)
+    record.update(
+        {
+            "checkpoint": f"top{len(members)}",
+            "step": None,  # one per member
+            "checkpoint_sha256": None,
+            "members": [
+                {
+                    "checkpoint": member.file,
+                    "step": member.step,
+                    "checkpoint_sha256": member.sha256,
+                    "val_accuracy": member.val_accuracy,
+                    "accuracy": result.accuracy,
+                    "ci95": result.ci95,
+                    "loss": result.loss,
+                }
+                for member, result in zip(members, results)
+            ],
+        }
+    )
+    _append(record_folder(cfg.run), record)
+    log.info("%s: %s", cfg.run, json.dumps(record))

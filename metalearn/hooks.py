@@ -11,6 +11,7 @@ run's `LoopContext` in `start` (see `build_hooks`).
 
 import logging
 import math
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metalearn.algorithms import Algorithm
-from metalearn.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.checkpoint import NEXT_BEST, checkpoint_path, keep_copy, load_checkpoint, next_best_files, next_best_name
 from metalearn.data import EpisodeSampler
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
@@ -54,7 +55,7 @@ class LoopContext:
     run_dir: Path
     writers: List[MetricWriter]
     cfg: DictConfig
-    save: Callable[[str], None]  # save("best") or save("last")
+    save: Callable[[str], None]  # save("best"), save("last") or save(next_best_name(step))
 
 
 class Hook:
@@ -145,7 +146,15 @@ class TrainMetrics(Hook):
 
 
 class Validation(Hook):
-    """Scores the validation episodes every `every` steps; a new best accuracy saves best.pt."""
+    """Scores the validation episodes every `every` steps and keeps the `keep` best checkpoints.
+
+    Only a validation with a finite loss counts. The best is checkpoints/best.pt; with `keep` > 1
+    (train.keep_best) the 2nd..`keep`th best are checkpoints/next_best/step-<step>.pt, ranked by accuracy,
+    ties to the earlier step; a checkpoint that drops out of them is deleted. The ranking (`kept_best`)
+    goes into every checkpoint, so a resumed run goes on with the same set, and the files are made to
+    match the ranking of last.pt (those written after it, by a process that stopped before saving it
+    again, are removed: the resumed run writes them again).
+    """
 
     def __init__(
         self,
@@ -155,13 +164,21 @@ class Validation(Hook):
         every: int,
         episodes: int,
         batch_size,
-        save_best: Callable[[], None],
+        save: Callable[[str], None],
         ranks: Ranks = SINGLE,
+        keep: int = 1,
     ):
         self.algo, self.sampler, self.writers, self.ranks = algo, sampler, writers, ranks
         self.every, self.episodes, self.batch_size = every, episodes, batch_size
-        self.save_best = save_best
+        self.save, self.keep = save, keep
         self.best = -1.0
+        self.kept: List[dict] = []  # {"step", "val_accuracy"} of the kept checkpoints, best first
+        self.run_dir = None
+
+    def start(self, context):
+        self.run_dir = context.run_dir
+        if self.ranks.main:  # rank 0 alone writes the run folder
+            self._match_files()
 
     def after_step(self, state, result, items, seconds):
         if not state.due(self.every):
@@ -180,16 +197,84 @@ class Validation(Hook):
             },
         )
         log.info("step %d: val accuracy %.2f%% ± %.2f", state.step, 100 * val.accuracy, 100 * val.ci95)
-        # best.pt only from a real score: a finite validation loss, and better than any before
-        if math.isfinite(val.loss) and val.accuracy > self.best:
-            self.best = val.accuracy
-            self.save_best()
+        # a kept checkpoint only from a real score: a finite validation loss
+        if math.isfinite(val.loss):
+            self.best = max(self.best, val.accuracy)
+            self._keep(state.step, val.accuracy)
+
+    def _keep(self, step: int, accuracy: float) -> None:
+        """Rank the checkpoint of `step` among the kept ones; write it if it is one of the `keep` best."""
+        if len(self.kept) >= self.keep and accuracy <= self.kept[-1]["val_accuracy"]:
+            return  # not better than the last kept one (a tie goes to the earlier step)
+        entry = {"step": step, "val_accuracy": accuracy}
+        previous = self.kept[0]["step"] if self.kept else None
+        # a step not known yet (a resumed run from before train.keep_best, on a rank that does not read best.pt)
+        # is an earlier one
+        ranked = sorted([*self.kept, entry], key=lambda e: (-e["val_accuracy"], -1 if e["step"] is None else e["step"]))
+        self.kept, dropped = ranked[: self.keep], ranked[self.keep :]
+        if self.kept[0] is entry:
+            if self.ranks.main and self.keep > 1 and previous is not None:  # the best so far becomes the second
+                second = checkpoint_path(self.run_dir, next_best_name(previous))
+                keep_copy(checkpoint_path(self.run_dir, "best"), second)
+            self.save("best")
+        else:
+            self.save(next_best_name(step))
+        if self.ranks.main:
+            for gone in dropped:
+                checkpoint_path(self.run_dir, next_best_name(gone["step"])).unlink(missing_ok=True)
+
+    def _match_files(self) -> None:
+        """Make best.pt and next_best/ hold the ranking restored from last.pt (or nothing, on a new run)."""
+        best_path = checkpoint_path(self.run_dir, "best")
+        files = next_best_files(self.run_dir)
+        self.kept = self.kept[: self.keep]  # resumed with a smaller train.keep_best
+        if self.kept and (self.keep > 1 or self.kept[0]["step"] is None):
+            try:
+                on_disk = load_checkpoint(best_path)["step"] if best_path.is_file() else None
+            except MetalearnError:
+                on_disk = None
+            if self.kept[0]["step"] is None:  # last.pt of a version before train.keep_best: best.pt is the best
+                self.kept = [{**self.kept[0], "step": on_disk}] if on_disk is not None else []
+            if self.keep > 1:
+                self._restore(best_path, on_disk, files)
+        wanted = {entry["step"] for entry in self.kept[1:]}
+        for step, path in files.items():
+            if step not in wanted:
+                path.unlink(missing_ok=True)
+                log.info("removed checkpoints/%s/%s: it is not one of the %d best", NEXT_BEST, path.name, self.keep)
+
+    def _restore(self, best_path: Path, on_disk, files: Dict[int, Path]) -> None:
+        """best.pt written after last.pt (by a process stopped before saving last.pt again): the best
+        kept one takes its place again; kept checkpoints whose file is gone leave the ranking."""
+        present = []
+        for entry in self.kept:
+            if entry["step"] == on_disk or entry["step"] in files:
+                present.append(entry)
+            else:
+                log.warning(
+                    "the checkpoint of step %d, ranked among the %d best in last.pt, is gone: it leaves the "
+                    "ranking (steps validated since last.pt are validated again)",
+                    entry["step"],
+                    self.keep,
+                )
+        self.kept = present
+        if not self.kept or self.kept[0]["step"] == on_disk:
+            return
+        if on_disk in {entry["step"] for entry in self.kept} and on_disk not in files:
+            keep_copy(best_path, checkpoint_path(self.run_dir, next_best_name(on_disk)))
+            files[on_disk] = checkpoint_path(self.run_dir, next_best_name(on_disk))
+        os.replace(files.pop(self.kept[0]["step"]), best_path)
+        log.info("checkpoints/best.pt is step %d's again, the best in last.pt", self.kept[0]["step"])
 
     def state_dict(self):
-        return {"best_val_accuracy": self.best}
+        return {"best_val_accuracy": self.best, "kept_best": [dict(entry) for entry in self.kept]}
 
     def load_state_dict(self, checkpoint):
         self.best = checkpoint["best_val_accuracy"]
+        kept = checkpoint.get("kept_best")
+        if kept is None:  # a checkpoint from before train.keep_best: best.pt alone, its step read in start()
+            kept = [{"step": None, "val_accuracy": self.best}] if self.best >= 0 else []
+        self.kept = [dict(entry) for entry in kept]
 
 
 class Checkpoints(Hook):

@@ -13,7 +13,7 @@ from typing import Dict, List
 from omegaconf import OmegaConf
 
 from metalearn.aliases import migrate
-from metalearn.checkpoint import checkpoint_path
+from metalearn.checkpoint import NEXT_BEST, checkpoint_path
 from metalearn.exported import exported_overrides, is_export
 from metalearn.io import atomic_text
 from metalearn.errors import MetalearnError
@@ -133,7 +133,8 @@ def record_resume(run_dir: Path, overrides: List[str], config: dict, step: int) 
 
 def remove_stale_temporaries(run_dir: Path) -> List[Path]:
     """Half-written checkpoints left by a process killed while writing (.<name>.pt.<pid>.tmp)."""
-    stale = sorted((Path(run_dir) / "checkpoints").glob(".*.tmp"))
+    folder = Path(run_dir) / "checkpoints"
+    stale = sorted([*folder.glob(".*.tmp"), *(folder / NEXT_BEST).glob(".*.tmp")])
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -173,8 +173,9 @@ def train(cfg: DictConfig) -> TrainResult:
         loop.val_every,
         loop.val_episodes,
         cfg.eval.batch_size,
-        lambda: save("best"),
+        save,
         ranks,
+        keep=loop.keep_best,
     )
     hooks: List[Hook] = [
         DivergenceGuard(),  # first: a diverged step writes nothing

@@ -29,6 +29,7 @@ RANGES = [
     ("maml", "train.val_episodes", 0, 1),
     ("maml", "train.ckpt_every", 0, 1),
     ("maml", "train.log_every", 0, 1),
+    ("maml", "train.keep_best", 0, 1),
     ("maml", "eval.episodes", 0, 1),
     ("maml", "eval.batch_size", 0, 1),
     ("maml", "algo.outer_lr", 0, 1e-9),
