@@ -98,11 +98,16 @@ class TrainLoopConfig:
     # checkpoints/next_best/step-<step>.pt (ranked by validation accuracy, ties to the earlier step);
     # `metalearn eval checkpoint=topN` scores their ensemble.
     keep_best: int = 1
+    # Stop after this much training time of the process (minutes), validating and saving at that step, as at
+    # train.steps; `resume=<run>` goes on with a new budget. null: train.steps alone decides.
+    max_minutes: Optional[float] = None
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
         for key in ("steps", "meta_batch_size", "val_every", "val_episodes", "ckpt_every", "log_every", "keep_best"):
             at_least(self, key, 1)
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise SettingError("max_minutes", f"must be above 0, or null for no time limit (got {self.max_minutes}).")
         seed(self, "val_seed")
         with prefixed("replay"):
             self.replay.check()

@@ -38,10 +38,11 @@ class LoopState:
     step: int  # steps done
     steps: int  # train.steps
     started: float = field(default_factory=time.perf_counter)
+    final: bool = False  # this step is the last though train.steps is not reached (train.max_minutes)
 
     def due(self, every: int) -> bool:
         """Every `every` steps, and at the last step."""
-        return self.step % every == 0 or self.step == self.steps
+        return self.step % every == 0 or self.step == self.steps or self.final
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -222,13 +222,16 @@ def train(cfg: DictConfig) -> TrainResult:
             disable=not ranks.main,
         ) as bar,
     ):
-        stopping = False  # agreed by every rank at each step, so all stop after the same one
+        stopping = timed_out = False  # agreed by every rank at each step, so all stop after the same one
         try:
             while state.step < loop.steps and not stopping:
                 tick = time.perf_counter()
                 batch = algo.sample(train_sampler, loop.meta_batch_size)  # the whole batch, on every rank
                 result = algo.meta_train_step(ranks.split(batch) if ranks.active else batch)
-                result, stopping = ranks.batch_result(result, stop.signum is not None)
+                out_of_time = loop.max_minutes is not None and state.elapsed() >= loop.max_minutes * 60
+                result, stopping = ranks.batch_result(result, stop.signum is not None or out_of_time)
+                # The time limit ends the run as train.steps would: this step validates and saves.
+                state.final = timed_out = stopping and stop.signum is None
                 seconds = time.perf_counter() - tick
                 items = len(batch[0])  # tasks, or images for a classifier's batch (all ranks together)
                 state.step += 1
@@ -251,7 +254,15 @@ def train(cfg: DictConfig) -> TrainResult:
             for writer in writers:
                 writer.close()
 
-    if stopping:
+    if timed_out:
+        log.warning(
+            "train.max_minutes=%g reached at step %d of %d: validated and saved (metalearn train resume=%s goes on)",
+            loop.max_minutes,
+            state.step,
+            loop.steps,
+            shlex.quote(str(run_dir)),
+        )
+    elif stopping:
         save("last")
         log.warning("stopped at step %d; checkpoints/last.pt saved", state.step)
         if ranks.main:

@@ -1,5 +1,6 @@
 """Hooks the config adds to the training loop: their state resumes exactly, and one may stop a run."""
 
+import json
 import math
 
 import torch
@@ -51,3 +52,17 @@ def test_a_hook_can_stop_a_run_before_its_step_is_saved(cli, tiny_overrides, tmp
     result = cli("train", *overrides, cwd=tmp_path, check=False)
     assert result.returncode == 1 and "stopped by the hook at step 2" in result.stderr
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_a_time_limit_ends_the_run_as_its_last_step_would_and_resume_goes_on(cli, tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    overrides = [*overrides_for("protonet", tiny_overrides), "train.steps=4", "train.val_every=3"]
+    # a budget every step exceeds: the first step is the last, validated and saved
+    result = cli("train", *overrides, "train.max_minutes=1e-6", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert "train.max_minutes=1e-06 reached at step 1 of 4" in result.stdout
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert (run / "checkpoints" / "best.pt").exists()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "val"] == [1]
+    cli("train", f"resume={run}", "train.max_minutes=null", cwd=tmp_path)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
