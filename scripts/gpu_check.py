@@ -3,7 +3,8 @@
 1. Every algorithm trains a few steps on a tiny generated Omniglot with
    `device=cuda` and the defaults a GPU picks (algo.vectorize=auto -> vmap,
    device.amp=auto -> bf16 where the GPU has it, channels-last on), resumes,
-   and `metalearn eval` scores it.
+   and `metalearn eval` scores it; MAML, MAML++ and ProtoNet also with
+   model.bn=inductive (running statistics on the device).
 2. On the GPU in float64, the vmap strategy's meta-gradients (MAML second and
    first order, ANIL, Meta-SGD) and predictions equal the loop strategy's.
 3. MAML 5-way 1-shot, meta-batch 32: tasks/s of both strategies and both
@@ -84,7 +85,7 @@ def cli(*args) -> str:
     return out.getvalue()
 
 
-def train_and_eval(algo: str, base: Path, device: str) -> str:
+def train_and_eval(algo: str, base: Path, device: str, *extra: str) -> str:
     data = base / "data"
     common = [
         f"data.root={data / 'root'}",
@@ -99,7 +100,8 @@ def train_and_eval(algo: str, base: Path, device: str) -> str:
         "eval.episodes=40",
         f"device={device}",
     ]
-    run = base / "runs" / algo
+    common += list(extra)
+    run = base / "runs" / "-".join([algo, *extra])
     teacher = [f"algo.teacher={base / 'runs' / 'finetune'}"] if needs_teacher(algo) else []
     tiny = TINY_ALGO.get("finetune" if teacher else algo, [])  # the test suite's overrides for a tiny run
     cli("train", f"algo={algo}", *common, *tiny, *teacher, "train.steps=2", f"hydra.run.dir={run}")
@@ -229,6 +231,11 @@ def main():
             checks.run(
                 f"{algo}: train, resume, eval with device={args.device}",
                 lambda algo=algo: train_and_eval(algo, base, args.device),
+            )
+        for algo in ("maml", "mamlpp", "protonet"):  # running statistics on the device (MAML: loop strategy)
+            checks.run(
+                f"{algo} with model.bn=inductive: train, resume, eval with device={args.device}",
+                lambda algo=algo: train_and_eval(algo, base, args.device, "model.bn=inductive"),
             )
         gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # a dry run: 2 CPU processes
         if gpus > 1:
