@@ -22,7 +22,10 @@ def metrics(run: Path, keys=("step", "split", "loss", "accuracy")):
 def test_help_lists_the_commands(cli):
     out = cli("--help").stdout
     assert "train" in out and "eval" in out
-    assert "algo: anil, distill, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile" in cli("train", "--help").stdout
+    assert (
+        "algo: anil, distill, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile"
+        in cli("train", "--help").stdout
+    )
     composed = cli("train", "--cfg", "job", "algo=fomaml", "task.ways=20").stdout
     assert "first_order: true" in composed and "ways: 20" in composed
 

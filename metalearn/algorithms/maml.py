@@ -41,6 +41,7 @@ from metalearn.algorithms.batching import (
     sub_params,
 )
 from metalearn.data import Episodes
+from metalearn.device import return_large_blocks_to_the_os
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
 from metalearn.models.batch_stats import has_running_stats, recording, recording_paused
@@ -133,6 +134,8 @@ class MAML(Algorithm):
             )
         vectorize = resolve_vectorize(vectorize, model_device(model))
         self.checkpoint_inner = checkpoint_inner and not first_order
+        if self.checkpoint_inner and model_device(model).type == "cpu":
+            return_large_blocks_to_the_os()  # else freed activations stay resident and the peak still grows
         self.model = model
         self.ways = model.head.out_features
         self.sum_over_shots = InnerLoss(inner_loss) is InnerLoss.sum_over_shots
