@@ -30,6 +30,23 @@ baseline of torch, the data and the models included).
     python scripts/bench.py --json bench.json    # the full run, rows also as JSON
     python scripts/bench.py --quick --impls metalearn metalearn-nchw metalearn-bf16
 
+--memory: second-order MAML's peak memory as the inner steps grow (conv4,
+Omniglot 28x28, meta-batch 4; 20-way 5-shot with 5 queries and 5-way 1-shot
+with 15 queries per class, inner_lr 0.1 and 0.4, as the settings above; the
+"step" figure's ready-made task tensors). Three implementations: "metalearn"
+(the CPU default, algo.vectorize=loop, which runs one task per core at once),
+"metalearn-checkpoint" (algo.checkpoint_inner=true: each inner step's
+activations recomputed in the backward pass) and "learn2learn"
+(l2l.algorithms.MAML, clone() / adapt(), first_order=False, a task at a
+time). Every (setting, inner steps, implementation) runs in its own fresh
+process; "base" is its resident memory once the model and tasks are built,
+before the first step, "peak" its peak resident memory over the warm-up and
+timed iterations, "growth" their difference; "tasks/s" the median over 3
+timed iterations (--quick: 2), or over 1 where the warm-up took over 20 s.
+
+    python scripts/bench.py --memory                  # inner steps 1 5 10 20 (about 12 minutes on 2 cores)
+    python scripts/bench.py --memory --quick --steps 1 5 --settings 5w1s
+
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
 into the active environment; without it only metalearn is measured.
 """
@@ -81,6 +98,11 @@ IMPLS = {"metalearn": (False, True), "metalearn-bf16": (True, True), "metalearn-
 DEFAULT_IMPLS = ("metalearn", "metalearn-bf16")
 IMAGE_SHAPE = (1, 28, 28)  # Omniglot's
 FIGURES = ("step", "iteration")
+# --memory: name -> (ways, shots, queries, inner_lr), the queries and inner rates of SETTINGS' 5-way and 20-way rows
+MEMORY_SETTINGS = {"20w5s": (20, 5, 5, 0.1), "5w1s": (5, 1, 15, 0.4)}
+MEMORY_IMPLS = ("metalearn", "metalearn-checkpoint", "learn2learn")
+CHECKPOINTED = "metalearn-checkpoint"  # "metalearn" with algo.checkpoint_inner=true
+SLOW_S = 20.0  # --memory: a row whose warm-up iteration takes longer is timed over one iteration
 
 
 def learn2learn_available() -> bool:
@@ -93,7 +115,7 @@ def learn2learn_available() -> bool:
 
 def runner_config(row: dict, impl: str):
     """The runner's config for one setting and implementation: its defaults, as `metalearn train` composes them."""
-    amp, channels_last = IMPLS.get(impl, (False, False))
+    amp, channels_last = IMPLS.get("metalearn" if impl == CHECKPOINTED else impl, (False, False))
     overrides = [
         f"algo={row['algo']}",
         f"task.ways={row['ways']}",
@@ -109,6 +131,8 @@ def runner_config(row: dict, impl: str):
             f"algo.inner_steps={row['inner_steps']}",
             f"algo.first_order={str(row['order'] == 'first').lower()}",
         ]
+    if impl == CHECKPOINTED:
+        overrides.append("algo.checkpoint_inner=true")
     return compose(overrides)
 
 
@@ -295,6 +319,15 @@ def reset_peak_memory() -> None:
         pass
 
 
+def resident_memory_mib() -> float:
+    """The process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def peak_memory_mib() -> float:
     try:
         status = Path("/proc/self/status").read_text()
@@ -320,7 +353,12 @@ def run_group(row: dict) -> list:
         runs = {impl: iteration(impl, algos[impl], row) for impl in impls}
     times = {impl: [] for impl in impls}
     peaks = {impl: 0.0 for impl in impls}
+    gc.collect()
+    baseline = resident_memory_mib()  # models and tasks built, before the first step
+    timed = row["iters"]
     for i in range(row["iters"] + 1):
+        if i > timed:
+            break
         for impl in impls:
             reset_peak_memory()
             tick = time.perf_counter()
@@ -329,6 +367,8 @@ def run_group(row: dict) -> list:
             peaks[impl] = max(peaks[impl], peak_memory_mib())
             if i > 0:
                 times[impl].append(elapsed)
+            elif elapsed > row.get("slow_s", float("inf")):
+                timed = 1  # --memory: a slow row's peak is in its warm-up already; one timed iteration
     rows = []
     for impl in impls:
         median = statistics.median(times[impl])
@@ -336,6 +376,8 @@ def run_group(row: dict) -> list:
             {
                 "algo": row["algo"],
                 "setting": row["setting"],
+                "queries": row["queries"],
+                "inner_steps": row["inner_steps"],
                 "order": row["order"],
                 "meta_batch": row["meta_batch"],
                 "figure": row["figure"],
@@ -343,7 +385,8 @@ def run_group(row: dict) -> list:
                 "it_per_s": 1 / median,
                 "tasks_per_s": row["meta_batch"] / median,
                 "peak_mem_mib": peaks[impl],
-                "iterations": row["iters"],
+                "baseline_mem_mib": baseline,
+                "iterations": len(times[impl]),
             }
         )
     return rows
@@ -352,8 +395,48 @@ def run_group(row: dict) -> list:
 def in_subprocess(row: dict) -> list:
     out = subprocess.run([sys.executable, __file__, "--group", json.dumps(row)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{row['algo']} {row['setting']} {row['figure']} failed:\n{out.stderr}")
+        raise SystemExit(f"{row['algo']} {row['setting']} {row['figure']} {row['impls']} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_rows(settings, steps, meta_batch: int, iters: int, data_root: str, impls) -> list:
+    """Second-order MAML, one fresh process per (setting, inner steps, implementation); prints a line each."""
+    print(
+        f"{'setting':<7} {'queries':>7} {'steps':>5} {'impl':<21} {'base MiB':>8} {'peak MiB':>8} "
+        f"{'growth MiB':>10} {'tasks/s':>8} {'timed':>5}"
+    )
+    rows = []
+    for name in settings:
+        ways, shots, queries, inner_lr = MEMORY_SETTINGS[name]
+        for inner_steps in steps:
+            for impl in impls:
+                row = {
+                    "algo": "maml",
+                    "setting": name,
+                    "ways": ways,
+                    "shots": shots,
+                    "queries": queries,
+                    "inner_steps": inner_steps,
+                    "inner_lr": inner_lr,
+                    "meta_batch": meta_batch,
+                    "order": "second",
+                    "data_root": data_root,
+                    "iters": iters,
+                    "impls": [impl],
+                    "figure": "step",
+                    "slow_s": SLOW_S,
+                }
+                (r,) = in_subprocess(row)
+                r["figure"] = "memory"
+                r["growth_mem_mib"] = r["peak_mem_mib"] - r["baseline_mem_mib"]
+                print(
+                    f"{name:<7} {queries:>7} {inner_steps:>5} {impl:<21} {r['baseline_mem_mib']:>8.0f} "
+                    f"{r['peak_mem_mib']:>8.0f} {r['growth_mem_mib']:>10.0f} {r['tasks_per_s']:>8.3f} "
+                    f"{r['iterations']:>5}",
+                    flush=True,
+                )
+                rows.append(r)
+    return rows
 
 
 def main():
@@ -362,7 +445,9 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help="2 timed iterations; MAML 5-way meta-batch 32 and ProtoNet only"
     )
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per figure (default 10, quick 2)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed iterations per figure (default 10, --memory 3, quick 2)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--impls",
@@ -371,16 +456,46 @@ def main():
         default=list(DEFAULT_IMPLS),
         help="metalearn variants to measure (learn2learn joins when installed)",
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="second-order MAML's peak memory and tasks/s against the inner steps"
+    )
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20], help="--memory: inner steps")
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(MEMORY_SETTINGS), default=list(MEMORY_SETTINGS), help="--memory: settings"
+    )
+    parser.add_argument("--meta-batch", type=int, default=4, help="--memory: tasks per meta-batch")
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.group:
         print(json.dumps(run_group(json.loads(args.group))))
         return
 
-    iters = args.iters or (2 if args.quick else 10)
+    iters = args.iters or (2 if args.quick else 3 if args.memory else 10)
     have_l2l = learn2learn_available()
     impls = list(args.impls) + (["learn2learn"] if have_l2l else [])
     machine = {"cpu": cpu_model(), "isa": cpu_isa()}
+    if args.memory:
+        print(f"CPU: {machine['cpu']} ({machine['isa']}); torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(
+            f"second-order MAML, conv4, Omniglot 28x28, meta-batch {args.meta_batch}, ready-made tasks; "
+            f"tasks/s: median of {iters} iterations after 1 warm-up (timed: 1 where the warm-up took over "
+            f"{SLOW_S:.0f} s); one fresh process per row"
+        )
+        print(
+            "metalearn: algo.vectorize=loop (one task per core at once); metalearn-checkpoint: "
+            "algo.checkpoint_inner=true; learn2learn: l2l.algorithms.MAML clone/adapt, a task at a time"
+        )
+        print("base: resident memory before the first step; peak: peak resident memory; growth: peak - base")
+        if not have_l2l:
+            print("learn2learn is not installed: skipping its rows (bash scripts/install_learn2learn.sh adds it)")
+        memory_impls = [impl for impl in MEMORY_IMPLS if have_l2l or impl != "learn2learn"]
+        rows = memory_rows(args.settings, args.steps, args.meta_batch, iters, args.data_root, memory_impls)
+        for r in rows:
+            r.update(machine)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+            print(f"rows written to {args.json}")
+        return
     bf16, why = native_bf16(torch.device("cpu"))
     print(f"CPU: {machine['cpu']} ({machine['isa']}); torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
