@@ -126,3 +126,11 @@ def test_the_backbones_name_their_mode():
     assert Conv4(WAYS, hidden=4, bn="inductive").batch_norm == "inductive"
     with pytest.raises(ValueError):
         Conv4(WAYS, hidden=4, bn="both")
+
+
+def test_a_checkpoint_of_the_other_mode_is_refused_with_the_mode_to_use():
+    inductive = algorithm("protonet", "inductive")
+    with pytest.raises(MetalearnError, match="trained with model.bn=inductive.*use model.bn=inductive"):
+        algorithm("protonet", "transductive").load_state_dict(inductive.state_dict())
+    with pytest.raises(MetalearnError, match="trained with model.bn=transductive"):
+        inductive.load_state_dict(algorithm("protonet", "transductive").state_dict())

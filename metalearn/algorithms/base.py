@@ -90,6 +90,14 @@ def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
         for k, v in mine.items()
         if k in state and state[k].shape != v.shape
     ]
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    differ = set(mine) ^ set(state)
+    if differ and all(k.endswith(statistics) for k in differ):
+        trained = "inductive" if any(k.endswith(statistics) for k in state) else "transductive"
+        raise MetalearnError(
+            f"{what} was trained with model.bn={trained} (BatchNorm "
+            f"{'with' if trained == 'inductive' else 'without'} running statistics): use model.bn={trained}."
+        )
     if problems:
         raise MetalearnError(
             f"{what} does not fit this configuration ({'; '.join(problems[:3])}). "
