@@ -111,3 +111,19 @@ def test_the_toy_settings_are_checked(cli, toys, tmp_path):
         check=False,
     )
     assert result.returncode == 1 and "algo.scale must be a finite number above 0 (got 0.0)" in result.stderr
+
+
+def test_a_backbone_without_batch_norm_refuses_the_inductive_mode(cli, toys, tmp_path):
+    write_tensor_dataset(tmp_path / "tensors")
+    result = cli(
+        "train",
+        "algo=cosine",
+        "data=tensors",
+        f"data.root={tmp_path / 'tensors'}",
+        "model=mlp",
+        "+model.bn=inductive",  # its YAML lists no `bn`: it has no BatchNorm
+        f"hydra.searchpath=[file://{toys / 'toys' / 'conf'}]",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1 and "model=mlp has no BatchNorm layers" in result.stderr

@@ -1,5 +1,6 @@
 """Backbones: nn.Modules that meet metalearn.models.base.Backbone, built from the model config."""
 
+import inspect
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -9,7 +10,8 @@ from metalearn.models.base import Backbone, ModelSettings
 from metalearn.models.conv4 import Conv4
 from metalearn.models.layout import CHANNELS_LAST, LAYOUTS, NCHW, VMAP, across_ranks, in_nchw, set_layout
 from metalearn.errors import MetalearnError
-from metalearn.settings import component_class, construct, settings_of
+from metalearn.models.batch_stats import BatchNormMode
+from metalearn.settings import component_class, construct, plain, settings_of
 
 # Model configs saved before backbones named their class (checkpoints, run folders): name -> class.
 LEGACY_TARGETS = {"conv4": "metalearn.models.conv4.Conv4"}
@@ -33,7 +35,17 @@ def build_model(
     if height != width:
         raise MetalearnError(f"the backbones take square images; these are {height}x{width}.")
     cls = component_class(node, "model")
-    model = construct(cls, settings, num_classes=num_classes, in_channels=channels, image_size=height, amp=amp)
+    skip = ("_target_", "name")
+    if "bn" not in inspect.signature(cls).parameters:  # a backbone without BatchNorm layers
+        if BatchNormMode(plain(settings.bn)) is not BatchNormMode.transductive:
+            raise MetalearnError(
+                f"model={node.get('name')} has no BatchNorm layers (its class takes no `bn`), so model.bn="
+                f"{plain(settings.bn)} changes nothing: leave model.bn unset."
+            )
+        skip += ("bn",)
+    model = construct(
+        cls, settings, skip=skip, num_classes=num_classes, in_channels=channels, image_size=height, amp=amp
+    )
     set_layout(model, layout)
     return model
 
