@@ -46,12 +46,11 @@ def record(module: nn.Module, x: torch.Tensor, index: Optional[int] = None) -> N
     if module.recording is None or module.recording_paused:
         return
     with torch.no_grad():
-        x = x.detach().float()
-        dims = (0, 2, 3)
         count = x.numel() // x.shape[1]
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False) * (count / max(count - 1, 1))  # unbiased, as torch's update
-        module.recording.append((index, mean, var))
+        # One pass over the activations, in their own type (a bf16 copy in float32 would cost another pass;
+        # the reduction accumulates in float32 either way).
+        var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=1 if count > 1 else 0)
+        module.recording.append((index, mean.float(), var.float()))  # unbiased, as torch's update
 
 
 def record_moments(module: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
