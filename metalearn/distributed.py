@@ -75,15 +75,18 @@ class Ranks:
         """The gradients an optimizer is about to apply, averaged over the batch (one all-reduce)."""
         self.average([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
 
-    def batch_result(self, result: dict, stop: bool) -> tuple:
-        """A step's loss and accuracy over the whole batch, and whether any rank was asked to stop."""
+    def batch_result(self, result: dict, stop: bool, time_up: bool = False) -> tuple:
+        """A step's loss and accuracy over the whole batch, whether any rank was asked to stop (a signal), and
+        whether any rank's time budget is spent."""
         if not self.active:
-            return result, stop
+            return result, stop, time_up
         values = torch.tensor(
-            [result["loss"] * self.share, result["accuracy"] * self.share, float(stop)], dtype=torch.float64
+            [result["loss"] * self.share, result["accuracy"] * self.share, float(stop), float(time_up)],
+            dtype=torch.float64,
         )
         dist.all_reduce(values)
-        return {**result, "loss": values[0].item(), "accuracy": values[1].item()}, bool(values[2].item() > 0)
+        merged = {**result, "loss": values[0].item(), "accuracy": values[1].item()}
+        return merged, bool(values[2].item() > 0), bool(values[3].item() > 0)
 
     def gather(self, values: torch.Tensor, count: int) -> torch.Tensor:
         """Per-item values of `count` items, each rank holding those of `part(count)`: all of them, in order."""

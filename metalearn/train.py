@@ -229,9 +229,10 @@ def train(cfg: DictConfig) -> TrainResult:
                 batch = algo.sample(train_sampler, loop.meta_batch_size)  # the whole batch, on every rank
                 result = algo.meta_train_step(ranks.split(batch) if ranks.active else batch)
                 out_of_time = loop.max_minutes is not None and state.elapsed() >= loop.max_minutes * 60
-                result, stopping = ranks.batch_result(result, stop.signum is not None or out_of_time)
+                result, signalled, out_of_time = ranks.batch_result(result, stop.signum is not None, out_of_time)
                 # The time limit ends the run as train.steps would: this step validates and saves.
-                state.final = timed_out = stopping and stop.signum is None
+                state.final = timed_out = out_of_time and not signalled
+                stopping = signalled or timed_out
                 seconds = time.perf_counter() - tick
                 items = len(batch[0])  # tasks, or images for a classifier's batch (all ranks together)
                 state.step += 1
