@@ -371,16 +371,19 @@ class MAML(Algorithm):
             "inner_lr": {name: r.detach().clone() for name, r in self.rates.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_weights_and_rates(self, state: dict, rates_key: str = "Meta-SGD") -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
         saved_rates = state.get("inner_lr", {})
         if set(saved_rates) != set(self.rates):
             raise MetalearnError(
-                "The checkpoint's learned inner rates (Meta-SGD) do not match this algorithm: "
+                f"The checkpoint's learned inner rates ({rates_key}) do not match this algorithm: "
                 "evaluate or resume with the run's own algo settings."
             )
         with torch.no_grad():
             for name, r in self.rates.items():
                 r.copy_(saved_rates[name])
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_weights_and_rates(state)
         if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
             load_optimizer(self.optimizer, state)

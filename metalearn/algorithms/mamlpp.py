@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from metalearn.algorithms.base import AlgoSettings, load_model_state
+from metalearn.algorithms.base import AlgoSettings
 from metalearn.algorithms.batching import Params
 from metalearn.algorithms.maml import MAML, InnerLoss
 from metalearn.errors import MetalearnError
@@ -257,16 +257,7 @@ class MAMLPlusPlus(MAML):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        load_model_state(self.model, state["model"], "The checkpoint")
-        saved_rates = state.get("inner_lr", {})
-        if set(saved_rates) != set(self.rates):
-            raise MetalearnError(
-                "The checkpoint's learned inner rates (algo.learn_inner_lr) do not match this algorithm: "
-                "evaluate or resume with the run's own algo settings."
-            )
-        with torch.no_grad():
-            for name, rate in self.rates.items():
-                rate.copy_(saved_rates[name])
+        self._load_weights_and_rates(state, "algo.learn_inner_lr")
         self.step = int(state.get("step", 0))
         if self.requested_anneal_steps is None:  # the run's own schedule goes on
             self.anneal_steps = int(state.get("anneal_steps", self.anneal_steps))
