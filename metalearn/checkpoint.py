@@ -14,8 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 from metalearn.errors import MetalearnError
 from metalearn.io import atomic_torch_save
 
@@ -129,6 +127,8 @@ def write_failure(err: Exception) -> str:
 
 def non_finite(value, where: str = "") -> list:
     """Where a checkpoint payload holds NaN or infinite floating-point values."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return [where] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
     if isinstance(value, float):
@@ -164,6 +164,8 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise MetalearnError(f"No checkpoint at {path}.")
     try:
+        import torch  # here, not at the top: the CLI answers --help and --cfg without loading torch
+
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -350,11 +350,16 @@ def _join_ranks(command: str, args: List[str]) -> List[str]:
     Rank 0 resolves the run folder (its time stamp included) and gives it to the others, which write
     nothing there: no .hydra record, no log file.
     """
+    if command not in ("train", "eval"):
+        return args
+    flags = any(a.startswith("-") for a in args)
+    if flags and "WORLD_SIZE" not in os.environ:
+        return args  # --help, --cfg, -m outside torchrun: answered without loading torch
     from metalearn import distributed
 
-    if command not in ("train", "eval") or not distributed.from_environment().active:
+    if not distributed.from_environment().active:
         return args
-    if any(a.startswith("-") for a in args):
+    if flags:
         raise MetalearnError(
             "a run on several processes (torchrun) is one run: drop -m and other flags (--cfg, --help), "
             "or run them without torchrun."

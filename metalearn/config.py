@@ -14,9 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from metalearn.checkpoint import checkpoint_name, top_count
-from metalearn.device import SWITCHES
 from metalearn.errors import MetalearnError
-from metalearn.settings import SettingError, at_least, checked, prefixed, seed, settings_of
+from metalearn.settings import SWITCHES, SettingError, at_least, checked, prefixed, seed, settings_of
 
 
 class DataAction(Enum):

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from metalearn.errors import MetalearnError
+from metalearn.settings import SWITCHES
 
 log = logging.getLogger(__name__)
 
-SWITCHES = ("auto", "true", "false")
 
 
 def resolve_device(name: str) -> torch.device:

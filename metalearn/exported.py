@@ -11,8 +11,6 @@ run=<file>.safetensors` scores it like a run.
 import json
 from pathlib import Path
 
-import torch
-
 from metalearn.errors import MetalearnError
 
 FORMAT = "metalearn-export"
@@ -23,6 +21,8 @@ SEPARATOR = "/"  # nested state keys, e.g. "model/features.0.0.weight"
 
 def flatten(state: dict, prefix: str = ""):
     """Tensors by their path in the nested state dict, and the plain values beside them (steps, counts)."""
+    import torch  # here, not at the top: the CLI answers --help and --cfg without loading torch
+
     tensors, values = {}, {}
     for key, value in state.items():
         path = f"{prefix}{key}"

@@ -6,8 +6,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 
 def atomic_torch_save(obj, path: Path) -> None:
     """Write to a temporary file, flush it to disk, then rename over `path`.
@@ -18,6 +16,8 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
+            import torch  # here, not at the top: the CLI answers --help and --cfg without loading torch
+
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())

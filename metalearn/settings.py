@@ -24,6 +24,9 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationEr
 from metalearn.errors import MetalearnError
 
 
+SWITCHES = ("auto", "true", "false")  # the values of a setting that is on, off, or decided by the hardware
+
+
 class SettingError(ValueError):
     """A value out of range; `key` is relative to the schema that refused it."""
 

@@ -47,6 +47,17 @@ timed iterations (--quick: 2), or over 1 where the warm-up took over 20 s.
     python scripts/bench.py --memory                  # inner steps 1 5 10 20 (about 12 minutes on 2 cores)
     python scripts/bench.py --memory --quick --steps 1 5 --settings 5w1s
 
+--eval: `metalearn eval` wall time per algorithm and the CLI's start-up
+(scripts/bench_eval.py says how):
+
+    python scripts/bench.py --eval --json eval.json
+
+--budget MINUTES: time to accuracy, MAML trained for the same wall-clock time
+by metalearn and by learn2learn's example loop, both scored on the same test
+episodes (scripts/bench_budget.py says how):
+
+    python scripts/bench.py --budget 20
+
 learn2learn is optional: `bash scripts/install_learn2learn.sh` installs it
 into the active environment; without it only metalearn is measured.
 """
@@ -65,6 +76,7 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
+import bench_eval
 from bench_step import task_split  # the same tasks as the strategy benchmark
 from metalearn.algorithms import build_algorithm
 from metalearn.config import compose
@@ -464,10 +476,28 @@ def main():
         "--settings", nargs="+", choices=list(MEMORY_SETTINGS), default=list(MEMORY_SETTINGS), help="--memory: settings"
     )
     parser.add_argument("--meta-batch", type=int, default=4, help="--memory: tasks per meta-batch")
+    parser.add_argument("--eval", action="store_true", help="metalearn eval's wall time per algorithm, and start-up")
+    parser.add_argument("--algos", nargs="+", choices=bench_eval.ALGOS, default=list(bench_eval.ALGOS), help="--eval")
+    parser.add_argument("--episodes", type=int, default=600, help="--eval: episodes per evaluation")
+    parser.add_argument("--runs-dir", help="--eval: where the 2-step runs are trained (and reused)")
+    parser.add_argument("--code", help="--eval: evaluate with this other checkout of the repository")
+    parser.add_argument("--overrides", nargs="*", default=[], help="--eval: overrides of every evaluation")
+    parser.add_argument("--compare", help="--eval: the --json of an earlier --eval, for before/after columns")
+    parser.add_argument(
+        "--budget", type=float, metavar="MINUTES", help="time to accuracy: MAML trained MINUTES per library"
+    )
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.group:
         print(json.dumps(run_group(json.loads(args.group))))
+        return
+    if args.eval:
+        bench_eval.run_eval_bench(args)
+        return
+    if args.budget:
+        from bench_budget import run_budget_bench  # imports bench: not at the top
+
+        run_budget_bench(args)
         return
 
     iters = args.iters or (2 if args.quick else 3 if args.memory else 10)

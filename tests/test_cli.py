@@ -30,6 +30,23 @@ def test_help_lists_the_commands(cli):
     assert "first_order: true" in composed and "ways: 20" in composed
 
 
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--cfg", "job", "algo=reptile"]])
+def test_help_and_the_composed_config_answer_without_loading_torch(args):
+    """torch takes seconds to import: commands that only read the config must not need it."""
+    probe = (
+        "import sys\n"
+        "from metalearn.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as end:\n"
+        "    assert not end.code, end.code\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stderr.strip().splitlines()[-1] == "torch not loaded"
+    assert result.stdout.strip()  # it answered
+
+
 def test_unknown_command_is_an_error(cli):
     result = cli("trian", check=False)
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr

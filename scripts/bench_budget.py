@@ -1,0 +1,161 @@
+"""Time to accuracy: MAML 5-way 1-shot on the real Omniglot, the same wall-clock budget for metalearn and learn2learn.
+
+- metalearn: `metalearn train algo=maml data.root=<root> seed=0 train.max_minutes=<budget>`, its defaults
+  otherwise (a fresh process; the budget counts its training loop, validations included).
+- learn2learn: its MAML example's loop (`l2l.algorithms.MAML`, `clone()` / `adapt()` per task, one
+  `backward()` per task, Adam on the averaged gradients) drawing tasks with its own `TaskDataset`
+  (NWays, KShots, LoadData, RemapLabels, ConsecutiveLabels) over the same training classes and images,
+  until the budget is spent. The example's extra validation batch each iteration is left out, so both
+  libraries spend the whole budget on training.
+
+Both start from the same initial weights (metalearn's seed-0 conv4, copied into learn2learn's `ConvBase`)
+with metalearn's MAML hyperparameters (inner_lr 0.4, 1 inner step, second order, 15 queries per class,
+meta-batch 32, Adam 1e-3). Both final models (metalearn's last.pt) are then scored by the same code,
+metalearn's evaluation (10 adaptation steps), on the same 600 test episodes (eval.seed 0). The libraries
+run one after the other, each on every core.
+
+    python scripts/bench.py --budget 20      # 20 minutes per library (about 42 minutes in all)
+    python scripts/bench.py --budget 1       # a quick look
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from metalearn.algorithms import build_algorithm
+from metalearn.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.config import compose
+from metalearn.data import EpisodeSampler, load_split
+from metalearn.data.transforms import preprocess_of
+from metalearn.device import cpu_isa, cpu_model
+from metalearn.evaluate import run_episodes
+
+EPISODES = 600
+
+
+def runner_config(data_root: str, seed: int):
+    return compose(["algo=maml", f"data.root={data_root}", f"seed={seed}"])
+
+
+def train_metalearn(cfg, minutes: float, folder: Path) -> int:
+    """metalearn's own command for `minutes`; the steps it did."""
+    command = [sys.executable, "-m", "metalearn", "train", "algo=maml", f"data.root={cfg.data.root}"]
+    command += [f"seed={cfg.seed}", f"train.max_minutes={minutes}", f"hydra.run.dir={folder}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"metalearn train failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return int(load_checkpoint(checkpoint_path(folder, "last"))["step"])
+
+
+def initial_weights(cfg, split) -> dict:
+    """The weights `metalearn train` starts from: its seed, then the algorithm built as the runner builds it."""
+    torch.manual_seed(cfg.seed)
+    algo = build_algorithm(cfg, torch.device("cpu"), split.num_classes, split.image_shape)
+    return {k: v.detach().clone() for k, v in algo.model.state_dict().items()}
+
+
+def learn2learn_taskset(cfg, split):
+    """learn2learn's task sampling over the runner's training classes and images (preprocessed as the
+    runner's sampler feeds them)."""
+    import learn2learn as l2l
+    from learn2learn.data.transforms import ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
+
+    images = preprocess_of(cfg.data, training=True).normalize(split.images.float().div_(255))
+    dataset = torch.utils.data.TensorDataset(images, split.labels)
+    by_label = {}
+    for index, label in enumerate(split.labels.tolist()):
+        by_label.setdefault(label, []).append(index)
+    meta = l2l.data.MetaDataset(dataset, labels_to_indices=by_label)
+    task = cfg.task
+    transforms = [
+        NWays(meta, task.ways),
+        KShots(meta, task.shots + task.queries),
+        LoadData(meta),
+        RemapLabels(meta),
+        ConsecutiveLabels(meta),
+    ]
+    return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
+
+
+def train_learn2learn(cfg, split, weights: dict, minutes: float) -> tuple:
+    """learn2learn's example loop for `minutes` of wall-clock time; its steps and its final weights by
+    metalearn's names."""
+    from bench import Learn2LearnMAML, learn2learn_names
+
+    task, algo = cfg.task, cfg.algo
+    l2l_maml = Learn2LearnMAML(task.ways, algo.inner_lr, algo.inner_steps, algo.first_order)
+    names = list(weights)
+    module = l2l_maml.maml.module
+    with torch.no_grad():
+        for theirs, mine in zip(learn2learn_names(task.ways), names):
+            module.get_parameter(theirs).copy_(weights[mine])
+    for group in l2l_maml.optimizer.param_groups:
+        group["lr"] = algo.outer_lr
+    taskset = learn2learn_taskset(cfg, split)
+    per_class = task.shots + task.queries
+    support = (torch.arange(task.ways * per_class) % per_class) < task.shots
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < minutes * 60:
+        tasks = []
+        for _ in range(cfg.train.meta_batch_size):
+            data, labels = taskset.sample()
+            tasks.append((data[support], labels[support], data[~support], labels[~support]))
+        l2l_maml.train_on(tasks)
+        steps += 1
+    final = dict(weights)
+    for theirs, mine in zip(learn2learn_names(task.ways), names):
+        final[mine] = module.get_parameter(theirs).detach().clone()
+    return steps, final
+
+
+def score(cfg, weights: dict):
+    """metalearn's evaluation of these weights on the test episodes of eval.seed."""
+    test = load_split(cfg.data, "test")
+    algo = build_algorithm(cfg, torch.device("cpu"), 0, test.image_shape)
+    algo.model.load_state_dict(weights)
+    task = cfg.task
+    sampler = EpisodeSampler(
+        test, task.ways, task.shots, task.queries, "cpu", seed=cfg.eval.seed, preprocess=preprocess_of(cfg.data)
+    )
+    return run_episodes(algo, sampler, EPISODES, None, "scoring")
+
+
+def run_budget_bench(args) -> None:
+    minutes = args.budget
+    cfg = runner_config(args.data_root, 0)
+    print(f"CPU: {cpu_model()} ({cpu_isa()}); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"MAML {cfg.task.ways}-way {cfg.task.shots}-shot, real Omniglot, {minutes:g} minutes of training per library, "
+        f"one after the other; scored on the same {EPISODES} test episodes (eval.seed {cfg.eval.seed})"
+    )
+    split = load_split(cfg.data, "train")
+    weights = initial_weights(cfg, split)
+    folder = Path(args.runs_dir or tempfile.mkdtemp(prefix="metalearn-budget-")) / "metalearn"
+    rows = []
+    ours = train_metalearn(cfg, minutes, folder)
+    ours_weights = load_checkpoint(checkpoint_path(folder, "last"))["algo"]["model"]
+    rows.append({"library": "metalearn", "steps": ours, "result": score(cfg, ours_weights)})
+    print(f"metalearn: {ours} steps ({folder})", flush=True)
+    theirs, their_weights = train_learn2learn(cfg, split, weights, minutes)
+    rows.append({"library": "learn2learn", "steps": theirs, "result": score(cfg, their_weights)})
+    print(f"learn2learn: {theirs} steps", flush=True)
+    batch = cfg.train.meta_batch_size
+    print(f"{'library':<12} {'minutes':>7} {'steps':>6} {'tasks':>7} {'test accuracy':>15} {'steps vs l2l':>12}")
+    for row in rows:
+        result = row["result"]
+        ratio = row["steps"] / max(theirs, 1)
+        print(
+            f"{row['library']:<12} {minutes:>7g} {row['steps']:>6} {row['steps'] * batch:>7} "
+            f"{100 * result.accuracy:>7.2f} ± {100 * result.ci95:<5.2f} {ratio:>11.2f}x"
+        )
+    if args.json:
+        payload = [
+            {"library": r["library"], "minutes": minutes, "steps": r["steps"], **vars(r["result"])} for r in rows
+        ]
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"rows written to {args.json}")

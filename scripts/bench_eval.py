@@ -1,0 +1,243 @@
+"""`metalearn eval` wall time per algorithm, start-up included, and the start-up of the CLI itself.
+
+For each algorithm a 2-step run is trained once on the real Omniglot (5-way
+1-shot, the algorithm's defaults; distill's teacher is the finetune run), then
+`metalearn eval run=<run> eval.episodes=600` is timed in a fresh process, as a
+user runs it. Each row prints the accuracy ± interval and the fingerprint of
+the scored episodes, so two code versions can be checked to score the same
+episodes the same. The achieved GFLOP/s is the FLOP count of the scoring
+(torch.utils.flop_counter on one episode, times the episodes) over the wall
+time after start-up; the header prints the machine's plain conv4 training
+throughput (forward + backward, one batch of 80 Omniglot images on all cores)
+for comparison.
+
+    python scripts/bench.py --eval                         # every algorithm (about 5 minutes on 2 cores)
+    python scripts/bench.py --eval --algos maml reptile --json after.json
+    python scripts/bench.py --eval --code ../old-checkout --json before.json   # another version of the code
+    python scripts/bench.py --eval --compare before.json   # adds its seconds, speed-up and "same result"
+    python scripts/bench.py --eval --overrides device.amp=false   # eval overrides (here: float32 on a bf16 CPU)
+
+--code runs the evaluations of another checkout of this repository (a
+`git worktree`, say) on the same runs, in the same environment.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "finetune", "distill")
+# Goals on a 2-core CPU, start-up included (seconds); other algorithms: DEFAULT_GOAL_S. FOMAML and
+# MAML++ score as MAML does (the same 10 / 5 adaptation steps at test time): MAML's goal.
+GOALS_S = {"reptile": 120.0, "maml": 50.0, "fomaml": 50.0, "mamlpp": 50.0}
+DEFAULT_GOAL_S = 15.0
+STARTUP_GOAL_S = 1.0
+THROUGHPUT_BATCH = 80  # images per conv4 training pass: one 5-way episode with 1 shot and 15 queries
+
+
+def metalearn_command(code: Path = None):
+    """How to start `metalearn` from the given checkout (None: the installed one) and the environment for it."""
+    env = dict(os.environ)
+    if code is not None:
+        conf = code / "metalearn" / "conf"
+        if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
+            conf.symlink_to(Path("..") / "conf", target_is_directory=True)
+        env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), env.get("PYTHONPATH", "")])
+    return [sys.executable, "-m", "metalearn"], env
+
+
+def timed(command, env, check=True) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if check and done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def train_run(folder: Path, algo: str, data_root: str, teacher: Path = None) -> Path:
+    """A 2-step run of `algo` (5-way 1-shot, its defaults), trained once and reused."""
+    if (folder / "checkpoints" / "best.pt").is_file():
+        return folder
+    command, env = metalearn_command()
+    overrides = [
+        f"algo={algo}",
+        f"data.root={data_root}",
+        "train.steps=2",
+        "train.val_every=2",
+        "train.val_episodes=5",
+        f"hydra.run.dir={folder}",
+    ]
+    if teacher is not None:
+        overrides.append(f"algo.teacher={teacher}")
+    timed(command + ["train", *overrides], env)
+    return folder
+
+
+def last_record(run: Path) -> dict:
+    lines = (run / "evals.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+def eval_flops(run: Path, episodes: int) -> float:
+    """FLOPs of scoring `episodes` episodes: one episode counted in this process (one thread, so that the
+    counter sees every operation), times the episodes."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metalearn.algorithms import build_algorithm, run_dtype
+    from metalearn.checkpoint import checkpoint_path, load_checkpoint
+    from metalearn.config import compose
+    from metalearn.data import EpisodeSampler, load_split
+    from metalearn.data.transforms import preprocess_of
+    from metalearn.runs import saved_overrides
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = compose(saved_overrides(run))
+        split = load_split(cfg.data, "test")
+        device = torch.device("cpu")
+        task = cfg.task
+        sampler = EpisodeSampler(
+            split,
+            task.ways,
+            task.shots,
+            task.queries,
+            device,
+            seed=0,
+            dtype=run_dtype(cfg),
+            preprocess=preprocess_of(cfg.data),
+        )
+        ckpt = load_checkpoint(checkpoint_path(run, "best"))
+        algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), split.image_shape)
+        algo.load_state_dict(ckpt["algo"])
+        batch = sampler.gather(sampler.episode_ids(0, 1))
+        with FlopCounterMode(display=False) as counter:
+            algo.predict(batch)
+        return counter.get_total_flops() * episodes
+    finally:
+        torch.set_num_threads(threads)
+
+
+def conv4_training_gflops(amp: bool, seconds: float = 5.0) -> float:
+    """The plain conv4's training throughput on this machine: forward + backward of one 80-image batch
+    (channels-last; bf16 autocast with `amp`)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metalearn.config import compose
+    from metalearn.models import CHANNELS_LAST, build_model
+
+    torch.manual_seed(0)
+    model = build_model(compose().model, 5, (1, 28, 28), amp=amp, layout=CHANNELS_LAST).train()
+    images, labels = torch.randn(THROUGHPUT_BATCH, 1, 28, 28), torch.randint(0, 5, (THROUGHPUT_BATCH,))
+
+    def step():
+        F.cross_entropy(model(images), labels).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(3):
+        step()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return flops / statistics.median(times) / 1e9
+
+
+def startup_rows(run: Path, code: Path = None) -> list:
+    """Seconds to answer `--help`, `train --cfg job` and a 1-episode `eval` (median of 3)."""
+    command, env = metalearn_command(code)
+    probes = {
+        "metalearn --help": command + ["--help"],
+        "metalearn train --cfg job": command + ["train", "--cfg", "job"],
+        "metalearn eval (1 episode)": command + ["eval", f"run={run}", "eval.episodes=1"],
+    }
+    return [
+        {"what": what, "seconds": statistics.median(timed(probe, env) for _ in range(3))}
+        for what, probe in probes.items()
+    ]
+
+
+def run_eval_bench(args) -> None:
+    import torch
+
+    from metalearn.device import cpu_isa, cpu_model, native_bf16
+
+    code = Path(args.code) if args.code else None
+    runs_dir = Path(args.runs_dir or Path(tempfile.gettempdir()) / "metalearn-bench-eval")
+    before = {r["algo"]: r for r in json.loads(Path(args.compare).read_text())["rows"]} if args.compare else {}
+    machine = f"{cpu_model()} ({cpu_isa()})"
+    print(f"CPU: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"code: {code or 'this checkout'}; runs: {runs_dir} (2 training steps each, 5-way 1-shot, defaults)")
+    if args.overrides:
+        print(f"evaluated with: {' '.join(args.overrides)}")
+    bf16, why = native_bf16(torch.device("cpu"))
+    print(f"device.amp=auto, the runs' setting, computes in {'bf16' if bf16 else 'float32'} here: {why}")
+    throughput = {"float32": conv4_training_gflops(False)}
+    if bf16:
+        throughput["bf16"] = conv4_training_gflops(True)
+    print(
+        "plain conv4 training throughput here (forward + backward, batch of 80): "
+        + ", ".join(f"{rate:.1f} GFLOP/s in {kind}" for kind, rate in throughput.items())
+    )
+    runs = {}
+    for algo in args.algos:
+        teacher = runs.get("finetune") or (train_run(runs_dir / "finetune", "finetune", args.data_root))
+        runs[algo] = train_run(runs_dir / algo, algo, args.data_root, teacher if algo == "distill" else None)
+    startup = startup_rows(runs[args.algos[0]], code)
+    for row in startup:
+        goal = f"  (goal: under {STARTUP_GOAL_S:.0f} s)" if "episode" not in row["what"] else ""
+        print(f"{row['what']:<28} {row['seconds']:6.2f} s{goal}")
+    eval_startup = startup[-1]["seconds"]
+    command, env = metalearn_command(code)
+    header = (
+        f"{'algo':<9} {'episodes':>8} {'wall s':>7} {'goal s':>6} {'GFLOP':>7} {'GFLOP/s':>7} "
+        f"{'test accuracy':>15}  {'episodes sha256':<12}"
+    )
+    if before:
+        header += f" {'before s':>8} {'speed-up':>8} {'same result':>11}"
+    print(header)
+    rows = []
+    for algo in args.algos:
+        run = runs[algo]
+        seconds = timed(command + ["eval", f"run={run}", f"eval.episodes={args.episodes}", *args.overrides], env)
+        record = last_record(run)
+        flops = eval_flops(run, args.episodes)
+        rate = flops / 1e9 / max(seconds - eval_startup, 1e-9)
+        row = {
+            "algo": algo,
+            "episodes": args.episodes,
+            "seconds": seconds,
+            "goal_s": GOALS_S.get(algo, DEFAULT_GOAL_S),
+            "gflop": flops / 1e9,
+            "gflop_per_s": rate,
+            "accuracy": record["accuracy"],
+            "ci95": record["ci95"],
+            "episode_digest": record["episode_digest"],
+        }
+        line = (
+            f"{algo:<9} {args.episodes:>8} {seconds:>7.1f} {row['goal_s']:>6.0f} {row['gflop']:>7.0f} {rate:>7.1f} "
+            f"{100 * row['accuracy']:>7.2f} ± {100 * row['ci95']:<5.2f}  {row['episode_digest'][:12]:<12}"
+        )
+        if algo in before:
+            old = before[algo]
+            same = old["accuracy"] == row["accuracy"] and old["episode_digest"] == row["episode_digest"]
+            row.update({"before_s": old["seconds"], "same_result": same})
+            line += f" {old['seconds']:>8.1f} {old['seconds'] / seconds:>7.2f}x {'yes' if same else 'NO':>11}"
+        print(line, flush=True)
+        rows.append(row)
+    if args.json:
+        payload = {"machine": machine, "conv4_gflop_per_s": throughput, "startup": startup, "rows": rows}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"rows written to {args.json}")
