@@ -14,7 +14,6 @@ from metalearn.settings import SWITCHES
 log = logging.getLogger(__name__)
 
 
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
