@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import metalearn
 from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
+from metalearn.algorithms.base import weights_only
 from metalearn.checkpoint import (
     checkpoint_name,
     checkpoint_path,
@@ -163,7 +164,7 @@ class Member:
 
 def _member(cfg: DictConfig, ckpt: dict, path: Path, file: str, device: torch.device, image_shape) -> Member:
     algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
-    algo.load_state_dict(ckpt["algo"])
+    algo.load_state_dict(weights_only(ckpt["algo"]))  # no optimizer: scoring never builds one
     return Member(algo, ckpt["step"], file_sha256(path), file)
 
 

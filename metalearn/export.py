@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from metalearn.algorithms.base import TRAINING_STATE
+from metalearn.algorithms.base import weights_only
 from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.errors import MetalearnError
 from metalearn.exported import FORMAT, SUFFIX, VERSION, flatten
@@ -20,7 +20,7 @@ def export(cfg: DictConfig) -> Path:
     run, which = Path(cfg.run), checkpoint_name(cfg)
     path = checkpoint_path(run, which)
     ckpt = load_checkpoint(path)
-    state = {k: v for k, v in ckpt["algo"].items() if k not in TRAINING_STATE}
+    state = weights_only(ckpt["algo"])
     tensors, values = flatten(state)
     metadata = {
         "format": FORMAT,

@@ -30,7 +30,7 @@ import torch
 from metalearn.algorithms import build_algorithm
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.config import compose
-from metalearn.data import EpisodeSampler, load_split
+from metalearn.data import EpisodeSampler, build_dataset, load_split
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import cpu_isa, cpu_model
 from metalearn.evaluate import run_episodes
@@ -52,9 +52,10 @@ def train_metalearn(cfg, minutes: float, folder: Path) -> int:
     return int(load_checkpoint(checkpoint_path(folder, "last"))["step"])
 
 
-def initial_weights(cfg, split) -> dict:
-    """The weights `metalearn train` starts from: its seed, then the algorithm built as the runner builds it."""
+def initial_weights(cfg) -> dict:
+    """The weights `metalearn train` starts from, made in its order: its seed, the training split, the algorithm."""
     torch.manual_seed(cfg.seed)
+    split = build_dataset(cfg.data).load_split("train")
     algo = build_algorithm(cfg, torch.device("cpu"), split.num_classes, split.image_shape)
     return {k: v.detach().clone() for k, v in algo.model.state_dict().items()}
 
@@ -134,7 +135,7 @@ def run_budget_bench(args) -> None:
         f"one after the other; scored on the same {EPISODES} test episodes (eval.seed {cfg.eval.seed})"
     )
     split = load_split(cfg.data, "train")
-    weights = initial_weights(cfg, split)
+    weights = initial_weights(cfg)
     folder = Path(args.runs_dir or tempfile.mkdtemp(prefix="metalearn-budget-")) / "metalearn"
     rows = []
     ours = train_metalearn(cfg, minutes, folder)

@@ -34,6 +34,12 @@ class AlgoSettings:
 # and load_state_dict skips them when they are absent.
 TRAINING_STATE = ("optimizer", "scheduler")
 
+
+def weights_only(state: dict) -> dict:
+    """An algorithm's state without what only training needs: what evaluation and export load."""
+    return {k: v for k, v in state.items() if k not in TRAINING_STATE}
+
+
 # What an algorithm's model ends in (`Algorithm.head`):
 WAYS_HEAD = "ways"  # a linear head of task.ways outputs, so it meta-trains on task.ways-way episodes
 EMBEDDING = "embedding"  # no head: the backbone's embedding
@@ -75,6 +81,9 @@ class Algorithm(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+    # An algorithm with an outer optimizer builds it at first use (a functools.cached_property named
+    # `optimizer`): torch's first optimizer imports torch._dynamo, 2 s that evaluation never needs.
 
     def check_resume(self, train_steps: int) -> None:
         """A resumed run is about to train to `train_steps`: refuse, with what to do, what cannot work."""

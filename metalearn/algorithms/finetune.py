@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -92,7 +94,11 @@ class Finetune(Algorithm):
         self.batch_size = batch_size
         self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
         self.head_weight_decay, self.head_steps = head_weight_decay, head_steps
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
+        self.outer_lr = outer_lr
+
+    @cached_property
+    def optimizer(self) -> torch.optim.Optimizer:  # built at first use (see Algorithm)
+        return torch.optim.Adam(self.model.parameters(), lr=self.outer_lr)
 
     def sample(self, sampler: EpisodeSampler, meta_batch_size: int) -> LabelledImages:
         return sampler.sample_images(self.batch_size)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Sequence, Tuple, Union
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
@@ -152,7 +154,7 @@ class MAML(Algorithm):
                 for name, p in model.named_parameters()
                 if name in self.adapted_names
             }
-        self.optimizer = torch.optim.Adam([*model.parameters(), *self.rates.values()], lr=outer_lr)
+        self.outer_lr = outer_lr
         self.first_order = first_order
         task_fn = self._first_order_task if first_order else self._second_order_task
         self._meta_grads = self._vmapped(over_tasks(task_fn, True)) if vectorize else self._looped
@@ -164,6 +166,10 @@ class MAML(Algorithm):
             model.to(memory_format=torch.contiguous_format)
         self._threads = TaskThreads(model, 1 if vectorize else workers)
         self._predict = over_tasks(self._adapted_logits, True) if vectorize else self._predict_looped
+
+    @cached_property
+    def optimizer(self) -> torch.optim.Optimizer:  # built at first use (see Algorithm)
+        return torch.optim.Adam([*self.model.parameters(), *self.rates.values()], lr=self.outer_lr)
 
     # --- pure per-task functions -------------------------------------------------
     def _inner_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -148,8 +150,6 @@ class MAMLPlusPlus(MAML):
         }
         for rate in self.rates.values():
             rate.requires_grad_()
-        self.optimizer = torch.optim.Adam([*model.parameters(), *self.rates.values()], lr=outer_lr)
-        self._set_outer_lr()
 
     # --- the schedules -------------------------------------------------------------
     @property
@@ -172,7 +172,13 @@ class MAMLPlusPlus(MAML):
         done = min(self.step / max(self.anneal_steps, 1), 1.0)
         return self.min_outer_lr + (self.outer_lr - self.min_outer_lr) * (1 + math.cos(math.pi * done)) / 2
 
+    @cached_property
+    def optimizer(self) -> torch.optim.Optimizer:  # built at first use (see Algorithm)
+        return torch.optim.Adam([*self.model.parameters(), *self.rates.values()], lr=self.outer_lr_now())
+
     def _set_outer_lr(self) -> None:
+        if "optimizer" not in self.__dict__:
+            return  # not built yet: it starts at outer_lr_now()
         for group in self.optimizer.param_groups:
             group["lr"] = self.outer_lr_now()
 

@@ -13,6 +13,8 @@ code, BatchNorm keeps running statistics that normalise at test time.
 from dataclasses import dataclass
 from typing import Dict, Union
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
@@ -63,11 +65,18 @@ class ProtoNet(Algorithm):
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
         self.model = model
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_decay_every, gamma=lr_decay)
+        self.outer_lr, self.lr_decay, self.lr_decay_every = outer_lr, lr_decay, lr_decay_every
         self.vectorize = vectorize
         if vectorize:
             set_layout(model, VMAP)
+
+    @cached_property
+    def optimizer(self) -> torch.optim.Optimizer:  # built at first use (see Algorithm)
+        return torch.optim.Adam(self.model.parameters(), lr=self.outer_lr)
+
+    @cached_property
+    def scheduler(self):
+        return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_decay_every, gamma=self.lr_decay)
 
     def _logits(self, params: Params, sx, sy, qx, ways: int) -> torch.Tensor:
         embedded = functional_call(self.model, params, (torch.cat([sx, qx]),))
@@ -79,6 +88,7 @@ class ProtoNet(Algorithm):
         return loss, (loss.detach(), (logits.argmax(dim=-1) == qy).float().mean())
 
     def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+        scheduler = self.scheduler  # built before the optimizer's first step, as torch expects
         self.model.train()
         ways = episodes.ways
         task_grad = grad(lambda p, sx, sy, qx, qy: self._task_loss(p, sx, sy, qx, qy, ways), has_aux=True)
@@ -92,7 +102,7 @@ class ProtoNet(Algorithm):
         self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        scheduler.step()
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
 
     @torch.no_grad()
