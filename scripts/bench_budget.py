@@ -38,14 +38,15 @@ from metalearn.evaluate import run_episodes
 EPISODES = 600
 
 
-def runner_config(data_root: str, seed: int):
-    return compose(["algo=maml", f"data.root={data_root}", f"seed={seed}"])
+def run_overrides(data_root: str, seed: int, extra=()) -> list:
+    """metalearn's MAML with its defaults (`extra`: overrides for both libraries, e.g. algo.inner_lr=0.1)."""
+    return ["algo=maml", f"data.root={data_root}", f"seed={seed}", *extra]
 
 
-def train_metalearn(cfg, minutes: float, folder: Path) -> int:
+def train_metalearn(overrides: list, minutes: float, folder: Path) -> int:
     """metalearn's own command for `minutes`; the steps it did."""
-    command = [sys.executable, "-m", "metalearn", "train", "algo=maml", f"data.root={cfg.data.root}"]
-    command += [f"seed={cfg.seed}", f"train.max_minutes={minutes}", f"hydra.run.dir={folder}"]
+    command = [sys.executable, "-m", "metalearn", "train", *overrides]
+    command += [f"train.max_minutes={minutes}", f"hydra.run.dir={folder}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"metalearn train failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -114,8 +115,8 @@ def train_learn2learn(cfg, split, weights: dict, minutes: float) -> tuple:
     return steps, final
 
 
-def score(cfg, weights: dict):
-    """metalearn's evaluation of these weights on the test episodes of eval.seed."""
+def score(cfg, weights: dict, episodes: int = EPISODES):
+    """metalearn's evaluation of these weights on the test episodes of eval.seed (as `metalearn eval`)."""
     test = load_split(cfg.data, "test")
     algo = build_algorithm(cfg, torch.device("cpu"), 0, test.image_shape)
     algo.model.load_state_dict(weights)
@@ -123,22 +124,25 @@ def score(cfg, weights: dict):
     sampler = EpisodeSampler(
         test, task.ways, task.shots, task.queries, "cpu", seed=cfg.eval.seed, preprocess=preprocess_of(cfg.data)
     )
-    return run_episodes(algo, sampler, EPISODES, None, "scoring")
+    return run_episodes(algo, sampler, episodes, cfg.eval.batch_size, "scoring")
 
 
 def run_budget_bench(args) -> None:
     minutes = args.budget
-    cfg = runner_config(args.data_root, 0)
+    overrides = run_overrides(args.data_root, 0, args.overrides)
+    cfg = compose(overrides)
     print(f"CPU: {cpu_model()} ({cpu_isa()}); torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"MAML {cfg.task.ways}-way {cfg.task.shots}-shot, real Omniglot, {minutes:g} minutes of training per library, "
         f"one after the other; scored on the same {EPISODES} test episodes (eval.seed {cfg.eval.seed})"
     )
+    if args.overrides:
+        print(f"with, for both libraries: {' '.join(args.overrides)}")
     split = load_split(cfg.data, "train")
     weights = initial_weights(cfg)
     folder = Path(args.runs_dir or tempfile.mkdtemp(prefix="metalearn-budget-")) / "metalearn"
     rows = []
-    ours = train_metalearn(cfg, minutes, folder)
+    ours = train_metalearn(overrides, minutes, folder)
     ours_weights = load_checkpoint(checkpoint_path(folder, "last"))["algo"]["model"]
     rows.append({"library": "metalearn", "steps": ours, "result": score(cfg, ours_weights)})
     print(f"metalearn: {ours} steps ({folder})", flush=True)

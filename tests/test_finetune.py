@@ -53,13 +53,18 @@ def test_fit_heads_separates_support_and_matches_per_task_sgd():
     assert torch.equal(predictions, labels)
 
 
-def test_finetune_predict_fits_heads_on_frozen_features():
-    """predict equals naive per-task heads on the body's embeddings, and leaves the backbone untouched."""
-    model, batch = tiny(num_classes=7), episodes(tasks=2, shots=2, queries=2)
-    algo = finetune(model, head_steps=20)
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-thread", "two-threads"])
+def test_finetune_predict_fits_heads_on_frozen_features(workers):
+    """predict equals naive per-task heads on the body's embeddings (with two task threads too: each
+    embeds its share of the tasks), and leaves the backbone untouched."""
+    model, batch = tiny(num_classes=7), episodes(tasks=3, shots=2, queries=2)
+    algo = finetune(model, head_steps=20, workers=workers)
+    with torch.no_grad():  # weights that change after the algorithm is built (as training changes them) are used
+        for p in model.parameters():
+            p.mul_(1.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     got = algo.predict(batch)
-    assert got.shape == (2, WAYS * 2, WAYS)
+    assert got.shape == (3, WAYS * 2, WAYS)
     with torch.no_grad():
         embedded = [model.features(torch.cat([sx, qx])) for sx, qx in zip(batch.support, batch.query)]
     support = torch.stack([e[:6] for e in embedded])

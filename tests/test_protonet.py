@@ -49,8 +49,8 @@ def naive_protonet_loss(model, batch, ways):
     return total / len(batch.support)
 
 
-def protonet(model, vectorize=False, lr=1e-2):
-    return ProtoNet(model, outer_lr=lr, lr_decay=0.5, lr_decay_every=2, vectorize=vectorize)
+def protonet(model, vectorize=False, lr=1e-2, workers=1):
+    return ProtoNet(model, outer_lr=lr, lr_decay=0.5, lr_decay_every=2, vectorize=vectorize, workers=workers)
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
@@ -92,18 +92,20 @@ def test_protonet_learning_rate_decays_stepwise():
 
 
 def test_protonet_loop_and_vmap_agree_and_predict_shape():
-    """Both strategies train and predict alike; predict gives [T, ways*queries, ways] naive logits."""
+    """Both strategies, and the loop on two task threads, train and predict alike; predict gives
+    [T, ways*queries, ways] naive logits."""
     batch = episodes(tasks=3, shots=2, queries=3, ways=WAYS)
     results = []
-    for vectorize in (False, True):
+    for vectorize, workers in ((False, 1), (True, 1), (False, 2)):
         model = tiny(num_classes=0)
-        algo = protonet(model, vectorize)
+        algo = protonet(model, vectorize, workers=workers)
         algo.meta_train_step(batch)
         results.append((model, params_of(model), algo.predict(batch)))
-    assert_dicts_close(results[1][1], results[0][1], 1e-10)
     logits = results[0][2]
     assert logits.shape == (3, WAYS * 3, WAYS)
-    assert torch.allclose(results[1][2], logits, rtol=1e-9, atol=1e-10)
+    for other in results[1:]:
+        assert_dicts_close(other[1], results[0][1], 1e-10)
+        assert torch.allclose(other[2], logits, rtol=1e-9, atol=1e-10)
     model = results[0][0].eval()
     with torch.no_grad():
         expected = []

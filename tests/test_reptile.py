@@ -56,6 +56,7 @@ def reptile(
     inner_lr=0.05,
     inner_steps=3,
     inner_batch=4,
+    workers=1,
 ):
     return Reptile(
         model,
@@ -70,17 +71,20 @@ def reptile(
         anneal_steps=None,
         train_steps=total_steps,
         vectorize=vectorize,
+        workers=workers,
     )
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
-def test_reptile_step_moves_weights_toward_naive_adapted_weights(optimizer, vectorize):
+@pytest.mark.parametrize(
+    "vectorize, workers", [(False, 1), (False, 2), (True, 1)], ids=["loop", "loop-2-threads", "vmap"]
+)
+def test_reptile_step_moves_weights_toward_naive_adapted_weights(optimizer, vectorize, workers):
     """One outer step equals theta + eps (mean phi - theta) with phi from a per-task torch.optim loop
     (Adam with beta1=0 or SGD) whose minibatches run on into a reshuffled second pass."""
     model, batch = tiny(), episodes(shots=3, queries=1)  # 9 images, 3 steps of 4: a second pass
     lr = 0.01 if optimizer == "adam" else 0.1
-    algo = reptile(model, optimizer, vectorize, inner_lr=lr)
+    algo = reptile(model, optimizer, vectorize, inner_lr=lr, workers=workers)
     expected = naive_reptile(model, batch, 7, lr, 3, 4, optimizer, eps=0.7)
     torch.manual_seed(7)
     out = algo.meta_train_step(batch)
@@ -167,11 +171,12 @@ def test_reptile_loop_and_vmap_agree(optimizer):
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
 
 
-def test_reptile_predict_fine_tunes_like_the_naive_loop_without_touching_the_rng():
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-thread", "two-threads"])
+def test_reptile_predict_fine_tunes_like_the_naive_loop_without_touching_the_rng(workers):
     """predict fine-tunes each task on its support set (fixed order, seed 0 generator) and leaves
-    torch's global RNG as it was."""
+    torch's global RNG as it was; with two task threads, each scores its share of the tasks alike."""
     model, batch = tiny(), episodes(shots=3, queries=2)
-    algo = reptile(model, inner_lr=0.1)
+    algo = reptile(model, inner_lr=0.1, workers=workers)
     # one fixed order for every task: an episode scores the same in any batch or process
     orders = torch.rand(1, 2, 9, generator=torch.Generator().manual_seed(0)).argsort(dim=2).flatten(1).tolist() * 3
     expected = []

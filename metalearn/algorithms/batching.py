@@ -127,6 +127,21 @@ class TaskThreads:
         finally:
             torch.set_num_threads(threads)
 
+    def over_tasks(self, task_fn: Callable) -> Callable:
+        """`task_fn(model, shared, *task)` mapped over dim 0 of the batched arguments, the tasks split
+        across the threads (each on its own model copy); outputs stacked in task order.
+
+        Grad mode is per thread: a task_fn that must not record a graph says so itself (torch.no_grad).
+        """
+
+        def looped(shared, *batched):
+            def run(model, part: slice):
+                return [task_fn(model, shared, *task) for task in zip(*(b[part] for b in batched))]
+
+            return stack([out for part in self.map(run, len(batched[0])) for out in part])
+
+        return looped
+
 
 def detached_params(model: torch.nn.Module) -> Params:
     """The model's weights by name, as plain tensors for a functional call."""

@@ -15,15 +15,16 @@ like `finetune`.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, Optional
 
-from functools import cached_property
-
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from metalearn.algorithms.base import CLASS_HEAD, AlgoSettings, Algorithm, load_model_state, load_optimizer
+from metalearn.algorithms.batching import TaskThreads, detached_params, sub_params
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.errors import MetalearnError
@@ -89,8 +90,10 @@ class Finetune(Algorithm):
         head_dampening: float,
         head_weight_decay: float,
         head_steps: int,
+        workers: int = 1,
     ):
         self.model = model
+        self._threads = TaskThreads(model, workers)  # evaluation embeds a task per core at once
         self.batch_size = batch_size
         self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
         self.head_weight_decay, self.head_steps = head_weight_decay, head_steps
@@ -145,9 +148,13 @@ class Finetune(Algorithm):
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
         shots = episodes.support.shape[1]
-        embedded = torch.stack(
-            [self.model.features(torch.cat([sx, qx])) for sx, qx in zip(episodes.support, episodes.query)]
-        )
+
+        def embed(model, params, sx, qx):
+            with torch.no_grad():  # in the worker thread
+                return functional_call(model.features, params, (torch.cat([sx, qx]),))
+
+        features = sub_params(detached_params(self.model), "features")
+        embedded = self._threads.over_tasks(embed)(features, episodes.support, episodes.query)
         support, query = embedded[:, :shots], embedded[:, shots:]
         weight, bias = self.fit_heads(support, episodes.support_labels, episodes.ways)
         return torch.baddbmm(bias[:, None, :], query, weight.transpose(1, 2))
@@ -200,9 +207,10 @@ class Distill(Finetune):
         temperature: float,
         distill_weight: float,
         fast: FastPaths = PLAIN,
+        workers: int = 1,
         **finetune_settings,
     ):
-        super().__init__(model, **finetune_settings)
+        super().__init__(model, workers=workers, **finetune_settings)
         self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
         self.fast = fast
         self._teacher = None  # loaded at the first training step: evaluation does not need it

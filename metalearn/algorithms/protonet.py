@@ -11,9 +11,8 @@ code, BatchNorm keeps running statistics that normalise at test time.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Union
-
 from functools import cached_property
+from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch.func import functional_call, grad
 from metalearn.algorithms.base import EMBEDDING, AlgoSettings, Algorithm, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
     Params,
+    TaskThreads,
     VectorizedSettings,
     detached_params,
     model_device,
@@ -61,7 +61,13 @@ class ProtoNet(Algorithm):
     head = EMBEDDING
 
     def __init__(
-        self, model: torch.nn.Module, outer_lr: float, lr_decay: float, lr_decay_every: int, vectorize: Union[bool, str]
+        self,
+        model: torch.nn.Module,
+        outer_lr: float,
+        lr_decay: float,
+        lr_decay_every: int,
+        vectorize: Union[bool, str],
+        workers: int = 1,
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
         self.model = model
@@ -69,6 +75,8 @@ class ProtoNet(Algorithm):
         self.vectorize = vectorize
         if vectorize:
             set_layout(model, VMAP)
+        # Evaluation scores a task per core at once on a CPU (training's batch of 60 ways fills both cores).
+        self._threads = TaskThreads(model, 1 if vectorize else workers)
 
     @cached_property
     def optimizer(self) -> torch.optim.Optimizer:  # built at first use (see Algorithm)
@@ -78,8 +86,8 @@ class ProtoNet(Algorithm):
     def scheduler(self):
         return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_decay_every, gamma=self.lr_decay)
 
-    def _logits(self, params: Params, sx, sy, qx, ways: int) -> torch.Tensor:
-        embedded = functional_call(self.model, params, (torch.cat([sx, qx]),))
+    def _logits(self, params: Params, sx, sy, qx, ways: int, model=None) -> torch.Tensor:
+        embedded = functional_call(self.model if model is None else model, params, (torch.cat([sx, qx]),))
         return prototype_logits(embedded[: sx.shape[0]], sy, embedded[sx.shape[0] :], ways)
 
     def _task_loss(self, params: Params, sx, sy, qx, qy, ways: int):
@@ -109,7 +117,15 @@ class ProtoNet(Algorithm):
     def predict(self, episodes: Episodes) -> torch.Tensor:
         self.model.eval()
         ways = episodes.ways
-        logits = over_tasks(lambda p, sx, sy, qx: self._logits(p, sx, sy, qx, ways), self.vectorize)
+        if self.vectorize:
+            logits = over_tasks(lambda p, sx, sy, qx: self._logits(p, sx, sy, qx, ways), True)
+        else:
+
+            def task_logits(model, params, sx, sy, qx):
+                with torch.no_grad():  # in the worker thread
+                    return self._logits(params, sx, sy, qx, ways, model)
+
+            logits = self._threads.over_tasks(task_logits)
         return logits(detached_params(self.model), episodes.support, episodes.support_labels, episodes.query)
 
     def state_dict(self) -> dict:

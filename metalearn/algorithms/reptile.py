@@ -7,8 +7,10 @@ theta <- theta + eps * (mean_i phi_i - theta), with eps annealed linearly from
 `meta_step` to `meta_step_final` over `anneal_steps` steps (train.steps when
 the run starts, saved in its checkpoints: resuming with a larger
 train.steps keeps the schedule). The per-task adaptation is one
-pure torch.func function, run over the meta-batch as a vmap or a loop.
-Evaluation fine-tunes on the support set the same way (`inner_steps_eval`).
+pure torch.func function vmapped over the meta-batch (`vectorize=vmap`, a
+GPU's default), or the same operations in plain autograd, a task per core
+on the task threads (`loop`, a CPU's). Evaluation fine-tunes on the support
+set the same way (`inner_steps_eval`).
 
 One difference from the paper's code: the inner Adam state starts afresh for
 every task (there it carries over from task to task), which keeps the
@@ -33,7 +35,6 @@ from metalearn.algorithms.batching import (
     model_device,
     over_tasks,
     resolve_vectorize,
-    stack,
 )
 from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
@@ -123,12 +124,12 @@ class Reptile(Algorithm):
             self._predict = over_tasks(self._adapted_logits, True)
         else:  # a task per core at once, as MAML's loop (metalearn.algorithms.batching.TaskThreads)
             self._threads = TaskThreads(model, workers)
-            self._adapt_tasks = self._threaded(
+            self._adapt_tasks = self._threads.over_tasks(
                 lambda model, params, x, y, order: self._adapt_autograd(
                     model, params, x, y, order, self.inner_steps, self.inner_batch
                 )
             )
-            self._predict = self._threaded(self._adapted_logits_autograd)
+            self._predict = self._threads.over_tasks(self._adapted_logits_autograd)
 
     # --- pure per-task functions -------------------------------------------------
     def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor):
@@ -200,17 +201,6 @@ class Reptile(Algorithm):
         adapted, _ = self._adapt_autograd(model, params, sx, sy, order, self.inner_steps_eval, self.inner_batch_eval)
         with torch.no_grad():
             return functional_call(model, adapted, (qx,))
-
-    def _threaded(self, task_fn):
-        """`task_fn(model, params, *task)` over the tasks, split across the task threads; outputs stacked."""
-
-        def looped(params: Params, *batched):
-            def run(model, part: slice):
-                return [task_fn(model, params, *task) for task in zip(*(b[part] for b in batched))]
-
-            return stack([out for part in self._threads.map(run, len(batched[0])) for out in part])
-
-        return looped
 
     # --- the algorithm interface -----------------------------------------------
     @staticmethod
