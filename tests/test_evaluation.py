@@ -10,11 +10,14 @@ import statistics
 import pytest
 import torch
 
+from metalearn.algorithms import build_algorithm
+from metalearn.config import compose
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
 
 from helpers.data import tiny_data_config
+from helpers.reference import episodes
 from helpers.runs import overrides_for
 
 WAYS, QUERIES = 4, 3
@@ -195,3 +198,23 @@ def test_a_resumed_run_drops_the_lines_a_crash_left_behind(cli, tiny_overrides, 
 
     assert lines(crashed) == lines(straight)
     assert [r["step"] for r in lines(crashed) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "protonet", "finetune"])
+def test_an_episode_scores_the_same_on_any_number_of_cores(algo):
+    """Evaluation runs each task on one core (the task threads), so its float32 logits are the same bits
+    on two cores as on one: a score does not depend on the machine's core count."""
+    steps = {"finetune": ["algo.head_steps=3"], "protonet": []}.get(algo, ["algo.inner_steps_eval=3"])
+    cfg = compose([f"algo={algo}", f"task.ways={WAYS}", "device.amp=false", *steps])
+    batch = episodes(tasks=4, shots=1, queries=7, ways=WAYS, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    logits = []
+    try:
+        for cores in (2, 1):
+            torch.set_num_threads(cores)
+            torch.manual_seed(0)
+            scorer = build_algorithm(cfg, torch.device("cpu"), 10, (1, 28, 28))
+            logits.append(scorer.predict(batch))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(logits[0], logits[1])
