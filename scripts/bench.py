@@ -480,11 +480,10 @@ def main():
     parser.add_argument("--algos", nargs="+", choices=bench_eval.ALGOS, default=list(bench_eval.ALGOS), help="--eval")
     parser.add_argument("--episodes", type=int, default=600, help="--eval: episodes per evaluation")
     parser.add_argument("--runs-dir", help="--eval: where the 2-step runs are trained (and reused)")
-    parser.add_argument("--code", help="--eval: evaluate with this other checkout of the repository")
+    parser.add_argument("--code", help="--eval: also time this other checkout of the repository (before / after)")
     parser.add_argument(
         "--overrides", nargs="*", default=[], help="--eval: of every evaluation; --budget: of both libraries' MAML"
     )
-    parser.add_argument("--compare", help="--eval: the --json of an earlier --eval, for before/after columns")
     parser.add_argument(
         "--budget", type=float, metavar="MINUTES", help="time to accuracy: MAML trained MINUTES per library"
     )

@@ -13,12 +13,14 @@ for comparison.
 
     python scripts/bench.py --eval                         # every algorithm (about 5 minutes on 2 cores)
     python scripts/bench.py --eval --algos maml reptile --json after.json
-    python scripts/bench.py --eval --code ../old-checkout --json before.json   # another version of the code
-    python scripts/bench.py --eval --compare before.json   # adds its seconds, speed-up and "same result"
+    git worktree add ../before <commit>
+    python scripts/bench.py --eval --code ../before        # before / after columns, speed-up, "same result"
     python scripts/bench.py --eval --overrides device.amp=false   # eval overrides (here: float32 on a bf16 CPU)
 
---code runs the evaluations of another checkout of this repository (a
-`git worktree`, say) on the same runs, in the same environment.
+--code times the evaluations of another checkout of this repository (a
+`git worktree`, say) on the same runs, in the same environment, right before
+this checkout's of each algorithm, so that a slow spell of the machine hits
+both alike.
 """
 
 import json
@@ -40,19 +42,22 @@ THROUGHPUT_BATCH = 80  # images per conv4 training pass: one 5-way episode with 
 
 
 def metalearn_command(code: Path = None):
-    """How to start `metalearn` from the given checkout (None: the installed one) and the environment for it."""
+    """How to start `metalearn` from the given checkout (None: the installed one): command, environment and
+    working folder (`python -m` looks in the working folder first)."""
     env = dict(os.environ)
-    if code is not None:
-        conf = code / "metalearn" / "conf"
-        if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
-            conf.symlink_to(Path("..") / "conf", target_is_directory=True)
-        env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), env.get("PYTHONPATH", "")])
-    return [sys.executable, "-m", "metalearn"], env
+    if code is None:
+        return [sys.executable, "-m", "metalearn"], env, None
+    code = code.resolve()
+    conf = code / "metalearn" / "conf"
+    if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
+        conf.symlink_to(Path("..") / "conf", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
+    return [sys.executable, "-m", "metalearn"], env, code
 
 
-def timed(command, env, check=True) -> float:
+def timed(command, env, cwd=None, check=True) -> float:
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if check and done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -63,7 +68,7 @@ def train_run(folder: Path, algo: str, data_root: str, teacher: Path = None) -> 
     """A 2-step run of `algo` (5-way 1-shot, its defaults), trained once and reused."""
     if (folder / "checkpoints" / "best.pt").is_file():
         return folder
-    command, env = metalearn_command()
+    command, env, _ = metalearn_command()
     overrides = [
         f"algo={algo}",
         f"data.root={data_root}",
@@ -157,16 +162,23 @@ def conv4_training_gflops(amp: bool, seconds: float = 5.0) -> float:
 
 def startup_rows(run: Path, code: Path = None) -> list:
     """Seconds to answer `--help`, `train --cfg job` and a 1-episode `eval` (median of 3)."""
-    command, env = metalearn_command(code)
+    command, env, cwd = metalearn_command(code)
     probes = {
         "metalearn --help": command + ["--help"],
         "metalearn train --cfg job": command + ["train", "--cfg", "job"],
         "metalearn eval (1 episode)": command + ["eval", f"run={run}", "eval.episodes=1"],
     }
     return [
-        {"what": what, "seconds": statistics.median(timed(probe, env) for _ in range(3))}
+        {"what": what, "seconds": statistics.median(timed(probe, env, cwd) for _ in range(3))}
         for what, probe in probes.items()
     ]
+
+
+def scored(run: Path, code: Path, args) -> tuple:
+    """Wall seconds of `metalearn eval` on the run (from `code`, None: this checkout), and its record."""
+    command, env, cwd = metalearn_command(code)
+    seconds = timed(command + ["eval", f"run={run}", f"eval.episodes={args.episodes}", *args.overrides], env, cwd)
+    return seconds, last_record(run)
 
 
 def run_eval_bench(args) -> None:
@@ -174,12 +186,13 @@ def run_eval_bench(args) -> None:
 
     from metalearn.device import cpu_isa, cpu_model, native_bf16
 
-    code = Path(args.code) if args.code else None
+    other = Path(args.code) if args.code else None
     runs_dir = Path(args.runs_dir or Path(tempfile.gettempdir()) / "metalearn-bench-eval")
-    before = {r["algo"]: r for r in json.loads(Path(args.compare).read_text())["rows"]} if args.compare else {}
     machine = f"{cpu_model()} ({cpu_isa()})"
     print(f"CPU: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"code: {code or 'this checkout'}; runs: {runs_dir} (2 training steps each, 5-way 1-shot, defaults)")
+    print(f"runs: {runs_dir} (2 training steps each, 5-way 1-shot, defaults)")
+    if other:
+        print(f"before: the checkout {other}; after: this one; each algorithm timed with both in turn")
     if args.overrides:
         print(f"evaluated with: {' '.join(args.overrides)}")
     bf16, why = native_bf16(torch.device("cpu"))
@@ -195,24 +208,26 @@ def run_eval_bench(args) -> None:
     for algo in args.algos:
         teacher = runs.get("finetune") or (train_run(runs_dir / "finetune", "finetune", args.data_root))
         runs[algo] = train_run(runs_dir / algo, algo, args.data_root, teacher if algo == "distill" else None)
-    startup = startup_rows(runs[args.algos[0]], code)
-    for row in startup:
+    startup = {"after": startup_rows(runs[args.algos[0]])}
+    if other:
+        startup["before"] = startup_rows(runs[args.algos[0]], other)
+    for i, row in enumerate(startup["after"]):
         goal = f"  (goal: under {STARTUP_GOAL_S:.0f} s)" if "episode" not in row["what"] else ""
-        print(f"{row['what']:<28} {row['seconds']:6.2f} s{goal}")
-    eval_startup = startup[-1]["seconds"]
-    command, env = metalearn_command(code)
+        was = f"  (before: {startup['before'][i]['seconds']:.2f} s)" if other else ""
+        print(f"{row['what']:<28} {row['seconds']:6.2f} s{was}{goal}")
+    eval_startup = startup["after"][-1]["seconds"]
     header = (
         f"{'algo':<9} {'episodes':>8} {'wall s':>7} {'goal s':>6} {'GFLOP':>7} {'GFLOP/s':>7} "
-        f"{'test accuracy':>15}  {'episodes sha256':<12}"
+        f"{'test accuracy':>15}  {'episodes sha256':<15}"
     )
-    if before:
+    if other:
         header += f" {'before s':>8} {'speed-up':>8} {'same result':>11}"
     print(header)
     rows = []
     for algo in args.algos:
         run = runs[algo]
-        seconds = timed(command + ["eval", f"run={run}", f"eval.episodes={args.episodes}", *args.overrides], env)
-        record = last_record(run)
+        before = scored(run, other, args) if other else None
+        seconds, record = scored(run, None, args)
         flops = eval_flops(run, args.episodes)
         rate = flops / 1e9 / max(seconds - eval_startup, 1e-9)
         row = {
@@ -228,13 +243,13 @@ def run_eval_bench(args) -> None:
         }
         line = (
             f"{algo:<9} {args.episodes:>8} {seconds:>7.1f} {row['goal_s']:>6.0f} {row['gflop']:>7.0f} {rate:>7.1f} "
-            f"{100 * row['accuracy']:>7.2f} ± {100 * row['ci95']:<5.2f}  {row['episode_digest'][:12]:<12}"
+            f"{100 * row['accuracy']:>7.2f} ± {100 * row['ci95']:<5.2f}  {row['episode_digest'][:12]:<15}"
         )
-        if algo in before:
-            old = before[algo]
+        if before:
+            old_seconds, old = before
             same = old["accuracy"] == row["accuracy"] and old["episode_digest"] == row["episode_digest"]
-            row.update({"before_s": old["seconds"], "same_result": same})
-            line += f" {old['seconds']:>8.1f} {old['seconds'] / seconds:>7.2f}x {'yes' if same else 'NO':>11}"
+            row.update({"before_s": old_seconds, "before_accuracy": old["accuracy"], "same_result": same})
+            line += f" {old_seconds:>8.1f} {old_seconds / seconds:>7.2f}x {'yes' if same else 'NO':>11}"
         print(line, flush=True)
         rows.append(row)
     if args.json:
