@@ -40,14 +40,16 @@ EPISODES = 600
 
 def run_overrides(data_root: str, seed: int, extra=()) -> list:
     """metalearn's MAML with its defaults (`extra`: overrides for both libraries, e.g. algo.inner_lr=0.1)."""
-    return ["algo=maml", f"data.root={data_root}", f"seed={seed}", *extra]
+    return ["algo=maml", f"data.root={Path(data_root).resolve()}", f"seed={seed}", *extra]
 
 
 def train_metalearn(overrides: list, minutes: float, folder: Path) -> int:
     """metalearn's own command for `minutes`; the steps it did."""
     command = [sys.executable, "-m", "metalearn", "train", *overrides]
+    folder = Path(folder).resolve()
     command += [f"train.max_minutes={minutes}", f"hydra.run.dir={folder}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # not from a source checkout's folder: `python -m` would import its metalearn, whose conf/ is elsewhere
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if done.returncode != 0:
         raise SystemExit(f"metalearn train failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return int(load_checkpoint(checkpoint_path(folder, "last"))["step"])

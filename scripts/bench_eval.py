@@ -43,10 +43,11 @@ THROUGHPUT_BATCH = 80  # images per conv4 training pass: one 5-way episode with 
 
 def metalearn_command(code: Path = None):
     """How to start `metalearn` from the given checkout (None: the installed one): command, environment and
-    working folder (`python -m` looks in the working folder first)."""
+    working folder (`python -m` looks in the working folder first: a repository's own source folder, whose
+    conf/ is not where an installed package has it, must not shadow the installed one)."""
     env = dict(os.environ)
     if code is None:
-        return [sys.executable, "-m", "metalearn"], env, None
+        return [sys.executable, "-m", "metalearn"], env, tempfile.gettempdir()
     code = code.resolve()
     conf = code / "metalearn" / "conf"
     if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
@@ -68,10 +69,10 @@ def train_run(folder: Path, algo: str, data_root: str, teacher: Path = None) -> 
     """A 2-step run of `algo` (5-way 1-shot, its defaults), trained once and reused."""
     if (folder / "checkpoints" / "best.pt").is_file():
         return folder
-    command, env, _ = metalearn_command()
+    command, env, cwd = metalearn_command()
     overrides = [
         f"algo={algo}",
-        f"data.root={data_root}",
+        f"data.root={Path(data_root).resolve()}",
         "train.steps=2",
         "train.val_every=2",
         "train.val_episodes=5",
@@ -79,7 +80,7 @@ def train_run(folder: Path, algo: str, data_root: str, teacher: Path = None) -> 
     ]
     if teacher is not None:
         overrides.append(f"algo.teacher={teacher}")
-    timed(command + ["train", *overrides], env)
+    timed(command + ["train", *overrides], env, cwd)
     return folder
 
 
@@ -187,7 +188,7 @@ def run_eval_bench(args) -> None:
     from metalearn.device import cpu_isa, cpu_model, native_bf16
 
     other = Path(args.code) if args.code else None
-    runs_dir = Path(args.runs_dir or Path(tempfile.gettempdir()) / "metalearn-bench-eval")
+    runs_dir = Path(args.runs_dir or Path(tempfile.gettempdir()) / "metalearn-bench-eval").resolve()
     machine = f"{cpu_model()} ({cpu_isa()})"
     print(f"CPU: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"runs: {runs_dir} (2 training steps each, 5-way 1-shot, defaults)")

@@ -31,7 +31,7 @@ def test_help_lists_the_commands(cli):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--cfg", "job", "algo=reptile"]])
-def test_help_and_the_composed_config_answer_without_loading_torch(args):
+def test_help_and_the_composed_config_answer_without_loading_torch(args, tmp_path):
     """torch takes seconds to import: commands that only read the config must not need it."""
     probe = (
         "import sys\n"
@@ -42,7 +42,8 @@ def test_help_and_the_composed_config_answer_without_loading_torch(args):
         "    assert not end.code, end.code\n"
         "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    # not from the repository's folder, whose metalearn/ (without conf/) would shadow the installed package
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stderr.strip().splitlines()[-1] == "torch not loaded"
     assert result.stdout.strip()  # it answered
 
