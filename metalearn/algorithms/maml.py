@@ -21,9 +21,8 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Sequence, Tuple, Union
-
 from functools import cached_property
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -303,18 +302,15 @@ class MAML(Algorithm):
         """Query logits after `inner_steps_eval` steps, a task at a time in plain autograd, on worker threads."""
         params = {name: t.detach().requires_grad_() for name, t in meta["params"].items()}
 
-        def run(model, part: slice):
-            logits = []
-            for support, labels, query in zip(sx[part], sy[part], qx[part]):
-                with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
-                    adapted = self._adapt_autograd(
-                        model, params, meta["rates"], support, labels, self.inner_steps_eval, second_order=False
-                    )
-                with torch.no_grad():
-                    logits.append(functional_call(model, adapted, (query,)))
-            return logits
+        def task_logits(model, rates, support, labels, query):
+            with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
+                adapted = self._adapt_autograd(
+                    model, params, rates, support, labels, self.inner_steps_eval, second_order=False
+                )
+            with torch.no_grad():
+                return functional_call(model, adapted, (query,))
 
-        return torch.stack([x for part in self._threads.map(run, len(sx)) for x in part])
+        return self._threads.over_tasks(task_logits)(meta["rates"], sx, sy, qx)
 
     def _task_autograd(self, model: torch.nn.Module, leaves: Meta, sx, sy, qx, qy):
         params, rates = leaves["params"], leaves["rates"]

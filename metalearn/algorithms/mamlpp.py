@@ -27,9 +27,8 @@ statistics are updates that a vmap cannot batch.
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, List, Optional
-
 from functools import cached_property
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -235,19 +234,16 @@ class MAMLPlusPlus(MAML):
         params = {name: t.detach().requires_grad_() for name, t in meta["params"].items()}
         steps = self.inner_steps_eval
 
-        def run(model, part: slice):
-            logits = []
-            for support, labels, query in zip(sx[part], sy[part], qx[part]):
-                with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
-                    for _, adapted in self._inner_steps(model, params, meta["rates"], support, labels, steps, False):
-                        pass
-                adapted = {name: t.detach() for name, t in adapted.items()}
-                with torch.no_grad():
-                    set_norm_step(model, steps - 1)
-                    logits.append(functional_call(model, adapted, (query,)))
-            return logits
+        def task_logits(model, rates, support, labels, query):
+            with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
+                for _, adapted in self._inner_steps(model, params, rates, support, labels, steps, False):
+                    pass
+            adapted = {name: t.detach() for name, t in adapted.items()}
+            with torch.no_grad():
+                set_norm_step(model, steps - 1)
+                return functional_call(model, adapted, (query,))
 
-        return torch.stack([x for part in self._threads.map(run, len(sx)) for x in part])
+        return self._threads.over_tasks(task_logits)(meta["rates"], sx, sy, qx)
 
     # --- the algorithm interface ----------------------------------------------------------
     def meta_train_step(self, episodes) -> Dict[str, float]:

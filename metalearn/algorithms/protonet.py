@@ -75,7 +75,7 @@ class ProtoNet(Algorithm):
         self.vectorize = vectorize
         if vectorize:
             set_layout(model, VMAP)
-        # Evaluation scores a task per core at once on a CPU (training's batch of 60 ways fills both cores).
+        # Evaluation scores a task per core at once on a CPU.
         self._threads = TaskThreads(model, 1 if vectorize else workers)
 
     @cached_property

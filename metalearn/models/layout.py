@@ -156,17 +156,3 @@ def in_nchw(model: nn.Module):
     finally:
         for module, layout in saved:
             module.layout = layout
-
-
-@contextmanager
-def in_layout(model: nn.Module, layout: str):
-    """Compute in `layout` inside the block (e.g. VMAP for a vmapped pass of a channels-last model); the
-    weights stay as they are. Not thread-safe: one model per thread."""
-    saved = [(m, m.layout) for m in model.modules() if isinstance(m, _LAYOUT_MODULES)]
-    for module, _ in saved:
-        module.layout = layout
-    try:
-        yield
-    finally:
-        for module, previous in saved:
-            module.layout = previous
