@@ -177,6 +177,107 @@ def load_checkpoint(path: Path) -> dict:
         raise MetalearnError(f"{path} is not a metalearn checkpoint.")
     if payload.get("version") != VERSION:
         raise MetalearnError(
-            f"{path} has checkpoint format version {payload.get('version')}; this metalearn reads version {VERSION}."
+            f"{path} has checkpoint format version {payload.get('version')!r}; this metalearn reads version {VERSION}."
+        )
+    problems = structure_problems(payload)
+    if problems:
+        raise MetalearnError(
+            f"{path} is a damaged metalearn checkpoint: {'; '.join(problems[:4])}. Use the other checkpoint of "
+            f"the run (checkpoint=best or checkpoint=last)."
         )
     return payload
+
+
+def load_algo_state(algo, state: dict, path: Path) -> None:
+    """`algo.load_state_dict(state)` of a file's state; a state of another shape than this algorithm's is an
+    error that names the file (the model's weights are checked by name and shape, the rest is caught here)."""
+    try:
+        algo.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise MetalearnError(
+            f"{path} does not fit this configuration ({type(err).__name__}{': ' if reason else ''}{reason}). Use "
+            f"the settings it was trained with."
+        ) from None
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rng_state(value) -> bool:
+    """A CPU random generator's state, as torch.get_rng_state() gives it."""
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == torch.get_rng_state().shape
+
+
+def _weights(value) -> bool:
+    import torch
+
+    return isinstance(value, dict) and bool(value) and all(isinstance(w, torch.Tensor) for w in value.values())
+
+
+WINDOW = ("loss", "accuracy", "steps", "items", "seconds")  # the training metrics summed since the last record
+# What every checkpoint `save_checkpoint` writes holds, and the test of each entry (eval, export and resume
+# read them: a file without one is an error that names it, not a KeyError).
+REQUIRED = {
+    "step": ("a count", _count),
+    "algo": (
+        "the algorithm's state with its model weights",
+        lambda v: isinstance(v, dict) and _weights(v.get("model")),
+    ),
+    "sampler": ("the task sampler's state", lambda v: isinstance(v, dict)),
+    "torch_rng": ("torch's random state", _rng_state),
+    "best_val_accuracy": ("a number", _number),
+    "window": ("the metrics window", lambda v: isinstance(v, dict) and all(_number(v.get(k)) for k in WINDOW)),
+    "train_classes": ("a count", _count),
+    "config": ("the run's config", lambda v: isinstance(v, dict)),
+}
+
+
+def _kept_entry(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    step = entry.get("step")  # None: a step not known yet (a run resumed from before train.keep_best)
+    return (step is None or _count(step)) and _number(entry.get("val_accuracy"))
+
+
+def structure_problems(payload: dict) -> List[str]:
+    """What a loaded checkpoint lacks or holds of the wrong type; empty for a sound one."""
+    problems = [f"no {key} ({what})" for key, (what, _) in REQUIRED.items() if key not in payload]
+    problems += [
+        f"its {key} is not {what}" for key, (what, ok) in REQUIRED.items() if key in payload and not ok(payload[key])
+    ]
+    sampler = payload.get("sampler") if isinstance(payload.get("sampler"), dict) else {}
+    problems += sampler_problems(sampler)
+    kept = payload.get("kept_best")
+    if kept is not None and not (isinstance(kept, list) and all(_kept_entry(e) for e in kept)):
+        problems.append("its kept_best is not a list of {step, val_accuracy}")
+    return problems
+
+
+def sampler_problems(sampler: dict) -> List[str]:
+    """What the task sampler's state lacks to go on drawing (one without next_episode is an older format,
+    which the sampler itself refuses with its own message)."""
+    import torch
+
+    if "next_episode" not in sampler:
+        return []
+    problems = []
+    if not _count(sampler["next_episode"]):
+        problems.append("its sampler's next_episode is not a count")
+    if not _rng_state(sampler.get("generator")):
+        problems.append("its sampler's generator is not a random state")
+    buffer = sampler.get("replay_buffer")
+    if buffer is not None and not (
+        isinstance(buffer, torch.Tensor) and buffer.dim() == 3 and not buffer.is_floating_point()
+    ):
+        problems.append("its sampler's replay_buffer is not a tensor of task image ids")
+    if "replay_next" in sampler and not _count(sampler["replay_next"]):
+        problems.append("its sampler's replay_next is not a count")
+    return problems

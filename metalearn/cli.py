@@ -7,8 +7,10 @@ before the new ones, so the run's own config is composed again and any
 override given now still applies.
 """
 
+import contextlib
 import functools
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -21,12 +23,14 @@ from metalearn.aliases import migrate
 from metalearn.config import compose, register_schemas
 from metalearn.errors import MetalearnError, RunFailed
 from metalearn.exported import is_export, record_folder
+from metalearn.run_lock import lock_run, release
 from metalearn.runs import (
-    discard_unstarted_run,
+    NewRunFolder,
     find_override,
     override_key,
     quoted,
     refuse_existing_run,
+    refuse_long_names,
     replay_run_overrides,
     run_list,
     saved_overrides,
@@ -127,22 +131,21 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_user_errors_exit
 def train_app(cfg: DictConfig) -> Optional[float]:
-    """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored."""
+    """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored.
+
+    A single run refused before it started leaves no folder: main() removes what was made for it.
+    """
     from hydra.core.hydra_config import HydraConfig
 
+    from metalearn.distributed import from_environment
+    from metalearn.run_lock import one_writer
     from metalearn.train import train
 
-    try:
+    if not from_environment().main:  # rank 0 alone writes the run folder
         return train(cfg).best_val_accuracy
-    except BaseException:
-        # A single run refused before anything was saved leaves no folder; a sweep's run keeps its log, and
-        # of a run's processes only rank 0, which writes the folder, may remove it.
-        from metalearn.distributed import from_environment
-
-        unsaved = OmegaConf.select(cfg, "resume", throw_on_missing=False) is None
-        if unsaved and not _in_sweep() and from_environment().main:
-            discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
-        raise
+    # A single run's lock is main()'s already; a sweep's run takes its folder's here.
+    with one_writer(Path(HydraConfig.get().runtime.output_dir)):
+        return train(cfg).best_val_accuracy
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
@@ -188,7 +191,7 @@ def _writable(log: Path, purpose: str) -> None:
 
 
 def _can_create(folder: Path) -> None:
-    """A new run's folder (or, without hydra.run.dir, ./runs) can be made and written, before Hydra tries."""
+    """A new run's folder can be made and written, before Hydra tries."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -247,7 +250,61 @@ def _register_study_sweeper() -> None:
     Plugins.instance().register(OptunaStudy)
 
 
-def _prepare(command: str, args: List[str]) -> List[str]:
+def _resolved_run_dir(args: List[str]) -> Path:
+    """The folder a new run gets, interpolations (${now:...}, ${algo.name}, ${hydra.job.override_dirname})
+    resolved as Hydra resolves them; a bad override is an error here."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(args, "train", with_hydra=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise MetalearnError(_one_paragraph(err)) from None
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    try:
+        hydra_config.set_config(cfg)  # for ${hydra:...}, as Hydra's run_job does
+        return Path(os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir"))))
+    except OmegaConfBaseException as err:
+        given = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+        raise MetalearnError(f"hydra.run.dir={given} cannot be resolved: {_one_paragraph(err)}") from None
+    finally:
+        hydra_config.cfg = previous
+
+
+def _claim_new_run(args: List[str], claims: contextlib.ExitStack, command_line: str) -> List[str]:
+    """A new run's folder, resolved once and given to Hydra as is (so ${now:...} cannot name another folder),
+    checked, made and locked before Hydra writes anything there; a refused run leaves no folder behind."""
+    folder = _resolved_run_dir(args)
+    refuse_long_names(folder)
+    refuse_existing_run(folder)  # before anything is written there
+    if not _main_process():
+        return args  # rank 0 makes and locks the folder; _join_ranks gives this process its name
+    new = NewRunFolder(folder)
+    claims.push(_discard_if_failed(new))
+    _can_create(folder)
+    lock_run(folder, command_line)
+    new.owned = True  # what appears in it from now on is this process's
+    claims.callback(release, folder)
+    refuse_existing_run(folder)  # again: a run may have finished there since, before this process had the lock
+    return [a for a in args if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={quoted(str(folder))}"]
+
+
+def _discard_if_failed(new: NewRunFolder):
+    """An exit handler: a command that fails leaves the new run's folder as it found it."""
+
+    def on_exit(kind, err: Optional[BaseException], trace) -> bool:
+        if err is not None and not (isinstance(err, SystemExit) and err.code in (0, None)):
+            new.discard()
+        return False  # the error goes on
+
+    return on_exit
+
+
+def _prepare(command: str, args: List[str], claims: contextlib.ExitStack) -> List[str]:
+    """The overrides Hydra runs with; a run folder this command writes is claimed (made, locked) in `claims`."""
+    command_line = shlex.join(["metalearn", command, *args])
     args = migrate(args, note=True)
     _require_plugins(args)
     if command == "train":
@@ -265,14 +322,15 @@ def _prepare(command: str, args: List[str]) -> List[str]:
             )
         run = find_override(args, "resume")
         if run is None:
-            run_dir = find_override(args, "hydra.run.dir")
-            if run_dir is not None:  # checked before Hydra rewrites <run>/.hydra
-                refuse_existing_run(Path(run_dir.strip("'\"")))
-            if not any(a.startswith("-") for a in args):
-                _can_create(Path(run_dir.strip("'\"")) if run_dir else Path.cwd() / "runs")
-            return args
-        _writable(Path(run.strip("'\"")) / "train.log", "resume the run")
+            if any(a.startswith("-") for a in args):
+                return args  # --help, --cfg, -m: Hydra's own; a sweep's runs are checked and locked in train_app
+            return _claim_new_run(args, claims, command_line)
+        folder = Path(run.strip("'\""))
+        _writable(folder / "train.log", "resume the run")
         replayed = replay_run_overrides(run, args, drop=("resume",))
+        if _main_process():  # before Hydra appends to the run's log
+            lock_run(folder, command_line)
+            claims.callback(release, folder)
         # Hydra must not rewrite the run's record before the resume is accepted: train() writes it then.
         return replayed + [f"resume={quoted(run)}", f"hydra.run.dir={quoted(run)}", "hydra.output_subdir=null"]
     run = find_override(args, "run")
@@ -320,12 +378,22 @@ def _one_paragraph(err: BaseException) -> str:
     return " ".join(dict.fromkeys(lines)).rstrip(".") + "."
 
 
+def _main_process() -> bool:
+    """Rank 0 of a run on several processes (torchrun), or the one process: the one that writes the run folder."""
+    from metalearn.distributed import from_environment
+
+    return from_environment().main
+
+
 def _check_overrides(command: str, args: List[str]) -> None:
     """Compose the config once before Hydra runs, so a bad override is a `metalearn: error:` paragraph.
 
-    Sweeps, flags (--help, --cfg, -m) and plugin search paths are left to Hydra itself.
+    Sweeps, flags (--help, --cfg, -m) and plugin search paths are left to Hydra itself; a new run's
+    overrides were composed already, to resolve its folder.
     """
     if any(a.startswith("-") for a in args) or find_override(args, "hydra.searchpath") is not None:
+        return
+    if command == "train" and find_override(args, "resume") is None:
         return
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -402,8 +470,14 @@ def main(argv: List[str] = None) -> None:
             _fail(str(err))
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; the commands are: {', '.join(COMMANDS)}.\n\n{USAGE}", code=2)
+    # What is claimed for the command (a run folder made, its lock) is given back when it ends.
+    with contextlib.ExitStack() as claims:
+        _run(command, rest, claims)
+
+
+def _run(command: str, rest: List[str], claims: contextlib.ExitStack) -> None:
     try:
-        rest = _prepare(command, rest)
+        rest = _prepare(command, rest, claims)
     except MetalearnError as err:
         _fail(str(err))
     register_schemas()

@@ -11,11 +11,14 @@ folder. The process group is torch.distributed's, set up from the variables
 torchrun gives each process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 """
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -160,15 +163,38 @@ def from_environment() -> Ranks:
     hydra.launcher.tasks_per_node > 1); one process when there are neither."""
     if "WORLD_SIZE" not in os.environ:
         _export_job_tasks()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return SINGLE
+    rank = _env_int("RANK")
+    if not 0 <= rank < world:
+        raise MetalearnError(
+            f"RANK={rank} is not one of 0..{world - 1} (WORLD_SIZE={world}): each of the WORLD_SIZE processes of "
+            f"a run needs its own RANK. Start them with torchrun, which sets RANK, or check the variables you set."
+        )
     return Ranks(
-        rank=int(os.environ["RANK"]),
+        rank=rank,
         world=world,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+        local_rank=_env_int("LOCAL_RANK", "0"),
+        local_world=_env_int("LOCAL_WORLD_SIZE", str(world)),
     )
+
+
+def _env_int(name: str, default: Optional[str] = None) -> int:
+    """A whole-number variable of torchrun's (RANK, WORLD_SIZE, ...), or one line that says what is wrong."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise MetalearnError(
+            f"{name} is not set, but WORLD_SIZE={os.environ.get('WORLD_SIZE')} asks for a run on several processes: "
+            f"start them with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, or set them all."
+        )
+    try:
+        return int(value)
+    except ValueError:
+        raise MetalearnError(
+            f"{name}={value!r} is not a whole number: set it as torchrun would (RANK and LOCAL_RANK count from 0, "
+            f"WORLD_SIZE and LOCAL_WORLD_SIZE are numbers of processes), or start the processes with torchrun."
+        ) from None
 
 
 def _export_job_tasks() -> None:
@@ -182,9 +208,91 @@ def _export_job_tasks() -> None:
         tasks = submitit.JobEnvironment().num_tasks
     except RuntimeError:  # not in a submitit job
         return
-    if tasks > 1:
+    except ValueError as err:
+        raise MetalearnError(_job_variables_message(err)) from None
+    if tasks <= 1:
+        return
+    # A job script's own rendezvous address wins (submitit itself reads MASTER_PORT); the rest is the job's.
+    preset = {name: os.environ[name] for name in ("MASTER_ADDR", "MASTER_PORT") if name in os.environ}
+    try:
         # GPUs stay visible: a rank takes the one of its local rank (Ranks.device).
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    except Exception as err:  # it only reads the job's variables: a bad one (a SLURM_JOB_NODELIST it cannot parse)
+        raise MetalearnError(_job_variables_message(err)) from None
+    os.environ.update(preset)
+
+
+def _job_variables_message(err: BaseException) -> str:
+    return (
+        f"this SLURM job's tasks could not be read from its SLURM_* variables ({_first_line(err)}): check "
+        f"SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_JOB_NUM_NODES and SLURM_JOB_NODELIST, or start the "
+        f"processes with torchrun."
+    )
+
+
+def _rendezvous_address() -> Tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT, where rank 0 waits for the others; checked before anything waits on them."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise MetalearnError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the processes of this run "
+            f"cannot find each other: set MASTER_ADDR to rank 0's machine and MASTER_PORT to a free port on it, the "
+            f"same for every process (torchrun sets both)."
+        )
+    port = os.environ["MASTER_PORT"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise MetalearnError(f"MASTER_PORT={port!r} is not a port: choose a free one from 1024 to 65535.")
+    return os.environ["MASTER_ADDR"], int(port)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+
+
+def rendezvous_failed_message(err: BaseException, ranks: Ranks, address: Tuple[str, int], timeout_s: float) -> str:
+    """What a rank says when the processes of a run could not meet: which rendezvous, and what to check."""
+    host, port = address
+    where = f"rank {ranks.rank} of {ranks.world} could not meet the others at MASTER_ADDR:MASTER_PORT={host}:{port}"
+    why = _first_line(err)
+    if "address already in use" in why.lower() or "EADDRINUSE" in why:
+        what = f"port {port} is taken by another program ({why}). Choose a free MASTER_PORT, the same for every process"
+    elif ranks.main:
+        what = (
+            f"not all {ranks.world} processes joined within device.dist_timeout_s={timeout_s:g} s ({why}). Check that "
+            f"every one was started, each with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE and its own RANK, and "
+            f"that they can reach this machine on port {port}"
+        )
+    else:
+        what = (
+            f"rank 0 did not answer within device.dist_timeout_s={timeout_s:g} s ({why}). Check that rank 0 was "
+            f"started, that MASTER_ADDR names its machine and is reachable from this one, and that MASTER_PORT is the "
+            f"same for every process"
+        )
+    in_slurm_job = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    job = " (in a SLURM job MASTER_ADDR is the first node of SLURM_JOB_NODELIST)" if in_slurm_job else ""
+    return f"{where}: {what}{job}."
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """torch's C++ side logs each failed try of a rendezvous to file descriptor 2, with a stack of frames: held
+    back, and written out only if the rendezvous succeeds (a failure is said in one line instead)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                held.seek(0)
+                text = held.read()
+                while text:
+                    text = text[os.write(2, text) :]
 
 
 def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
@@ -192,11 +300,16 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     nccl for CUDA ones, each process on the GPU of its local rank."""
     ranks = from_environment()
     if ranks.active and not dist.is_initialized():
+        address = _rendezvous_address()
         backend = "gloo"
         if device.type == "cuda":
             ranks.device(device)  # before the group exists: its first collective runs on this GPU
             backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            with _native_stderr_held():
+                dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as err:  # torch's DistError is a RuntimeError
+            raise MetalearnError(rendezvous_failed_message(err, ranks, address, timeout_s)) from None
     return ranks
 
 

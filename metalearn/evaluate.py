@@ -28,6 +28,7 @@ from metalearn.checkpoint import (
     checkpoint_name,
     checkpoint_path,
     kept_score,
+    load_algo_state,
     load_checkpoint,
     ranked_checkpoints,
     top_count,
@@ -57,6 +58,7 @@ class EpisodeResult:
     episodes: int
     episode_digest: str = ""  # sha256 of the scored episodes' image ids
     batch_size: int = 0  # episodes scored at once (the last size tried)
+    diverged_episodes: int = 0  # episodes with a query whose logits are not all finite: those queries count as wrong
 
 
 def auto_batch_size(requested: Optional[int], episodes: int, device: torch.device) -> int:
@@ -77,7 +79,10 @@ def score_episodes(
     """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
     The ensemble averages the members' class probabilities per query; its
-    log-probabilities serve as logits for accuracy and loss. `batch_size`
+    log-probabilities serve as logits for accuracy and loss. A query whose
+    logits are not all finite (a diverged adaptation) counts as wrong, for
+    the ensemble too when one member's are; its episode counts as diverged
+    (`diverged_episodes`), and its loss stays non-finite. `batch_size`
     episodes are scored at a time (None: auto_batch_size); it changes neither
     the episodes nor the result. On several processes each scores its part of
     every batch and the per-episode figures are gathered, so the interval is
@@ -87,6 +92,7 @@ def score_episodes(
     size = auto_batch_size(batch_size, episodes, device)
     scored = len(algos) + (len(algos) > 1)
     accuracies, losses = [[] for _ in range(scored)], [[] for _ in range(scored)]
+    diverged = [[] for _ in range(scored)]
     digest = hashlib.sha256()
     with tqdm(total=episodes, desc=desc, unit="ep", leave=False, dynamic_ncols=True, disable=not ranks.main) as bar:
         done = 0
@@ -109,18 +115,26 @@ def score_episodes(
                 torch.cuda.empty_cache()
                 continue
             digest.update(ids.numpy().tobytes())
+            finite = [torch.isfinite(x).all(dim=-1) for x in all_logits]  # per query
             if len(algos) > 1 and all_logits:
                 all_logits.append(torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log())
+                # not the ensemble's own log-probabilities: log(0) is -inf for a confident, healthy ensemble
+                finite.append(torch.stack(finite).all(dim=0))
             labels = batch.query_labels
             for i in range(scored):
                 loss, accuracy = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+                failed = torch.zeros(0, dtype=torch.float64)
                 if all_logits:
                     logits = all_logits[i]
                     flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
                     loss = flat.view(len(mine), -1).double().mean(dim=1).cpu()
-                    accuracy = (logits.argmax(dim=-1) == labels).double().mean(dim=1).cpu()
+                    # the argmax of NaN logits is class 0: right for 1/ways of the queries by chance alone
+                    correct = (logits.argmax(dim=-1) == labels) & finite[i]
+                    accuracy = correct.double().mean(dim=1).cpu()
+                    failed = (~finite[i]).any(dim=1).double().cpu()
                 losses[i].append(ranks.gather(loss, count))
                 accuracies[i].append(ranks.gather(accuracy, count))
+                diverged[i].append(ranks.gather(failed, count))
             done += count
             bar.update(count)
     results = []
@@ -135,6 +149,7 @@ def score_episodes(
                 episodes=episodes,
                 episode_digest=digest.hexdigest(),
                 batch_size=size,
+                diverged_episodes=int(torch.cat(diverged[i]).sum().item()),
             )
         )
     return results
@@ -164,7 +179,7 @@ class Member:
 
 def _member(cfg: DictConfig, ckpt: dict, path: Path, file: str, device: torch.device, image_shape) -> Member:
     algo = build_algorithm(cfg, device, ckpt.get("train_classes", 0), image_shape)
-    algo.load_state_dict(weights_only(ckpt["algo"]))  # no optimizer: scoring never builds one
+    load_algo_state(algo, weights_only(ckpt["algo"]), path)  # no optimizer: scoring never builds one
     return Member(algo, ckpt["step"], file_sha256(path), file)
 
 
@@ -221,7 +236,33 @@ def _describe(result: EpisodeResult, cfg: DictConfig, what: str) -> str:
     return (
         f"test accuracy {100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} "
         f"({result.episodes} episodes, {cfg.data.name} {cfg.task.ways}-way {cfg.task.shots}-shot, {what})"
+        f"{diverged_note(result)}"
     )
+
+
+def diverged_note(result: EpisodeResult) -> str:
+    """What follows a score some of whose episodes diverged; nothing when none did."""
+    if not result.diverged_episodes:
+        return ""
+    return (
+        f" — {result.diverged_episodes} of {result.episodes} episodes diverged (non-finite predictions), "
+        f"counted as wrong"
+    )
+
+
+def warn_diverged(results: Sequence[EpisodeResult], names: Sequence[str], part: str) -> None:
+    """A warning per result with diverged episodes (zip: a name per result, the ensemble's last)."""
+    for result, name in zip(results, names):
+        if result.diverged_episodes:
+            log.warning(
+                "%s: %d of %d %s episodes diverged: their predictions are not finite (NaN or infinite logits), "
+                "so their queries count as wrong. The adaptation to a task blew up: a smaller algo.inner_lr or "
+                "fewer inner steps usually avoids it.",
+                name,
+                result.diverged_episodes,
+                result.episodes,
+                part,
+            )
 
 
 def _record(result: EpisodeResult, cfg: DictConfig, member: Member, device: torch.device) -> dict:
@@ -345,6 +386,9 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     )
     if not ranks.main:
         return results  # rank 0 prints and records the result, the same on every rank
+    solo = top is not None or len(configs) == 1
+    names = [member.file for member in members] if solo else [str(config.run) for config in configs]
+    warn_diverged(results, [*names, "the ensemble"], "test")
     if top is not None:
         _record_top(results, lead, members, device)
         return results

@@ -1,6 +1,8 @@
-"""`metalearn export run=<run> [checkpoint=best] [out=<file>.safetensors]` (the format: metalearn.exported)."""
+"""`metalearn export run=<run> [checkpoint=best] [out=<file>.safetensors|<folder>]` (format: metalearn.exported)."""
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -15,28 +17,63 @@ from metalearn.runs import saved_overrides
 
 def export(cfg: DictConfig) -> Path:
     """Write the run's checkpoint `cfg.checkpoint` to `cfg.out` (default: <run>/<checkpoint>.safetensors)."""
-    from safetensors.torch import save_file
-
     run, which = Path(cfg.run), checkpoint_name(cfg)
     path = checkpoint_path(run, which)
+    out = out_file(cfg.out, run, which)
     ckpt = load_checkpoint(path)
     state = weights_only(ckpt["algo"])
     tensors, values = flatten(state)
     metadata = {
         "format": FORMAT,
         "version": VERSION,
-        "config": json.dumps(ckpt["config"]),
+        "config": as_json(ckpt["config"], path, "config"),
         "overrides": json.dumps(saved_overrides(str(run))),
-        "values": json.dumps(values),
+        "values": as_json(values, path, "algorithm state"),
         "step": str(ckpt["step"]),
         "train_classes": str(ckpt.get("train_classes", 0)),
         "checkpoint": f"{which}.pt",
         "checkpoint_sha256": file_sha256(path),
     }
-    out = Path(cfg.out) if cfg.out else run / f"{which}{SUFFIX}"
-    if out.suffix != SUFFIX:
-        raise MetalearnError(f"out={out} should end in {SUFFIX}.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    write_export(tensors, metadata, out)
     print(f"exported {path} (step {ckpt['step']}, {len(tensors)} tensors) to {out}")
     return out
+
+
+def out_file(out, run: Path, which: str) -> Path:
+    """Where the export goes: `out`, or <out>/<checkpoint>.safetensors when `out` is a folder (one that
+    exists, or a path ending in /), or <run>/<checkpoint>.safetensors without `out`."""
+    if not out:
+        return run / f"{which}{SUFFIX}"
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        return Path(out) / f"{which}{SUFFIX}"
+    if Path(out).suffix != SUFFIX:
+        raise MetalearnError(f"out={out} should end in {SUFFIX} (or name a folder to write {which}{SUFFIX} in).")
+    return Path(out)
+
+
+def as_json(value, path: Path, what: str) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise MetalearnError(f"{path} cannot be exported: its {what} holds what JSON cannot keep ({err}).") from None
+
+
+def write_export(tensors: dict, metadata: dict, out: Path) -> None:
+    """Atomically: a file already at `out` stays whole until the new one is complete."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:  # safetensors reports its I/O errors as its own
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip() or type(err).__name__
+        raise MetalearnError(
+            f"could not write {out} ({reason[:200]}). Nothing was exported; choose a writable place with "
+            f"out=<folder or file{SUFFIX}>."
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):  # no temporary left behind; none made where the folder is not one
+            tmp.unlink(missing_ok=True)

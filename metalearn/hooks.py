@@ -27,7 +27,7 @@ from metalearn.checkpoint import NEXT_BEST, checkpoint_path, keep_copy, load_che
 from metalearn.data import EpisodeSampler
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
-from metalearn.evaluate import run_episodes
+from metalearn.evaluate import run_episodes, warn_diverged
 from metalearn.loggers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -194,10 +194,12 @@ class Validation(Hook):
                 "accuracy": val.accuracy,
                 "ci95": val.ci95,
                 "episodes": val.episodes,
+                "diverged_episodes": val.diverged_episodes,
                 "time": state.elapsed(),
             },
         )
         log.info("step %d: val accuracy %.2f%% ± %.2f", state.step, 100 * val.accuracy, 100 * val.ci95)
+        warn_diverged([val], [f"step {state.step}"], "validation")
         # a kept checkpoint only from a real score: a finite validation loss
         if math.isfinite(val.loss):
             self.best = max(self.best, val.accuracy)

@@ -13,9 +13,10 @@ import csv
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -36,6 +37,7 @@ class Run:
     records: List[dict] = field(default_factory=list)
     evals: List[dict] = field(default_factory=list)
     error: Optional[str] = None  # why the run stopped, when its log says (a sweep's runs log their errors)
+    skipped: Dict[str, List[str]] = field(default_factory=dict)  # file name: its lines that are no records, and why
 
     @property
     def step(self) -> int:
@@ -74,16 +76,68 @@ class Run:
         return max(times) if times else None
 
 
-def _jsonl(path: Path) -> List[dict]:
+# What a line of each file must be to count, besides a JSON object: the fields the report reads.
+METRIC_NUMBERS = ("loss", "accuracy", "ci95", "tasks_per_s", "images_per_s", "time")  # each a number or null
+EVAL_NUMBERS = ("accuracy", "ci95")  # each a number
+LARGEST = 1e100  # beyond any float32 (3.4e38); 100 times it, and its square, are still finite floats
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= LARGEST
+
+
+def metric_problem(record) -> Optional[str]:
+    """Why a line of metrics.jsonl is not a record the report can read; None when it is one."""
+    if not isinstance(record, dict):
+        return f"{_json_kind(record)}, not an object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= LARGEST:
+        return "no step (a whole number)"
+    if not isinstance(record.get("split"), str):
+        return "no split"
+    wrong = [key for key in METRIC_NUMBERS if record.get(key) is not None and not _number(record[key])]
+    return f"{wrong[0]} is not a number" if wrong else None
+
+
+def eval_problem(record) -> Optional[str]:
+    """Why a line of evals.jsonl is not a result the report can read; None when it is one."""
+    if not isinstance(record, dict):
+        return f"{_json_kind(record)}, not an object"
+    wrong = [key for key in EVAL_NUMBERS if not _number(record.get(key))]
+    return f"{wrong[0]} is not a number" if wrong else None
+
+
+def _json_kind(value) -> str:
+    kinds = {type(None): "null", bool: "true or false", str: "a string", list: "a list"}
+    return kinds.get(type(value), "a number")
+
+
+def _jsonl(path: Path, problem: Callable[[object], Optional[str]]) -> Tuple[List[dict], List[str]]:
+    """A JSON-lines file's records, and why each line that is none was skipped ("line 3: null, not an object"):
+    a line cut short by a crash, or one edited or written by something else."""
     if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
+        return [], []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        raise MetalearnError(
+            f"cannot read {path} ({err.strerror or err}): make it readable, or leave its run out."
+        ) from None
+    records, skipped = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line cut short by a crash
-    return out
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON (a JSONDecodeError), or beyond what Python reads
+            why = "not JSON (cut short?)"
+        else:
+            why = problem(record)
+        if why is None:
+            records.append(record)
+        else:
+            skipped.append(f"line {number}: {why}")
+    return records, skipped
 
 
 def logged_error(log: Path) -> Optional[str]:
@@ -100,6 +154,23 @@ def logged_error(log: Path) -> Optional[str]:
     return error
 
 
+def _saved_overrides(record: Path) -> Optional[List[str]]:
+    """A run's overrides as written (`task.train.ways=${task.ways}` stays text); None if the file is damaged."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(record), resolve=False)
+    except Exception:  # a YAML or OmegaConf error of a damaged record: the run is skipped, the report goes on
+        return None
+    return [str(o) for o in saved] if isinstance(saved, list) else None
+
+
+def _planned_steps(config: Path) -> int:
+    """train.steps of a run's composed config; 0 when it is missing or cannot be read."""
+    try:
+        return int(OmegaConf.load(config).train.steps) if config.is_file() else 0
+    except Exception:  # damaged, or an interpolation that needs Hydra's resolvers: the table shows no progress
+        return 0
+
+
 def find_runs(folders: Sequence[str]) -> List[Run]:
     found = []
     for folder in folders:
@@ -108,12 +179,16 @@ def find_runs(folders: Sequence[str]) -> List[Run]:
             raise MetalearnError(f"{root} does not exist.")
         for record in sorted(root.glob("**/.hydra/overrides.yaml")):
             run = record.parent.parent
-            overrides = [str(o) for o in OmegaConf.load(record)]
+            overrides = _saved_overrides(record)
+            if overrides is None:
+                print(f"metalearn: note: skipped {run}: its .hydra/overrides.yaml cannot be read", file=sys.stderr)
+                continue
             settings = tuple(o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(NOT_SETTINGS))
-            config = run / ".hydra" / "config.yaml"
-            steps = int(OmegaConf.load(config).train.steps) if config.is_file() else 0
-            records, evals = _jsonl(run / "metrics.jsonl"), _jsonl(run / "evals.jsonl")
-            found.append(Run(run, settings, steps, records, evals, logged_error(run / "train.log")))
+            steps = _planned_steps(run / ".hydra" / "config.yaml")
+            records, bad_records = _jsonl(run / "metrics.jsonl", metric_problem)
+            evals, bad_evals = _jsonl(run / "evals.jsonl", eval_problem)
+            skipped = {name: bad for name, bad in (("metrics.jsonl", bad_records), ("evals.jsonl", bad_evals)) if bad}
+            found.append(Run(run, settings, steps, records, evals, logged_error(run / "train.log"), skipped))
     if not found:
         raise MetalearnError(f"no runs under {', '.join(folders)} (folders holding .hydra/overrides.yaml).")
     return found
@@ -278,8 +353,23 @@ def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
     return written
 
 
+def note_skipped_lines(runs: List[Run]) -> None:
+    """One note per file with lines the report skipped: how many, and the first's number and why."""
+    for run in runs:
+        for name, skipped in run.skipped.items():
+            kind = "metric record" if name == "metrics.jsonl" else "evaluation result"
+            lines = f"{len(skipped)} lines that are no {kind}s" if len(skipped) > 1 else f"1 line that is no {kind}"
+            more, them = (", ...", "them") if len(skipped) > 1 else ("", "it")
+            print(
+                f"metalearn: note: skipped {lines} in {run.folder / name} ({skipped[0]}{more}); the report goes on "
+                f"without {them}.",
+                file=sys.stderr,
+            )
+
+
 def report(folders: Sequence[str], out: Optional[str] = None) -> List[dict]:
     runs = find_runs(folders)
+    note_skipped_lines(runs)
     rows = group_rows(runs)
     target = Path(out) if out else Path(folders[0])
     target.mkdir(parents=True, exist_ok=True)

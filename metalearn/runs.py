@@ -5,6 +5,7 @@ overrides a run was started with (.hydra/overrides.yaml) before the new ones,
 so the run's own config is composed again and any override given now wins.
 """
 
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -28,11 +29,57 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
-def discard_unstarted_run(run_dir: Path) -> None:
-    """Remove the folder Hydra made for a run refused before it started (it holds only .hydra/ and the log)."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+# What a run holds before its first step: Hydra's record, the log, and the lock of the process that runs it.
+UNSTARTED_RUN = {".hydra", "train.log", ".lock"}
+# The longest name of one folder on most filesystems (bytes), where the filesystem does not say.
+NAME_MAX = 255
+
+
+class NewRunFolder:
+    """The folder of a new run, and what of it existed before: a run refused before it started leaves the
+    folder as it was, the parent folders made for it included, and nothing that existed before is removed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # the deepest first
+        self.before = {p.name for p in self.folder.iterdir()} if self.folder.is_dir() else set()
+        self.owned = False  # set once this process holds the folder's lock: until then, others may write there
+
+    def discard(self) -> None:
+        if self.owned and self.folder.is_dir():
+            added = {p.name for p in self.folder.iterdir()} - self.before
+            if not added <= UNSTARTED_RUN:
+                return  # the run started: keep all of it
+            for name in added:
+                path = self.folder / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return  # it holds something of another process's: it and its parents stay
+
+
+def refuse_long_names(folder: Path) -> None:
+    """A folder name the filesystem cannot take is refused by name, not by a traceback from mkdir."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("/"))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = NAME_MAX
+    for part in folder.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise MetalearnError(
+                f"the run folder name {part[:60]}... is {size} bytes, more than the {limit} a folder name can "
+                f"have here. Nothing was made; choose a shorter hydra.run.dir (with ${{hydra.job.override_dirname}}, "
+                f"leave keys out of it with hydra.job.config.override_dirname.exclude_keys=[data.root,...])."
+            )
 
 
 def override_key(override: str) -> str:
@@ -71,12 +118,17 @@ def saved_overrides(run_dir: str) -> List[str]:
             f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
             f"(give the folder that `metalearn train` printed at the end)."
         )
-    saved = list(OmegaConf.load(saved_path))
+    saved = _unresolved(OmegaConf.load(saved_path))
     hydra_record = folder / ".hydra" / "hydra.yaml"
     if hydra_record.is_file():
-        hydra_overrides = OmegaConf.load(hydra_record).hydra.overrides.get("hydra", [])
+        hydra_overrides = _unresolved(OmegaConf.load(hydra_record).hydra.overrides.get("hydra", []))
         saved += [o for o in hydra_overrides if override_key(o) in REPLAYED_HYDRA_KEYS]
     return migrate(saved)
+
+
+def _unresolved(overrides) -> List[str]:
+    """Saved overrides as written: `hydra.run.dir=runs/${seed}` is text to replay, not an interpolation to resolve."""
+    return [str(o) for o in OmegaConf.to_container(OmegaConf.create(overrides), resolve=False)]
 
 
 def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:

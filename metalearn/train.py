@@ -24,9 +24,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
 from metalearn.algorithms import build_algorithm, run_dtype
-from metalearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import checkpoint_path, load_algo_state, load_checkpoint, save_checkpoint
 from metalearn.config import TaskConfig, validate
-from metalearn.data import EpisodeSampler, build_dataset
+from metalearn.data import EpisodeSampler, TaskKeys, build_dataset
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import cores, resolve_device, share_cores
 from metalearn.errors import MetalearnError
@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     loop, task = cfg.train, cfg.task
 
+    # Before the data loads: a logger that cannot start (no MLflow server) stops the run in seconds.
+    writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
     dataset = build_dataset(cfg.data)
     train_split = dataset.load_split("train")
     algo = build_algorithm(cfg, device, train_split.num_classes, train_split.image_shape)
@@ -135,6 +137,7 @@ def train(cfg: DictConfig) -> TrainResult:
         replay_size=loop.replay.size,
         dtype=run_dtype(cfg),
         preprocess=preprocess_of(cfg.data, training=True),
+        keys=TaskKeys.of_training(task),
     )
     val_sampler = EpisodeSampler(
         dataset.load_split("val"),
@@ -146,7 +149,6 @@ def train(cfg: DictConfig) -> TrainResult:
         dtype=run_dtype(cfg),
         preprocess=preprocess_of(cfg.data),
     )
-    writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
     state = LoopState(step=0, steps=loop.steps)
 
     def save(which: str) -> None:
@@ -187,7 +189,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     if cfg.resume is not None:
         ckpt = load_checkpoint(checkpoint_path(run_dir, "last"))
-        algo.load_state_dict(ckpt["algo"])
+        load_algo_state(algo, ckpt["algo"], checkpoint_path(run_dir, "last"))
         train_sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         state.step = ckpt["step"]

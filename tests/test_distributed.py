@@ -6,6 +6,7 @@ reference runs on as many, so a task's own arithmetic is the same in both.
 """
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,11 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers.ranks import run_ranks, start_ranks
+from helpers.cli import metalearn_cli
+from helpers.ranks import free_port, run_ranks, start_ranks
 from helpers.runs import overrides_for
 from metalearn.algorithms import build_algorithm
 from metalearn.data import Episodes
-from metalearn.distributed import Ranks
+from metalearn.distributed import Ranks, from_environment
 from metalearn.errors import MetalearnError
 from metalearn.device import cores
 
@@ -175,3 +177,135 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_override
     logged = max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines())
     assert saved == logged  # rank 0 saved the step both ranks stopped after
     assert f"resume with: metalearn train resume={run}" in outputs[0][0]
+
+
+def train_records(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+# Batches of 3 tasks (7 images for finetune) on 2 ranks: slices of 1 and 2 (3 and 4), so each rank's mean
+# counts for its share of the batch, not for half of it. Finetune's BatchNorm sums its statistics over the ranks.
+UNEVEN = {
+    "fomaml": ["train.meta_batch_size=3"],
+    "reptile": ["train.meta_batch_size=3"],
+    "finetune": ["train.meta_batch_size=3", "algo.batch_size=7"],
+}
+
+
+@pytest.mark.parametrize("algo", sorted(UNEVEN))
+def test_an_uneven_split_trains_and_logs_what_one_process_does(cli, tiny_overrides, tmp_path, rank_threads, algo):
+    tiny = [o for o in overrides_for(algo, tiny_overrides) if not o.startswith(("train.meta_batch_size", "algo.batch"))]
+    common = [*tiny, *UNEVEN[algo], "device.dtype=float64", "train.steps=3", "train.val_every=3", "train.log_every=1"]
+    cli("train", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    run_ranks(2, ["train", *common, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert "rank 0 of 2" in (tmp_path / "two" / "train.log").read_text()
+    assert_same_model(tmp_path / "one", tmp_path / "two")
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    # the whole batch's means: each rank's weighted by its share (an accuracy is a float32 mean of 0s and 1s)
+    for key, tolerance in (("loss", 1e-9), ("accuracy", 1e-6)):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=0, abs=tolerance), key
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+SLURM_JOB = {  # a job of two tasks on one node, this process its second (what submitit's slurm executor sees)
+    "SUBMITIT_EXECUTOR": "slurm",
+    "SLURM_JOB_ID": "7",
+    "SLURM_NTASKS": "2",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_NODELIST": "127.0.0.1",
+}
+
+
+@pytest.fixture
+def rendezvous_env(monkeypatch):
+    """Sets the given variables for one test; whatever it (or submitit's export) adds to torchrun's is undone."""
+    for name in TORCHRUN_VARIABLES + tuple(SLURM_JOB):
+        monkeypatch.setenv(name, "")  # recorded, so the end of the test restores it (to unset)
+        monkeypatch.delenv(name)
+
+    def set_env(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, str(value))
+
+    return set_env
+
+
+def assert_one_error_line(result, expected: str) -> None:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # torch's C++ retries held back too
+    assert result.stderr.startswith("metalearn: error: ") and expected in result.stderr, result.stderr
+
+
+TIMEOUT_S = 2
+
+
+@pytest.mark.parametrize(
+    "rank, expected",
+    [
+        (1, "rank 1 of 2 could not meet the others at MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: rank 0 did not answer"),
+        (0, "rank 0 of 2 could not meet the others at MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: not all 2 processes"),
+    ],
+)
+def test_a_rendezvous_nobody_answers_ends_on_one_line_within_the_timeout(rendezvous_env, tmp_path, rank, expected):
+    port = free_port()  # closed: no rank 0 listens there, no other rank calls
+    rendezvous_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    started = time.monotonic()
+    result = metalearn_cli("train", "device=cpu", f"device.dist_timeout_s={TIMEOUT_S}", cwd=tmp_path, check=False)
+    assert time.monotonic() - started < 60  # the default timeout is 300 s: the given one applied
+    assert_one_error_line(result, expected.format(port=port))
+    assert f"within device.dist_timeout_s={TIMEOUT_S} s" in result.stderr and "Check that" in result.stderr
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("submitit") is None, reason="the sweep extra: pip install '.[sweep]'"
+)
+def test_a_slurm_task_whose_rendezvous_fails_ends_on_one_line_that_names_the_job(rendezvous_env, tmp_path):
+    port = free_port()
+    rendezvous_env(**SLURM_JOB, MASTER_PORT=port)  # a job script's own port, as submitit reads it
+    result = metalearn_cli("train", "device=cpu", f"device.dist_timeout_s={TIMEOUT_S}", cwd=tmp_path, check=False)
+    assert_one_error_line(result, f"rank 1 of 2 could not meet the others at MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}")
+    assert "in a SLURM job MASTER_ADDR is the first node of SLURM_JOB_NODELIST" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "variables, expected",
+    [
+        ({"RANK": 0, "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set, so the processes of this run cannot find"),
+        ({"RANK": 0}, "MASTER_ADDR and MASTER_PORT are not set"),
+        ({"RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT='http' is not a port"),
+        ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK is not set, but WORLD_SIZE=2 asks for"),
+        ({"RANK": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK=2 is not one of 0..1 (WORLD_SIZE=2)"),
+        ({"RANK": "first", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK='first' is not a whole number"),
+    ],
+)
+def test_torchrun_variables_that_cannot_meet_are_one_line_before_anything_waits(
+    cli, rendezvous_env, tmp_path, variables, expected
+):
+    rendezvous_env(WORLD_SIZE=2, **variables)
+    result = cli("train", "device=cpu", f"device.dist_timeout_s={TIMEOUT_S}", cwd=tmp_path, check=False)
+    assert_one_error_line(result, expected)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("submitit") is None, reason="the sweep extra: pip install '.[sweep]'"
+)
+@pytest.mark.parametrize("variable, value", [("SLURM_JOB_NODELIST", "node[1-"), ("SLURM_NTASKS", "two")])
+def test_slurm_variables_submitit_cannot_read_are_one_line(cli, rendezvous_env, tmp_path, variable, value):
+    rendezvous_env(**{**SLURM_JOB, variable: value})
+    result = cli("train", "device=cpu", cwd=tmp_path, check=False)
+    assert_one_error_line(result, "this SLURM job's tasks could not be read from its SLURM_* variables")
+    assert variable in result.stderr
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("submitit") is None, reason="the sweep extra: pip install '.[sweep]'"
+)
+def test_a_slurm_job_scripts_own_rendezvous_address_is_kept(rendezvous_env):
+    rendezvous_env(**{**SLURM_JOB, "SLURM_JOB_NODELIST": "node[1-2]"}, MASTER_ADDR="127.0.0.1", MASTER_PORT=29511)
+    ranks = from_environment()
+    assert (ranks.rank, ranks.world, ranks.local_rank) == (1, 2, 1)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", "29511")

@@ -42,8 +42,9 @@ class FixedLogits:
         return self.table[ids]
 
 
-def by_hand(members, sampler, episodes):
-    """Per-episode accuracy and loss in plain Python; the ensemble averages the members' probabilities."""
+def by_hand(members, sampler, episodes, broken=lambda episode, query: False):
+    """Per-episode accuracy and loss in plain Python; the ensemble averages the members' probabilities.
+    A `broken` query (its logits not finite) is wrong, and its episode's loss NaN."""
     accuracies, losses = [], []
     for i in range(episodes):
         ep = sampler.episodes(i, 1)
@@ -51,6 +52,9 @@ def by_hand(members, sampler, episodes):
         labels = ep.query_labels[0].tolist()
         correct, loss = 0, 0.0
         for q, label in enumerate(labels):
+            if broken(i, q):
+                loss = math.nan
+                continue
             probs = [0.0] * WAYS
             for row in rows:
                 exps = [math.exp(v) for v in row[q]]
@@ -67,7 +71,7 @@ def assert_result(result: EpisodeResult, expected):
     accuracy, ci95, loss = expected
     assert result.accuracy == pytest.approx(accuracy, rel=1e-12)
     assert result.ci95 == pytest.approx(ci95, rel=1e-9)
-    assert result.loss == pytest.approx(loss, rel=1e-5)
+    assert result.loss == pytest.approx(loss, rel=1e-5, nan_ok=True)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 40, None])
@@ -107,6 +111,69 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing():
         score_episodes([FitsEight(1, limit=0)], sampler, 4, None, "test")
 
 
+def support_of(episodes) -> list:
+    """Each task's support image ids, sorted: what identifies an episode whatever batch it comes in."""
+    ids = (episodes.support[..., 0, 0, 0] * 255).round().long()
+    return [tuple(sorted(row)) for row in ids.tolist()]
+
+
+class DivergesOn(FixedLogits):
+    """FixedLogits, but the adaptation to the chosen episodes diverges: `nan`, all their logits are NaN;
+    `inf`, class 0's is infinite (its argmax, class 0, is then right for 1 query in WAYS, as NaN's is);
+    `one query`, only their first query's logits are NaN."""
+
+    def __init__(self, salt: int, sampler: EpisodeSampler, chosen, how: str):
+        super().__init__(salt)
+        self.diverging = {support_of(sampler.episodes(i, 1))[0] for i in chosen}
+        self.how = how
+
+    def predict(self, episodes):
+        logits = super().predict(episodes).clone()
+        diverged = torch.tensor([s in self.diverging for s in support_of(episodes)])
+        if self.how == "nan":
+            logits[diverged] = math.nan
+        elif self.how == "inf":
+            logits[diverged, :, 0] = math.inf
+        else:
+            logits[diverged, 0] = math.nan
+        return logits
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "one query"])
+@pytest.mark.parametrize("batch_size", [1, 3, None])
+def test_diverged_episodes_count_as_wrong_and_are_counted(batch_size, how):
+    sampler = EpisodeSampler(coded_split(), WAYS, 1, QUERIES, "cpu", seed=0)
+    chosen = {1, 4, 5, 9}
+
+    def broken(episode, query):
+        return episode in chosen and (how != "one query" or query == 0)
+
+    healthy, diverging = FixedLogits(1), DivergesOn(2, sampler, chosen, how)
+    # every task's queries hold each class equally: argmax-of-NaN's class 0 would be right for 1 in WAYS
+    assert all((sampler.episodes(i, 1).query_labels == 0).double().mean() == 1 / WAYS for i in chosen)
+    results = score_episodes([healthy, diverging], sampler, 12, batch_size, "test")
+    assert [r.diverged_episodes for r in results] == [0, 4, 4]  # the ensemble is wrong where a member diverged
+    assert_result(results[0], by_hand([healthy], sampler, 12))
+    assert_result(results[1], by_hand([FixedLogits(2)], sampler, 12, broken))
+    assert_result(results[2], by_hand([healthy, FixedLogits(2)], sampler, 12, broken))
+    assert math.isnan(results[1].loss) and math.isnan(results[2].loss)
+
+
+class Confident(FixedLogits):
+    """Logits 1000 apart: each class probability but the top one is exactly 0, and the ensemble's log of it -inf."""
+
+    def predict(self, episodes):
+        return 1000 * super().predict(episodes)
+
+
+def test_a_confident_ensemble_is_not_diverged():
+    """Divergence is a member's non-finite logits, not the ensemble's -inf log-probabilities."""
+    sampler = EpisodeSampler(coded_split(), WAYS, 1, QUERIES, "cpu", seed=0)
+    results = score_episodes([Confident(1), Confident(1)], sampler, 12, None, "test")
+    assert [r.diverged_episodes for r in results] == [0, 0, 0]
+    assert results[2].accuracy == results[0].accuracy > 0
+
+
 # --- through the CLI ---------------------------------------------------------------
 
 
@@ -120,6 +187,29 @@ def test_eval_scores_the_test_split(cli, tiny_overrides, tiny_data, tmp_path):
     assert record["part"] == "test"
     test = EpisodeSampler(load_split(tiny_data_config(tiny_data), "test"), 13, 1, 3, "cpu", seed=0)
     assert record["episode_digest"] == hashlib.sha256(test.episode_ids(0, 10).numpy().tobytes()).hexdigest()
+
+
+def test_eval_says_how_many_episodes_diverged_and_counts_them_wrong(cli, tiny_overrides, tmp_path):
+    """algo.inner_lr=1e30 at test time: MAML's inner steps take every episode's logits to NaN, whose argmax
+    (class 0) is right for 1 query in 5: that was printed as 20.00%, a chance-like accuracy."""
+    run = tmp_path / "run"
+    cli("train", *overrides_for("maml", tiny_overrides), "train.steps=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    for size in (1, 3):
+        shown = cli("eval", f"run={run}", "algo.inner_lr=1e30", f"eval.batch_size={size}", cwd=tmp_path)
+        line = (
+            "test accuracy 0.00% ± 0.00 (10 episodes, omniglot 5-way 1-shot, best.pt) — 10 of 10 episodes "
+            "diverged (non-finite predictions), counted as wrong"
+        )
+        assert line in shown.stdout
+        assert "WARNING" in shown.stdout + shown.stderr
+        assert "best.pt: 10 of 10 test episodes diverged" in shown.stdout + shown.stderr
+    records = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [(r["accuracy"], r["diverged_episodes"], r["batch_size"]) for r in records] == [(0.0, 10, 1), (0.0, 10, 3)]
+    assert [r["loss"] for r in records] == [None, None]
+    shown = cli("eval", f"run={run}", cwd=tmp_path)  # the run's own inner_lr: nothing diverges, nothing is said
+    assert "diverged" not in shown.stdout + shown.stderr
+    record = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
+    assert record["diverged_episodes"] == 0 and record["accuracy"] > 0
 
 
 def test_one_episode_set_for_every_batch_size_and_algorithm(cli, tiny_overrides, tiny_data, tmp_path):

@@ -166,3 +166,29 @@ def test_inductive_mamlpp_trains_resumes_exactly_and_records_its_protocol(cli, t
     assert record["batch_norm"] == "inductive"
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["algo"]
     assert state["model"]["features.0.1.running_mean"].shape == (2, 8)  # per step, 8 channels
+
+
+def paper_weights(epoch):
+    """MAML++'s per-step loss importance for 2 inner steps annealed over 4 epochs, by hand: the first
+    step's weight falls by 1/2/4 = 0.125 an epoch (to no less than 0.03/2), the last takes the rest."""
+    first = max(0.5 - 0.125 * epoch, 0.015)
+    return [first, min(0.5 + 0.125 * epoch, 0.985)] if epoch < 4 else [0.0, 1.0]
+
+
+def test_the_multi_step_loss_anneals_over_epochs_of_several_steps():
+    batch = episodes(tasks=2)
+    only_msl = [o for o in EVERY_SWITCH_OFF if "multi_step" not in o]
+    settings = ["algo.inner_steps=2", "algo.epoch_steps=3", "algo.msl_epochs=4", *only_msl]
+    algo = build("mamlpp", *settings, "algo.first_order=true")  # the order does not change the weights
+    seen = []
+    for step in range(14):  # meta-iterations 0-2 are epoch 0, 3-5 epoch 1, ... 12 on: past the 4 epochs
+        assert algo.step == step
+        seen.append(algo.step_weights())
+        algo.meta_train_step(batch)
+    assert seen == [pytest.approx(paper_weights(step // 3)) for step in range(14)]
+    assert seen[2] == pytest.approx([0.5, 0.5]) and seen[5] == pytest.approx([0.375, 0.625])
+    # the outer loss uses them: step 7 is epoch 2's
+    weighted = build("mamlpp", *settings)
+    weighted.step = 7
+    expected = naive_msl_meta_gradient(weighted.model, batch, 0.1, 2, paper_weights(2))
+    assert_dicts_close(weighted.meta_gradients(batch), expected)

@@ -1,8 +1,15 @@
 """An Optuna study (hparams_search=...): each trial is a run folder; its best validation accuracy is the objective."""
 
+import contextlib
 import csv
 import json
 import math
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -11,6 +18,8 @@ from helpers.runs import overrides_for
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra: pip install '.[sweep]'")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra: pip install '.[sweep]'")
+
+from hydra_plugins.metalearn_study.study_storage import OWNER  # noqa: E402
 
 RATES = (0.001, 0.003, 1e30)
 DIVERGING = 1e30  # Adam steps every weight by about the rate: the next loss is not finite
@@ -59,6 +68,8 @@ def test_a_study_scores_each_trial_by_its_best_validation_and_fails_a_diverged_o
 
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == 3
+    # each queued trial records the process that took it, so a later start tells it from a stale one
+    assert [t.system_attrs[OWNER] for t in study.trials] == [{"host": socket.gethostname(), "pid": os.getpid()}] * 3
     trials = {t.params["algo.outer_lr"]: t for t in study.trials}
     assert trials[DIVERGING].state == optuna.trial.TrialState.FAIL and trials[DIVERGING].value is None
     for lr in RATES[:2]:
@@ -104,3 +115,112 @@ def test_a_study_without_multirun_is_refused_before_anything_runs(cli, tmp_path)
         "metalearn: error: hparams_search=maml runs an Optuna study, a sweep: add -m "
         "(metalearn train -m hparams_search=maml ...)."
     )
+
+
+def study_command(tiny_overrides, storage, *extra):
+    overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
+    return [
+        "train",
+        "-m",
+        "hparams_search=protonet",
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=tiny",
+        "task.train.ways=5",
+        "train.steps=2",
+        *overrides,
+        "hydra.sweep.dir=study",
+        *extra,
+    ]
+
+
+def other_programs_database(path):
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO notes (text) VALUES ('keep me')")
+        db.commit()
+
+
+def table_of_optunas_name(path):
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE studies (name TEXT)")
+        db.commit()
+
+
+def cut_study_file(path):
+    optuna.create_study(study_name="tiny", storage=f"sqlite:///{path}", direction="maximize")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGED = {
+    "random bytes": (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "is not an SQLite database"),
+    "text": (lambda p: p.write_text("trial,value\n0,0.5\n" * 100), "is not an SQLite database"),
+    "cut short": (cut_study_file, "is not an SQLite database (database disk image is malformed)"),
+    "another program's": (other_programs_database, "is the SQLite database of another program (tables notes)"),
+    "a table of Optuna's name": (table_of_optunas_name, "is the SQLite database of another program (tables studies)"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_storage_file_that_is_no_study_ends_on_one_line_and_stays_as_it_was(cli, tiny_overrides, tmp_path, damage):
+    write, expected = DAMAGED[damage]
+    path = tmp_path / "study.db"
+    write(path)
+    before = path.read_bytes()
+    result = cli(*study_command(tiny_overrides, f"sqlite:///{path}"), cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"metalearn: error: the study's storage sqlite:///{path} {expected}" in result.stderr
+    assert "hydra.sweeper.storage" in result.stderr  # what to do
+    assert path.read_bytes() == before and not (tmp_path / "study").exists()
+
+
+def test_a_storage_that_cannot_be_opened_and_a_study_of_another_direction_end_on_one_line(
+    cli, tiny_overrides, tmp_path
+):
+    missing = f"sqlite:///{tmp_path / 'no-such-folder' / 'study.db'}"
+    result = cli(*study_command(tiny_overrides, missing), cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"metalearn: error: the study's storage {missing} cannot be opened (" in result.stderr
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="tiny", storage=storage, direction="minimize")
+    result = cli(*study_command(tiny_overrides, storage), cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"metalearn: error: study tiny in {storage} optimizes in another direction" in result.stderr
+
+
+def finished_process_id() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def asked_by(study, trial, pid: int) -> None:
+    """What the sweeper records in a trial it starts: the process that asked for it."""
+    study._storage.set_trial_system_attr(trial._trial_id, OWNER, {"host": socket.gethostname(), "pid": pid})
+
+
+def test_trials_a_stopped_process_left_running_are_failed_when_the_study_starts_again(cli, tiny_overrides, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    killed = study.ask()  # asked through Optuna itself, which records no process
+    gone = study.ask()
+    asked_by(study, gone, finished_process_id())
+    reused = study.ask()  # its process id now this one's: a container started again gives the same ids
+    asked_by(study, reused, os.getpid())
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as worker:
+        try:
+            alive = study.ask()  # another worker's trial, still running
+            asked_by(study, alive, worker.pid)
+            result = cli(*study_command(tiny_overrides, storage), cwd=tmp_path)
+        finally:
+            worker.kill()
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    states = {t.number: t.state for t in trials}
+    assert states[killed.number] == states[gone.number] == states[reused.number] == optuna.trial.TrialState.FAIL
+    assert states[alive.number] == optuna.trial.TrialState.RUNNING
+    assert [t.state for t in trials[4:]] == [optuna.trial.TrialState.COMPLETE]  # the one new trial ran
+    assert trials[4].system_attrs[OWNER] == {"host": socket.gethostname(), "pid": os.getpid()}
+    output = result.stdout + result.stderr
+    assert f"trial {killed.number} of study tiny was left running by a process that stopped" in output
+    assert f"trial {gone.number} of study tiny was left running by a process that stopped" in output

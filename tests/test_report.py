@@ -4,8 +4,11 @@ import csv
 import json
 import math
 import statistics
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from metalearn.report import DPI, FIGURE_SIZE, PLOTS
@@ -113,3 +116,142 @@ def test_sampled_floats_read_short_unless_two_groups_would_then_read_the_same(cl
     with open(tmp_path / "t" / "report.csv") as handle:
         groups = {row["group"] for row in csv.DictReader(handle)}
     assert groups == {"algo.outer_lr=0.00125206538", "algo.outer_lr=0.00125206539"}
+
+
+NOT_RECORDS = [
+    "null",
+    "3",
+    "[1, 2]",
+    '"val"',
+    '{"split": "val", "accuracy": 0.99}',  # no step
+    '{"step": 4, "accuracy": 0.99}',  # no split
+    '{"step": 4, "split": "val", "accuracy": "0.99"}',
+    '{"step": true, "split": "val", "accuracy": 0.99}',
+    '{"step": 4, "split": "val", "accuracy": true}',
+    '{"step": 4, "split": "val", "accuracy": NaN}',
+    '{"step": 4, "split": "val", "accuracy": Infinity}',
+    '{"step": 4, "split": "val", "accuracy": 1e308}',  # finite, but 100 times it (a percentage) is not
+    "1" * 5000,  # more digits than Python reads
+    "[" * 100000,  # deeper than Python reads
+    '{"step": 4, "split": "train", "loss": 0.1, "tim',  # cut short by a crash
+]
+NOT_RESULTS = [
+    "null",
+    '{"accuracy": "0.99", "ci95": 0.01}',
+    '{"ci95": 0.01}',
+    '{"accuracy": 0.99}',
+    "[0.99, 0.01]",
+    '{"accuracy": 0.99, "ci',
+]
+
+
+def append_lines(path, lines):
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(f"{line}\n" for line in lines))
+
+
+def test_lines_that_are_no_records_are_skipped_with_one_note_per_file(cli, sweep):
+    append_lines(sweep / "0" / "metrics.jsonl", NOT_RECORDS)
+    append_lines(sweep / "1" / "evals.jsonl", NOT_RESULTS)
+    result = cli("report", str(sweep))
+    assert result.stderr.splitlines() == [
+        f"metalearn: note: skipped {len(NOT_RECORDS)} lines that are no metric records in "
+        f"{sweep / '0' / 'metrics.jsonl'} (line 5: null, not an object, ...); the report goes on without them.",
+        f"metalearn: note: skipped {len(NOT_RESULTS)} lines that are no evaluation results in "
+        f"{sweep / '1' / 'evals.jsonl'} (line 2: null, not an object, ...); the report goes on without them.",
+    ]
+    with open(sweep / "report.csv") as handle:
+        maml = {row["group"]: row for row in csv.DictReader(handle)}["algo=maml"]
+    # the figures of the valid lines alone, as in the report of the undamaged sweep
+    assert float(maml["best_val"]) == pytest.approx(0.75) and float(maml["test"]) == pytest.approx(0.70)
+    assert maml["steps"] == "4" and maml["status"] == "done"
+
+
+def test_a_note_names_the_one_line_it_skipped_and_why(cli, sweep):
+    append_lines(sweep / "3" / "metrics.jsonl", ['{"step": 4, "split": "val", "accuracy": [0.9]}'])
+    result = cli("report", str(sweep))
+    assert result.stderr == (
+        f"metalearn: note: skipped 1 line that is no metric record in {sweep / '3' / 'metrics.jsonl'} "
+        f"(line 3: accuracy is not a number); the report goes on without it.\n"
+    )
+
+
+# Property-based: whatever the lines of metrics.jsonl or evals.jsonl are, `report` reads the rest of the runs and
+# notes what it skipped, never a traceback. Without plots (matplotlib takes a second a report): the numbers a
+# plot could get are those of the lines the report keeps, which the example tests above plot.
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+NUMBERS = st.floats(0, 1) | st.integers(-3, 10) | st.floats(allow_nan=True, allow_infinity=True)
+RECORD_LIKE = st.fixed_dictionaries(  # the fields the report reads, each maybe missing, maybe of any value
+    {},
+    optional={
+        "step": st.integers(-3, 10) | SCALARS,
+        "split": st.sampled_from(["train", "val"]) | SCALARS,
+        **{key: NUMBERS | JSON_VALUES for key in ("loss", "accuracy", "ci95", "tasks_per_s", "time")},
+    },
+)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)  # any text UTF-8 can hold
+LINES = st.lists(
+    st.one_of(
+        JSON_VALUES.map(json.dumps),
+        RECORD_LIKE.map(json.dumps),
+        st.tuples(RECORD_LIKE.map(json.dumps), st.integers(0, 30)).map(lambda cut: cut[0][: cut[1]]),  # cut short
+        TEXT,
+    ),
+    min_size=1,
+    max_size=5,
+)
+FUZZ = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,  # the same examples on every machine
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def assert_reported_with_notes_only(result):
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert all(line.startswith("metalearn: note: skipped ") for line in result.stderr.splitlines()), result.stderr
+
+
+@FUZZ
+@given(lines=LINES, at=st.integers(0, 4))
+def test_any_lines_in_metrics_jsonl_are_reported_or_skipped_with_a_note(cli, tmp_path_factory, lines, at):
+    root = tmp_path_factory.mktemp("fuzz")
+    for seed in (0, 1):  # a group of two runs: the report takes means and intervals across them
+        write_run(root / str(seed), ["algo=maml", f"seed={seed}"], 4, [(2, 0.5), (4, 0.7)], [(4, 0.8)], [(0.6, 0.02)])
+    path = root / "0" / "metrics.jsonl"
+    kept = path.read_text().splitlines()
+    path.write_text("\n".join(kept[:at] + lines + kept[at:]) + "\n", encoding="utf-8")
+    with mock.patch("metalearn.report.plots", return_value=[]):
+        assert_reported_with_notes_only(cli("report", str(root)))
+
+
+@FUZZ
+@given(lines=LINES)
+def test_any_lines_in_evals_jsonl_are_reported_or_skipped_with_a_note(cli, tmp_path_factory, lines):
+    root = tmp_path_factory.mktemp("fuzz")
+    for seed in (0, 1):
+        write_run(root / str(seed), ["algo=maml", f"seed={seed}"], 4, [(4, 0.7)], [(4, 0.8)], [(0.6, 0.02)])
+    append_lines(root / "0" / "evals.jsonl", lines)
+    with mock.patch("metalearn.report.plots", return_value=[]):
+        assert_reported_with_notes_only(cli("report", str(root)))
+
+
+def test_overrides_with_interpolations_are_settings_as_written_and_a_damaged_record_is_skipped(cli, sweep):
+    """A run started with `task.train.ways=${task.ways}` is grouped by that text; a record that is no YAML list
+    is skipped with a note, and the report of the other runs goes on."""
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("- algo=maml\n- seed=1\n- task.train.ways=${task.ways}\n")
+    (sweep / "3" / ".hydra" / "overrides.yaml").write_text("- algo=protonet\n  : [unclosed\n")
+    result = cli("report", str(sweep))
+    with open(sweep / "report.csv") as handle:
+        groups = {row["group"] for row in csv.DictReader(handle)}
+    assert any("task.train.ways=${task.ways}" in group for group in groups), groups
+    assert "Traceback" not in result.stderr
+    assert f"skipped {sweep / '3'}" in result.stderr

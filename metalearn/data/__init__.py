@@ -1,7 +1,7 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
 from metalearn.data.base import PREPROCESSING, Dataset, DataSettings
-from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages
+from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages, TaskKeys
 from metalearn.data.split import ClassSplit
 from metalearn.settings import component_class, construct, settings_of
 
@@ -24,6 +24,7 @@ __all__ = [
     "Episodes",
     "EpisodeSampler",
     "LabelledImages",
+    "TaskKeys",
     "build_dataset",
     "load_split",
 ]

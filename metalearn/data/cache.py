@@ -65,8 +65,32 @@ def load_cache(path: Path, problem: Callable[[dict], Optional[str]]) -> Optional
     if checksum(content) != recorded:
         log.warning("the cache %s does not match its checksum (damaged bytes): rebuilding it", path)
         return None
-    wrong = problem(content)
+    wrong = _problem_of(content, problem)
     if wrong:
         log.warning("the cache %s holds the wrong content (%s): rebuilding it", path, wrong)
         return None
     return content
+
+
+def _problem_of(content, problem: Callable[[dict], Optional[str]]) -> Optional[str]:
+    """problem(content); a cache of another structure (another version wrote it) is wrong content."""
+    try:
+        return problem(content)
+    except Exception as err:  # a check that trips over the content: it is not what this version writes
+        return f"{type(err).__name__}: {err}"
+
+
+def split_problem(content: dict, image_size: Optional[int] = None, count: Optional[int] = None) -> Optional[str]:
+    """What is wrong with a cached split {"images": uint8 [N, C, size, size], "labels": int64 [N]}, or None."""
+    images, labels = content.get("images"), content.get("labels")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        return "no uint8 images [N, C, H, W]"
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or tuple(labels.shape) != (len(images),):
+        return "labels that do not match the images"
+    if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+        return f"images of {tuple(images.shape[-2:])} pixels, not {image_size}x{image_size}"
+    if count is not None and len(images) != count:
+        return f"{len(images)} images, not {count}"
+    if len(labels) and int(labels.min()) < 0:
+        return "negative labels"
+    return None

@@ -17,11 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from metalearn.data.base import Dataset, DataSettings
-from metalearn.data.pickles import PICKLE_ERRORS, load_arrays
-from metalearn.data.split import ClassSplit
+from metalearn.data.pickles import PickleFile, describe
+from metalearn.data.split import ClassSplit, read_class_list
 from metalearn.errors import MetalearnError
 
 FILES = ("train", "test", "meta")
@@ -54,14 +55,10 @@ class CIFAR100(Dataset):
             f"cifar-100-python/, or run with data.download=true to fetch it with torchvision."
         )
 
-    def _read(self, name: str) -> dict:
-        path = self._base() / name
-        try:
-            return load_arrays(path.read_bytes(), encoding="bytes")
-        except PICKLE_ERRORS as err:
-            raise MetalearnError(
-                f"{path} is not a CIFAR-100 python file ({err}): extract cifar-100-python.tar.gz again."
-            ) from None
+    def _file(self, name: str) -> PickleFile:
+        return PickleFile(
+            self._base() / name, "a CIFAR-100 python file", "extract cifar-100-python.tar.gz again", "bytes"
+        )
 
     def _pool(self) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
         """Every image [60000, 3, 32, 32], its fine label, and the fine labels' names."""
@@ -78,19 +75,37 @@ class CIFAR100(Dataset):
             missing = [name for name in FILES if not (self._base() / name).is_file()]
         if missing:
             raise MetalearnError(self._missing_message(missing))
-        meta = self._read("meta")
-        names = [n.decode() for n in meta[b"fine_label_names"]]
+        names = self._class_names()
         images, fine = [], []
         for name in ("train", "test"):
-            part = self._read(name)
-            data = torch.as_tensor(part[b"data"])
-            if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
-                raise MetalearnError(
-                    f"{self._base() / name} holds {tuple(data.shape)} {data.dtype}, not [n, 3072] uint8."
-                )
-            images.append(data.view(-1, 3, 32, 32))
-            fine.append(torch.as_tensor(part[b"fine_labels"], dtype=torch.long))
+            data, labels = self._images_and_labels(name, len(names))
+            images.append(torch.as_tensor(data).view(-1, 3, 32, 32))
+            fine.append(torch.tensor(labels, dtype=torch.long))
         return torch.cat(images), torch.cat(fine), names
+
+    def _class_names(self) -> List[str]:
+        """The fine label names of meta, in label order."""
+        file = self._file("meta")
+        names = file.entry(file.read(), "fine_label_names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+            raise file.error(f"fine_label_names is {describe(names)}, not a list of names")
+        try:
+            names = [n.decode() if isinstance(n, bytes) else n for n in names]
+        except UnicodeDecodeError:
+            raise file.error("fine_label_names holds names that are not text") from None
+        if len(set(names)) != len(names):
+            raise file.error("fine_label_names names a class twice")
+        return names
+
+    def _images_and_labels(self, name: str, classes: int) -> Tuple[np.ndarray, List[int]]:
+        """The rows [n, 3072] (three 32x32 channel planes) of file `name` and their fine labels."""
+        file = self._file(name)
+        content = file.read()
+        data = file.uint8_array(file.entry(content, "data"), "data", "[n, 3072]", _are_rows)
+        labels = file.index_list(file.entry(content, "fine_labels"), "fine_labels", classes)
+        if len(labels) != len(data):
+            raise file.error(f"it holds {len(data)} images but {len(labels)} fine_labels")
+        return data, labels
 
     def _classes(self, part: str) -> List[str]:
         if self.split in SPLITS:
@@ -103,7 +118,7 @@ class CIFAR100(Dataset):
                     f"data.split={self.split}: {path} not found. Use cifarfs, fc100, or a folder with "
                     f"train.txt, val.txt and test.txt (a CIFAR-100 fine class name per line)."
                 )
-            text = path.read_text()
+            return read_class_list(path)
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def load_split(self, part: str) -> ClassSplit:
@@ -120,3 +135,7 @@ class CIFAR100(Dataset):
         remap = torch.full((len(names),), -1, dtype=torch.long)
         remap[wanted] = torch.arange(len(classes))  # class ids 0..C-1 in the list's order
         return ClassSplit(images[keep].contiguous(), remap[labels[keep]], f"cifar100/{self.split}/{part}", part)
+
+
+def _are_rows(data: np.ndarray) -> bool:
+    return data.ndim == 2 and data.shape[1] == 3 * 32 * 32

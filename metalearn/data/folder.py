@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from metalearn.data.base import Dataset, DataSettings
-from metalearn.data.cache import cache_dir, load_cache, save_cache
-from metalearn.data.split import ClassSplit
+from metalearn.data.cache import cache_dir, load_cache, save_cache, split_problem
+from metalearn.data.images import read_image
+from metalearn.data.split import ClassSplit, read_class_list
 from metalearn.errors import MetalearnError
 from metalearn.settings import SettingError, at_least
 
@@ -112,7 +113,7 @@ class ImageFolder(Dataset):
                     f"data.split={folder} holds no train.txt, val.txt and test.txt (a class per line)."
                 )
             return self._by_fractions(names)
-        parts = {p: [line.strip() for line in lists[p].read_text().splitlines() if line.strip()] for p in PARTS}
+        parts = {p: read_class_list(lists[p]) for p in PARTS}
         known = set(names)
         for part, listed in parts.items():
             unknown = [c for c in listed if c not in known]
@@ -142,14 +143,7 @@ class ImageFolder(Dataset):
 
     # --- images --------------------------------------------------------------------
     def _read(self, path: Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-                data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        except (UnidentifiedImageError, OSError) as err:
-            raise MetalearnError(f"{path} is not a readable image ({err}): replace or remove it.") from None
-        data = data.view(self.image_size, self.image_size, self.channels).permute(2, 0, 1).contiguous()
+        data = read_image(path, str(path), "L" if self.channels == 1 else "RGB", self.image_size, Image.BILINEAR)
         return 255 - data if self.invert else data
 
     def load_split(self, part: str) -> ClassSplit:
@@ -169,12 +163,7 @@ class ImageFolder(Dataset):
             ).encode()
         ).hexdigest()[:16]
         path = cache_dir(self.cache) / f"folder-{fingerprint}.pt"
-        expected = len(files)
-
-        def problem(content):
-            return None if len(content["labels"]) == expected else f"{len(content['labels'])} images, not {expected}"
-
-        content = load_cache(path, problem)
+        content = load_cache(path, lambda content: split_problem(content, self.image_size, count=len(files)))
         if content is None:
             index = {name: i for i, name in enumerate(names)}
             images = [self._read(p) for _, p in tqdm(files, desc=f"reading {self.root.name}/{part}", unit="img")]

@@ -17,15 +17,16 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from metalearn.data.base import Dataset, DataSettings
-from metalearn.data.cache import cache_dir, load_cache, save_cache
-from metalearn.data.pickles import PICKLE_ERRORS, load_arrays
+from metalearn.data.cache import cache_dir, load_cache, save_cache, split_problem
+from metalearn.data.images import read_image
+from metalearn.data.pickles import PickleFile, describe
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
 from metalearn.settings import at_least
@@ -78,10 +79,7 @@ class MiniImageNet(Dataset):
         key = repr([CACHE_VERSION, str(source.resolve()), stat.st_size, stat.st_mtime_ns, self.image_size])
         path = cache_dir(self.cache) / f"miniimagenet-{part}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
-        def problem(content):
-            return None if content["images"].shape[-1] == self.image_size else "another image size"
-
-        content = load_cache(path, problem)
+        content = load_cache(path, lambda content: split_problem(content, self.image_size))
         if content is None:
             content = read(source, part)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,47 +94,67 @@ class MiniImageNet(Dataset):
         return data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).contiguous()
 
     def _from_images(self, csv_file: Path, part: str) -> Dict[str, torch.Tensor]:
-        with open(csv_file, newline="") as handle:
-            rows = [row for row in csv.reader(handle) if row]
-        if rows and rows[0][:2] == ["filename", "label"]:
-            rows = rows[1:]
         classes: Dict[str, int] = {}
         images, labels = [], []
-        for filename, label, *_ in tqdm(rows, desc=f"reading miniImageNet {part}", unit="img"):
+        for filename, label in tqdm(read_csv(csv_file), desc=f"reading miniImageNet {part}", unit="img"):
             path = self.base / "images" / filename
-            try:
-                with Image.open(path) as image:
-                    images.append(self._resized(image))
-            except FileNotFoundError:
-                raise MetalearnError(f"{csv_file} lists {filename}, which is not in {self.base / 'images'}/.") from None
-            except (UnidentifiedImageError, OSError) as err:
-                raise MetalearnError(f"{path} is not a readable image ({err}): replace it.") from None
+            if not path.is_file():
+                raise MetalearnError(f"{csv_file} lists {filename}, which is not in {self.base / 'images'}/.")
+            images.append(read_image(path, str(path), "RGB", self.image_size, Image.BILINEAR))
             labels.append(classes.setdefault(label, len(classes)))
-        if not images:
-            raise MetalearnError(f"{csv_file} lists no images (expected lines of filename,label).")
         return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
 
     def _from_pickle(self, pickle_file: Path, part: str) -> Dict[str, torch.Tensor]:
-        try:
-            content = load_arrays(pickle_file.read_bytes())
-            data = torch.as_tensor(content["image_data"])
-            class_dict = content["class_dict"]
-        except PICKLE_ERRORS as err:
-            raise MetalearnError(
-                f"{pickle_file} is not a miniImageNet pickle ({type(err).__name__}: {err}): it should hold "
-                f"image_data (uint8 [N, 84, 84, 3]) and class_dict (class -> row indices)."
-            ) from None
-        if data.dtype != torch.uint8 or data.dim() != 4 or data.shape[-1] != 3:
-            raise MetalearnError(
-                f"{pickle_file}: image_data is {tuple(data.shape)} {data.dtype}, not uint8 [N, H, W, 3]."
-            )
+        file = PickleFile(pickle_file, PICKLE_FORMAT, "replace it with a complete copy")
+        content = file.read()
+        data = file.uint8_array(file.entry(content, "image_data"), "image_data", "[N, H, W, 3]", _are_images)
+        class_dict = file.entry(content, "class_dict")
+        if not isinstance(class_dict, dict) or not class_dict:
+            raise file.error(f"class_dict is {describe(class_dict)}, not a dict of class names to row indices")
+        unnamed = [c for c in class_dict if not isinstance(c, str)]
+        if unnamed:
+            raise file.error(f"class_dict has the class name {unnamed[0]!r}, not a string")
         rows: List[int] = []
         labels: List[int] = []
         for label, name in enumerate(sorted(class_dict)):
-            indices = [int(i) for i in class_dict[name]]
+            indices = file.index_list(class_dict[name], f"class_dict[{name!r}]", len(data))
+            if not indices:
+                raise file.error(f"class_dict[{name!r}] lists no rows of image_data")
             rows += indices
             labels += [label] * len(indices)
-        images = data[torch.tensor(rows)].permute(0, 3, 1, 2)
-        if images.shape[-1] != self.image_size:
+        images = torch.as_tensor(data)[torch.tensor(rows)].permute(0, 3, 1, 2)
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             images = torch.stack([self._resized(Image.fromarray(i.permute(1, 2, 0).numpy())) for i in images])
         return {"images": images.contiguous(), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+PICKLE_FORMAT = (
+    "a miniImageNet pickle (a dict of image_data, uint8 [N, 84, 84, 3], and class_dict: class -> row indices)"
+)
+
+
+def _are_images(data) -> bool:
+    return data.ndim == 4 and data.shape[-1] == 3 and min(data.shape) > 0
+
+
+def read_csv(csv_file: Path) -> List[Tuple[str, str]]:
+    """The (filename, label) rows of a Ravi & Larochelle split file, after its header filename,label."""
+    try:
+        with open(csv_file, newline="", encoding="utf-8") as handle:
+            rows = [(number, row) for number, row in enumerate(csv.reader(handle), 1) if row]
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise MetalearnError(f"{csv_file} is not a CSV file of filename,label lines ({err}).") from None
+    if not rows or [field.strip() for field in rows[0][1][:2]] != ["filename", "label"]:
+        raise MetalearnError(
+            f"{csv_file} does not start with the header line filename,label: a Ravi & Larochelle split file is "
+            f"that header, then a line filename,label per image (e.g. n0153282900000005.jpg,n01532829)."
+        )
+    found = []
+    for number, row in rows[1:]:
+        fields = [field.strip() for field in row]
+        if len(fields) < 2 or not all(fields[:2]):
+            raise MetalearnError(f"{csv_file}, row {number}: {','.join(row)[:80]!r} is not filename,label.")
+        found.append((fields[0], fields[1]))
+    if not found:
+        raise MetalearnError(f"{csv_file} lists no images (expected lines of filename,label after its header).")
+    return found

@@ -6,8 +6,9 @@ under the project's own cache folder: decoding 32 460 PNGs takes a while, the
 cache loads in well under a second.
 """
 
-import io
+import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir, load_cache, save_cache
-from metalearn.data.split import ClassSplit
+from metalearn.data.images import read_image
+from metalearn.data.split import ClassSplit, read_class_list
 from metalearn.errors import MetalearnError
 
 ARCHIVES = ("images_background", "images_evaluation")
@@ -74,20 +76,29 @@ def _png_members(source: Path) -> List[Tuple[str, object]]:
     return [("/".join(n.split("/")[-3:]), (lambda n=n: archive.read(n))) for n in names]
 
 
-def _decode(data: bytes) -> torch.Tensor:
-    image = Image.open(io.BytesIO(data)).convert("L")
+def _decode(data: bytes, name: str) -> torch.Tensor:
     # LANCZOS as in the MAML reference code's Omniglot preparation.
-    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = read_image(data, name, "L", IMAGE_SIZE, Image.LANCZOS)
     return 255 - pixels.view(IMAGE_SIZE, IMAGE_SIZE)  # ink high
 
 
+def _member_bytes(read, name: str) -> bytes:
+    try:
+        return read()
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise MetalearnError(
+            f"{name} cannot be read ({type(err).__name__}: {err}): the archive is damaged; replace it with a "
+            f"complete copy."
+        ) from None
+
+
 def _decode_all(sources: Dict[str, Path]) -> Tuple[torch.Tensor, List[str]]:
-    members = [m for name in ARCHIVES for m in _png_members(sources[name])]
+    members = [(sources[name], *m) for name in ARCHIVES for m in _png_members(sources[name])]
     by_character: Dict[str, List[torch.Tensor]] = {}
-    for relpath, read in tqdm(members, desc="decoding Omniglot (first run only)", unit="img"):
+    for source, relpath, read in tqdm(members, desc="decoding Omniglot (first run only)", unit="img"):
         character = "/".join(relpath.split("/")[:2])
-        by_character.setdefault(character, []).append(_decode(read()))
+        name = f"{source}/{relpath}" if source.is_dir() else f"{relpath} in {source}"
+        by_character.setdefault(character, []).append(_decode(_member_bytes(read, name), name))
     names = sorted(by_character)
     short = [n for n in names if len(by_character[n]) < DRAWINGS]
     if short:
@@ -154,14 +165,24 @@ def split_classes(split: str, part: str) -> List[str]:
     """
     if split in SPLITS:
         text = resources.files("metalearn.data").joinpath(f"splits/omniglot/{split}/{part}.txt").read_text()
-    elif (Path(split).expanduser() / f"{part}.txt").is_file():
-        text = (Path(split).expanduser() / f"{part}.txt").read_text()
-    else:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    path = Path(split).expanduser() / f"{part}.txt"
+    if not path.is_file():
         raise MetalearnError(
             f"data.split={split} is neither an Omniglot split ({', '.join(SPLITS)}) nor a folder holding "
             f"train.txt, val.txt and test.txt (no {part}.txt there)."
         )
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    classes = read_class_list(path)
+    wrong = [c for c in classes if not CLASS_NAME.fullmatch(c)]
+    if wrong:
+        raise MetalearnError(
+            f"{path} lists {wrong[0][:80]!r}, not a class Alphabet/characterNN/rotDDD (rotation rot000, rot090, "
+            f"rot180 or rot270), e.g. Latin/character01/rot090."
+        )
+    return classes
+
+
+CLASS_NAME = re.compile(r"[^/]+/[^/]+/rot(000|090|180|270)")
 
 
 @dataclass

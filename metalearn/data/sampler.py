@@ -65,19 +65,33 @@ class LabelledImages(NamedTuple):
     labels: torch.Tensor  # [B], class ids of the split
 
 
-def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int) -> None:
-    """Fail early, saying what is possible, when a split cannot supply such tasks."""
+class TaskKeys(NamedTuple):
+    """The config keys that set an episode's ways, shots and queries: what a message tells the user to change."""
+
+    ways: str = "task.ways"
+    shots: str = "task.shots"
+    queries: str = "task.queries"
+
+    @classmethod
+    def of_training(cls, task) -> "TaskKeys":
+        """task.train.<key> where it is set, else task.<key>, which it falls back to (TaskConfig.training_shape)."""
+        return cls(*(f"task.{key}" if task.train[key] is None else f"task.train.{key}" for key in cls._fields))
+
+
+def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int, keys: TaskKeys = TaskKeys()) -> None:
+    """Fail early, saying what is possible and which key to change, when a split cannot supply such tasks."""
     if ways > split.num_classes:
         raise MetalearnError(
-            f"task.ways={ways} asks for more classes than the {split.num_classes} of {split.name}: "
-            f"choose task.ways <= {split.num_classes}."
+            f"{keys.ways}={ways} asks for more classes than the {split.num_classes} of {split.name}: "
+            f"choose {keys.ways} <= {split.num_classes}."
         )
     fewest = int(split.class_counts().min())
     if shots + queries > fewest:
+        example = f" (e.g. {keys.queries}={max(fewest - shots, 1)})" if shots < fewest else ""
         raise MetalearnError(
-            f"task.shots + task.queries = {shots} + {queries} = {shots + queries} images per class, "
+            f"{keys.shots} + {keys.queries} = {shots} + {queries} = {shots + queries} images per class, "
             f"but classes of {split.name} have as few as {fewest} images: "
-            f"choose task.shots + task.queries <= {fewest} (e.g. task.queries={max(fewest - shots, 1)})."
+            f"choose {keys.shots} + {keys.queries} <= {fewest}{example}."
         )
 
 
@@ -111,8 +125,9 @@ class EpisodeSampler:
         replay_size: int = 0,
         images_on_device: Optional[bool] = None,
         preprocess: Preprocess = IDENTITY,
+        keys: TaskKeys = TaskKeys(),  # the keys that set ways, shots and queries, for the messages
     ):
-        check_feasible(split, ways, shots, queries)
+        check_feasible(split, ways, shots, queries, keys)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):
             raise MetalearnError(
                 f"task replay needs 0 <= train.replay.fraction < 1 (got {replay_fraction}) "

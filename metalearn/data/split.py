@@ -1,8 +1,12 @@
 """A split of a dataset: images of the classes it may draw episodes from."""
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import List
 
 import torch
+
+from metalearn.errors import MetalearnError
 
 
 @dataclass
@@ -23,3 +27,13 @@ class ClassSplit:
 
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
+
+
+def read_class_list(path: Path) -> List[str]:
+    """The class names of a split list, one per line (blank lines skipped); a file that is not text is a
+    MetalearnError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MetalearnError(f"{path} is not a text file of class names, one per line ({err}).") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -265,3 +265,26 @@ def tiny_data_config(tiny_data: dict):
 
     keys = {"root": tiny_data["root"], "split": tiny_data["split"], "cache_dir": tiny_data["cache"]}
     return compose([f"data.{key}={value}" for key, value in keys.items()]).data
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A grey PNG whose header declares width x height pixels, followed by almost no pixel data: what a
+    decompression bomb or a truncated download looks like to a decoder."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    pixels = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def dataset_of(name: str, root: Path, cache: Path, *overrides):
+    """The Dataset of conf/data/<name>.yaml reading `root`, caching under `cache`."""
+    from metalearn.config import compose
+    from metalearn.data import build_dataset
+
+    data = compose([f"data={name}", f"data.root={root}", f"data.cache_dir={cache}", *overrides]).data
+    return build_dataset(data)
