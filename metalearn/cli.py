@@ -321,6 +321,11 @@ def _prepare(command: str, args: List[str], claims: contextlib.ExitStack) -> Lis
                 f"(metalearn train -m hparams_search={study} ...)."
             )
         run = find_override(args, "resume")
+        if run is not None and is_export(run.strip("'\"")):
+            raise MetalearnError(
+                f"resume={run} is an exported file, which holds the weights alone: resume takes the run folder it "
+                f"was exported from; `metalearn eval run={run}` scores the file."
+            )
         if run is None:
             if any(a.startswith("-") for a in args):
                 return args  # --help, --cfg, -m: Hydra's own; a sweep's runs are checked and locked in train_app

@@ -372,7 +372,12 @@ def report(folders: Sequence[str], out: Optional[str] = None) -> List[dict]:
     note_skipped_lines(runs)
     rows = group_rows(runs)
     target = Path(out) if out else Path(folders[0])
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise MetalearnError(f"out={target} is a file: the report writes a table and plots into a folder, name one.")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MetalearnError(f"cannot make the report's folder {target} ({err.strerror or err}).") from None
     common = common_settings(runs)
     if common and len(rows) > 1:
         print(f"every run: {' '.join(common)}")

@@ -416,3 +416,9 @@ def test_an_mnist_cache_of_another_structure_is_rebuilt(tmp_path):
     save_cache(cached, {"train": 1, "test": 2})  # pools that are not (images, labels) pairs
     again = dataset_of("mnist", root, tmp_path / "cache").load_split("test")
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+
+def test_resuming_an_exported_file_says_to_resume_its_run(trained_run, tmp_path):
+    exported = tmp_path / "model.safetensors"
+    metalearn_cli("export", f"run={trained_run}", f"out={exported}", cwd=tmp_path)
+    fails("train", f"resume={exported}", match="resume takes the run folder it was exported from", cwd=tmp_path)

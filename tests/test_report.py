@@ -255,3 +255,9 @@ def test_overrides_with_interpolations_are_settings_as_written_and_a_damaged_rec
     assert any("task.train.ways=${task.ways}" in group for group in groups), groups
     assert "Traceback" not in result.stderr
     assert f"skipped {sweep / '3'}" in result.stderr
+
+
+def test_out_naming_a_file_is_one_error_line(cli, sweep):
+    result = cli("report", str(sweep), f"out={sweep / '0' / 'metrics.jsonl'}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "is a file: the report writes a table and plots into a folder" in result.stderr
