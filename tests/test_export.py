@@ -8,8 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers.cli import metalearn_in_process
-from helpers.runs import overrides_for
+from helpers.runs import overrides_for, tiny_exported_run
 
 
 def accuracy_line(out: str) -> str:
@@ -51,26 +50,7 @@ def test_export_and_eval_refuse_what_is_not_theirs(cli, tmp_path):
 @pytest.fixture(scope="module")
 def exported(tiny_data, tmp_path_factory):
     """A tiny MAML run and its best checkpoint exported: (run folder, the .safetensors file)."""
-    base = tmp_path_factory.mktemp("exported")
-    run, out = base / "run", base / "model.safetensors"
-    metalearn_in_process(
-        "train",
-        f"data.root={tiny_data['root']}",
-        f"data.split={tiny_data['split']}",
-        f"data.cache_dir={tiny_data['cache']}",
-        "task.queries=3",
-        "model.hidden=8",
-        "train.steps=1",
-        "train.meta_batch_size=1",
-        "train.val_episodes=2",
-        "eval.episodes=4",
-        "algo.inner_steps_eval=1",
-        "device=cpu",
-        f"hydra.run.dir={run}",
-        cwd=base,
-    )
-    metalearn_in_process("export", f"run={run}", f"out={out}", cwd=base)
-    return run, out
+    return tiny_exported_run(tiny_data, tmp_path_factory.mktemp("exported"))
 
 
 def rewritten(source: Path, target: Path, metadata: dict = None, drop: tuple = ()) -> Path:

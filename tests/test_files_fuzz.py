@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from helpers.cli import metalearn_in_process
+from helpers.runs import tiny_exported_run
 
 FUZZ = settings(
     max_examples=15,
@@ -34,23 +35,7 @@ def trained(tiny_data, tmp_path_factory):
     data = [f"data.root={tiny_data['root']}", f"data.cache_dir={tiny_data['cache']}"]
     # what an exported file leaves to the machine that scores it: its data, and a tiny evaluation
     here = [*data, "eval.episodes=1", "device=cpu"]
-    run, exported = base / "run", base / "model.safetensors"
-    metalearn_in_process(
-        "train",
-        *data,
-        f"data.split={tiny_data['split']}",
-        "task.queries=2",
-        "model.hidden=4",
-        "train.steps=1",
-        "train.meta_batch_size=1",
-        "train.val_episodes=1",
-        "eval.episodes=1",
-        "algo.inner_steps_eval=1",
-        "device=cpu",
-        f"hydra.run.dir={run}",
-        cwd=base,
-    )
-    metalearn_in_process("export", f"run={run}", f"out={exported}", cwd=base)
+    run, exported = tiny_exported_run(tiny_data, base)
     return {"run": run, "export": exported, "here": here}
 
 

@@ -82,3 +82,28 @@ def protonet_on(cli, data_overrides: list, tmp_path: Path, ways: int = 5) -> str
     tiny += ["model.hidden=8", "device=cpu", "train.steps=2", "train.val_every=2", "train.val_episodes=4"]
     cli("train", *data_overrides, *tiny, f"hydra.run.dir={run}", cwd=tmp_path)
     return cli("eval", f"run={run}", "eval.episodes=10", cwd=tmp_path).stdout
+
+
+def tiny_exported_run(tiny_data: dict, base: Path) -> tuple:
+    """A one-step MAML run on the tiny data under `base`, and its best checkpoint exported: (run, .safetensors)."""
+    from helpers.cli import metalearn_in_process
+
+    run, out = base / "run", base / "model.safetensors"
+    metalearn_in_process(
+        "train",
+        f"data.root={tiny_data['root']}",
+        f"data.split={tiny_data['split']}",
+        f"data.cache_dir={tiny_data['cache']}",
+        "task.queries=3",
+        "model.hidden=8",
+        "train.steps=1",
+        "train.meta_batch_size=1",
+        "train.val_episodes=2",
+        "eval.episodes=4",
+        "algo.inner_steps_eval=1",
+        "device=cpu",
+        f"hydra.run.dir={run}",
+        cwd=base,
+    )
+    metalearn_in_process("export", f"run={run}", f"out={out}", cwd=base)
+    return run, out
