@@ -1,6 +1,5 @@
 """`metalearn export run=<run> [checkpoint=best] [out=<file>.safetensors|<folder>]` (format: metalearn.exported)."""
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from metalearn.algorithms.base import weights_only
 from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.errors import MetalearnError
 from metalearn.exported import FORMAT, SUFFIX, VERSION, flatten
-from metalearn.io import file_sha256
+from metalearn.io import atomic_path, file_sha256
 from metalearn.runs import saved_overrides
 
 
@@ -63,17 +62,13 @@ def write_export(tensors: dict, metadata: dict, out: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as err:  # safetensors reports its I/O errors as its own
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip() or type(err).__name__
         raise MetalearnError(
             f"could not write {out} ({reason[:200]}). Nothing was exported; choose a writable place with "
             f"out=<folder or file{SUFFIX}>."
         ) from None
-    finally:
-        with contextlib.suppress(OSError):  # no temporary left behind; none made where the folder is not one
-            tmp.unlink(missing_ok=True)

@@ -4,40 +4,43 @@ import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename over `path`.
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; renamed over `path` when the block ends without an error.
 
     A crash at any moment leaves either the old file or the new one, never half.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            import torch  # here, not at the top: the CLI answers --help and --cfg without loading torch
-
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # nothing left behind; none made where the folder is not one
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to `path` through atomic_path, flushed to disk before the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        import torch  # here, not at the top: the CLI answers --help and --cfg without loading torch
+
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_text(path: Path, text: str) -> None:
     """The same for a small text file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(Path(path)) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _finite_or_none(value):

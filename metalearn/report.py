@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import Z95
+from metalearn.runs import written_overrides
 
 # Overrides that do not make two runs different experiments.
 NOT_SETTINGS = ("seed", "data.root", "data.cache_dir", "hydra.", "resume")
@@ -157,10 +158,10 @@ def logged_error(log: Path) -> Optional[str]:
 def _saved_overrides(record: Path) -> Optional[List[str]]:
     """A run's overrides as written (`task.train.ways=${task.ways}` stays text); None if the file is damaged."""
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(record), resolve=False)
+        saved = OmegaConf.load(record)
     except Exception:  # a YAML or OmegaConf error of a damaged record: the run is skipped, the report goes on
         return None
-    return [str(o) for o in saved] if isinstance(saved, list) else None
+    return written_overrides(saved) if isinstance(saved, ListConfig) else None
 
 
 def _planned_steps(config: Path) -> int:

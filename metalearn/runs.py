@@ -118,15 +118,15 @@ def saved_overrides(run_dir: str) -> List[str]:
             f"{folder} is not a metalearn run folder: it has no .hydra/overrides.yaml "
             f"(give the folder that `metalearn train` printed at the end)."
         )
-    saved = _unresolved(OmegaConf.load(saved_path))
+    saved = written_overrides(OmegaConf.load(saved_path))
     hydra_record = folder / ".hydra" / "hydra.yaml"
     if hydra_record.is_file():
-        hydra_overrides = _unresolved(OmegaConf.load(hydra_record).hydra.overrides.get("hydra", []))
+        hydra_overrides = written_overrides(OmegaConf.load(hydra_record).hydra.overrides.get("hydra", []))
         saved += [o for o in hydra_overrides if override_key(o) in REPLAYED_HYDRA_KEYS]
     return migrate(saved)
 
 
-def _unresolved(overrides) -> List[str]:
+def written_overrides(overrides) -> List[str]:
     """Saved overrides as written: `hydra.run.dir=runs/${seed}` is text to replay, not an interpolation to resolve."""
     return [str(o) for o in OmegaConf.to_container(OmegaConf.create(overrides), resolve=False)]
 
