@@ -11,6 +11,7 @@ folder. The process group is torch.distributed's, set up from the variables
 torchrun gives each process (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 """
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -310,7 +311,14 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
                 dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as err:  # torch's DistError is a RuntimeError
             raise MetalearnError(rendezvous_failed_message(err, ranks, address, timeout_s)) from None
+        # Left to interpreter shutdown, the group's threads can end the process with std::terminate (SIGABRT).
+        atexit.register(_leave_group)
     return ranks
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def leave_log_to_rank_0() -> None:
