@@ -9,7 +9,6 @@ with a note that names the new one.
 import re
 import sys
 from importlib import resources
-from typing import List, Optional
 
 # old key (or key prefix ending in ".") -> new key
 RENAMED = {
@@ -29,12 +28,12 @@ RENAMED_FOR = {
 _OVERRIDE = re.compile(r"^(?P<prefix>[+~]*)(?P<key>[\w.]+)(?P<rest>(@[\w.]*)?=.*)?$", re.S)
 
 
-def _value_of(args: List[str], key: str) -> Optional[str]:
+def _value_of(args: list[str], key: str) -> str | None:
     values = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+~") == key and "=" in a]
     return values[-1].strip("'\"") if values else None
 
 
-def algorithm_of(args: List[str]) -> str:
+def algorithm_of(args: list[str]) -> str:
     """The algorithm a list of overrides selects: algo=..., else the one its experiment preset names."""
     algo = _value_of(args, "algo")
     if algo:
@@ -50,7 +49,7 @@ def algorithm_of(args: List[str]) -> str:
     return "maml"
 
 
-def new_key(key: str, algorithm: str) -> Optional[str]:
+def new_key(key: str, algorithm: str) -> str | None:
     renamed = {**RENAMED, **RENAMED_FOR.get(algorithm, {})}
     if key in renamed:
         return renamed[key]
@@ -60,7 +59,7 @@ def new_key(key: str, algorithm: str) -> Optional[str]:
     return None
 
 
-def migrate(args: List[str], note: bool = False) -> List[str]:
+def migrate(args: list[str], note: bool = False) -> list[str]:
     """`args` with every renamed key under its new name; `note` prints what changed (to stderr)."""
     algorithm = algorithm_of(args)
     out = []

@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from metalearn.errors import MetalearnError
 from metalearn.io import atomic_torch_save
@@ -44,7 +43,7 @@ def next_best_name(step: int) -> str:
     return f"{NEXT_BEST}/step-{step}"
 
 
-def next_best_files(run_dir: Path) -> Dict[int, Path]:
+def next_best_files(run_dir: Path) -> dict[int, Path]:
     """step -> checkpoints/next_best/step-<step>.pt, for the files there."""
     found = {}
     for path in (Path(run_dir) / "checkpoints" / NEXT_BEST).glob("step-*.pt"):
@@ -54,7 +53,7 @@ def next_best_files(run_dir: Path) -> Dict[int, Path]:
     return found
 
 
-def top_count(name: str) -> Optional[int]:
+def top_count(name: str) -> int | None:
     """N of `checkpoint=topN`; None for best and last; any other name is an error that lists the choices."""
     if name in ("best", "last"):
         return None
@@ -67,7 +66,7 @@ def top_count(name: str) -> Optional[int]:
     return int(match.group(1))
 
 
-def kept_score(payload: dict) -> Optional[float]:
+def kept_score(payload: dict) -> float | None:
     """The validation accuracy that kept this checkpoint (its entry in the ranking it was saved with)."""
     for entry in payload.get("kept_best") or []:
         if entry.get("step") == payload.get("step"):
@@ -75,7 +74,7 @@ def kept_score(payload: dict) -> Optional[float]:
     return payload.get("best_val_accuracy")  # best.pt written before train.keep_best: its own score
 
 
-def ranked_checkpoints(run_dir: Path) -> List[Tuple[str, dict]]:
+def ranked_checkpoints(run_dir: Path) -> list[tuple[str, dict]]:
     """The run's kept validation checkpoints, best first: (file under checkpoints/, payload).
 
     best.pt and next_best/step-*.pt, ranked by the validation accuracy each was kept for, ties to the
@@ -247,7 +246,7 @@ def _kept_entry(entry) -> bool:
     return (step is None or _count(step)) and _number(entry.get("val_accuracy"))
 
 
-def structure_problems(payload: dict) -> List[str]:
+def structure_problems(payload: dict) -> list[str]:
     """What a loaded checkpoint lacks or holds of the wrong type; empty for a sound one."""
     problems = [f"no {key} ({what})" for key, (what, _) in REQUIRED.items() if key not in payload]
     problems += [
@@ -261,7 +260,7 @@ def structure_problems(payload: dict) -> List[str]:
     return problems
 
 
-def sampler_problems(sampler: dict) -> List[str]:
+def sampler_problems(sampler: dict) -> list[str]:
     """What the task sampler's state lacks to go on drawing (one without next_episode is an older format,
     which the sampler itself refuses with its own message)."""
     import torch

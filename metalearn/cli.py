@@ -13,8 +13,8 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -130,7 +130,7 @@ def _user_errors_exit(task: Callable[[DictConfig], object]) -> Callable[[DictCon
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_user_errors_exit
-def train_app(cfg: DictConfig) -> Optional[float]:
+def train_app(cfg: DictConfig) -> float | None:
     """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored.
 
     A single run refused before it started leaves no folder: main() removes what was made for it.
@@ -203,7 +203,7 @@ def _can_create(folder: Path) -> None:
         ) from None
 
 
-def _eval_log(run: str) -> List[str]:
+def _eval_log(run: str) -> list[str]:
     """Evaluation logs to <run>/eval.log; a run folder that cannot take it logs to a temporary file instead."""
     log = record_folder(run) / "eval.log"
     try:
@@ -225,7 +225,7 @@ PLUGINS = {
 }
 
 
-def _require_plugins(args: List[str]) -> None:
+def _require_plugins(args: list[str]) -> None:
     """A launcher or sweeper whose plugin is not installed: one line that names the extra to install."""
     import importlib
 
@@ -250,7 +250,7 @@ def _register_study_sweeper() -> None:
     Plugins.instance().register(OptunaStudy)
 
 
-def _resolved_run_dir(args: List[str]) -> Path:
+def _resolved_run_dir(args: list[str]) -> Path:
     """The folder a new run gets, interpolations (${now:...}, ${algo.name}, ${hydra.job.override_dirname})
     resolved as Hydra resolves them; a bad override is an error here."""
     from hydra.core.hydra_config import HydraConfig
@@ -273,7 +273,7 @@ def _resolved_run_dir(args: List[str]) -> Path:
         hydra_config.cfg = previous
 
 
-def _claim_new_run(args: List[str], claims: contextlib.ExitStack, command_line: str) -> List[str]:
+def _claim_new_run(args: list[str], claims: contextlib.ExitStack, command_line: str) -> list[str]:
     """A new run's folder, resolved once and given to Hydra as is (so ${now:...} cannot name another folder),
     checked, made and locked before Hydra writes anything there; a refused run leaves no folder behind."""
     folder = _resolved_run_dir(args)
@@ -294,7 +294,7 @@ def _claim_new_run(args: List[str], claims: contextlib.ExitStack, command_line: 
 def _discard_if_failed(new: NewRunFolder):
     """An exit handler: a command that fails leaves the new run's folder as it found it."""
 
-    def on_exit(kind, err: Optional[BaseException], trace) -> bool:
+    def on_exit(kind, err: BaseException | None, trace) -> bool:
         if err is not None and not (isinstance(err, SystemExit) and err.code in (0, None)):
             new.discard()
         return False  # the error goes on
@@ -302,7 +302,7 @@ def _discard_if_failed(new: NewRunFolder):
     return on_exit
 
 
-def _prepare(command: str, args: List[str], claims: contextlib.ExitStack) -> List[str]:
+def _prepare(command: str, args: list[str], claims: contextlib.ExitStack) -> list[str]:
     """The overrides Hydra runs with; a run folder this command writes is claimed (made, locked) in `claims`."""
     command_line = shlex.join(["metalearn", command, *args])
     args = migrate(args, note=True)
@@ -390,7 +390,7 @@ def _main_process() -> bool:
     return from_environment().main
 
 
-def _check_overrides(command: str, args: List[str]) -> None:
+def _check_overrides(command: str, args: list[str]) -> None:
     """Compose the config once before Hydra runs, so a bad override is a `metalearn: error:` paragraph.
 
     Sweeps, flags (--help, --cfg, -m) and plugin search paths are left to Hydra itself; a new run's
@@ -417,7 +417,7 @@ QUIET_RANK = (
 )
 
 
-def _join_ranks(command: str, args: List[str]) -> List[str]:
+def _join_ranks(command: str, args: list[str]) -> list[str]:
     """Under torchrun (train, eval): join the process group; every rank runs in rank 0's run folder.
 
     Rank 0 resolves the run folder (its time stamp included) and gives it to the others, which write
@@ -447,7 +447,7 @@ def _join_ranks(command: str, args: List[str]) -> List[str]:
     return args + [f"hydra.run.dir={quoted(run_dir)}"] + ([] if ranks.main else list(QUIET_RANK))
 
 
-def report_command(args: List[str]) -> None:
+def report_command(args: list[str]) -> None:
     """`metalearn report <folder> ... [out=<folder>] [--eval]` (no config to compose: plain arguments)."""
     from metalearn.report import find_runs, report
 
@@ -462,7 +462,7 @@ def report_command(args: List[str]) -> None:
     report(folders, out)
 
 
-def main(argv: List[str] = None) -> None:
+def main(argv: list[str] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -480,7 +480,7 @@ def main(argv: List[str] = None) -> None:
         _run(command, rest, claims)
 
 
-def _run(command: str, rest: List[str], claims: contextlib.ExitStack) -> None:
+def _run(command: str, rest: list[str], claims: contextlib.ExitStack) -> None:
     try:
         rest = _prepare(command, rest, claims)
     except MetalearnError as err:

@@ -6,9 +6,10 @@ the error names the key. The components (algo, data, model) carry their own
 schemas (metalearn.settings); `validate` checks every node against its schema.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -38,9 +39,9 @@ class CheckpointName(Enum):
 class TrainingEpisodes:
     """The shape of meta-training episodes where an algorithm trains on other tasks than it is tested on."""
 
-    ways: Optional[int] = None  # null: task.ways
-    shots: Optional[int] = None  # null: task.shots
-    queries: Optional[int] = None  # null: task.queries; 0 for an algorithm that only adapts (Reptile)
+    ways: int | None = None  # null: task.ways
+    shots: int | None = None  # null: task.shots
+    queries: int | None = None  # null: task.queries; 0 for an algorithm that only adapts (Reptile)
 
     def check(self):
         at_least(self, "ways", 2, optional=True)
@@ -65,7 +66,7 @@ class TaskConfig:
             self.train.check()
 
     @staticmethod
-    def training_shape(task: DictConfig) -> Tuple[int, int, int]:
+    def training_shape(task: DictConfig) -> tuple[int, int, int]:
         """(ways, shots, queries) of meta-training episodes: task.train.* where set, else task.*."""
         t = task.train
         return tuple(task[k] if t[k] is None else t[k] for k in ("ways", "shots", "queries"))
@@ -99,7 +100,7 @@ class TrainLoopConfig:
     keep_best: int = 1
     # Stop after this much training time of the process (minutes), validating and saving at that step, as at
     # train.steps; `resume=<run>` goes on with a new budget. null: train.steps alone decides.
-    max_minutes: Optional[float] = None
+    max_minutes: float | None = None
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ class TrainLoopConfig:
 class EvalConfig:
     episodes: int = 600  # test tasks; the result is their mean accuracy with a 95% confidence interval
     seed: int = 0  # fixed, so two checkpoints are scored on the same episodes
-    batch_size: Optional[int] = None  # episodes scored at once; null: all that fit on a GPU, 50 on a CPU
+    batch_size: int | None = None  # episodes scored at once; null: all that fit on a GPU, 50 on a CPU
 
     def __post_init__(self):
         at_least(self, "episodes", 1)
@@ -159,11 +160,11 @@ class TrainAppConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Metric writers besides metrics.jsonl, each a `_target_` node: logger=<name> or logger=[<name>,...].
-    loggers: Dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
     # Training-loop hooks besides metrics, validation and checkpoints, each a `_target_` node (metalearn.hooks).
-    hooks: Dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # model initialisation and training tasks
-    resume: Optional[str] = None  # a run folder to continue from its last.pt
+    resume: str | None = None  # a run folder to continue from its last.pt
 
 
 @dataclass
@@ -178,14 +179,14 @@ class EvalAppConfig(TrainAppConfig):
 class DataAppConfig(TrainAppConfig):
     action: DataAction = DataAction.info  # `data info` (what each part holds) or `data preview` (a PNG)
     part: SplitPart = SplitPart.train  # which part `preview` samples from
-    out: Optional[str] = None  # preview PNG path; null: preview-<data>-<part>-<ways>w<shots>s.png
+    out: str | None = None  # preview PNG path; null: preview-<data>-<part>-<ways>w<shots>s.png
 
 
 @dataclass
 class ExportAppConfig:
     run: str = MISSING  # the run folder
     checkpoint: CheckpointName = CheckpointName.best  # which of its checkpoints
-    out: Optional[str] = None  # the .safetensors file; null: <run>/<checkpoint>.safetensors
+    out: str | None = None  # the .safetensors file; null: <run>/<checkpoint>.safetensors
 
 
 def register_schemas() -> None:

@@ -44,7 +44,7 @@ def switch(value, key: str) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_model() -> str:
     """The processor's marketing name, e.g. 'Intel(R) Xeon(R) Processor' or 'AMD EPYC 7B13'."""
     try:
@@ -162,7 +162,7 @@ def share_cores(jobs: int) -> int:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
     """Make glibc allocate blocks of `threshold` bytes and more with mmap, so freeing them returns them to the
     system; True where that was set (Linux with glibc).

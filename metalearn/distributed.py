@@ -18,8 +18,9 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ class Ranks:
         pieces = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(pieces, padded)
         parts = [Ranks(r, self.world).part(count) for r in range(self.world)]
-        return torch.cat([piece[: p.stop - p.start] for piece, p in zip(pieces, parts)])
+        return torch.cat([piece[: p.stop - p.start] for piece, p in zip(pieces, parts, strict=False)])
 
     def broadcast(self, value):
         """Rank 0's value (a picklable object) on every rank."""
@@ -181,7 +182,7 @@ def from_environment() -> Ranks:
     )
 
 
-def _env_int(name: str, default: Optional[str] = None) -> int:
+def _env_int(name: str, default: str | None = None) -> int:
     """A whole-number variable of torchrun's (RANK, WORLD_SIZE, ...), or one line that says what is wrong."""
     value = os.environ.get(name, default)
     if value is None:
@@ -231,7 +232,7 @@ def _job_variables_message(err: BaseException) -> str:
     )
 
 
-def _rendezvous_address() -> Tuple[str, int]:
+def _rendezvous_address() -> tuple[str, int]:
     """MASTER_ADDR and MASTER_PORT, where rank 0 waits for the others; checked before anything waits on them."""
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
@@ -250,7 +251,7 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
 
 
-def rendezvous_failed_message(err: BaseException, ranks: Ranks, address: Tuple[str, int], timeout_s: float) -> str:
+def rendezvous_failed_message(err: BaseException, ranks: Ranks, address: tuple[str, int], timeout_s: float) -> str:
     """What a rank says when the processes of a run could not meet: which rendezvous, and what to check."""
     host, port = address
     where = f"rank {ranks.rank} of {ranks.world} could not meet the others at MASTER_ADDR:MASTER_PORT={host}:{port}"

@@ -8,13 +8,13 @@ exactly the same tasks; `episode_digest` in each record fingerprints them.
 
 import hashlib
 import json
-import sys
 import logging
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import metalearn
+from metalearn import distributed
 from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.algorithms.base import weights_only
 from metalearn.checkpoint import (
@@ -36,7 +37,6 @@ from metalearn.checkpoint import (
 from metalearn.config import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.data.transforms import preprocess_of
-from metalearn import distributed
 from metalearn.device import cpu_isa, cpu_model, resolve_device
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
@@ -61,7 +61,7 @@ class EpisodeResult:
     diverged_episodes: int = 0  # episodes with a query whose logits are not all finite: those queries count as wrong
 
 
-def auto_batch_size(requested: Optional[int], episodes: int, device: torch.device) -> int:
+def auto_batch_size(requested: int | None, episodes: int, device: torch.device) -> int:
     """eval.batch_size, or by default all episodes at once on a GPU (halved on out-of-memory), 50 on a CPU."""
     if requested is not None:
         return min(requested, episodes)
@@ -72,10 +72,10 @@ def score_episodes(
     algos: Sequence[Algorithm],
     sampler: EpisodeSampler,
     episodes: int,
-    batch_size: Optional[int],
+    batch_size: int | None,
     desc: str,
     ranks: Ranks = SINGLE,
-) -> List[EpisodeResult]:
+) -> list[EpisodeResult]:
     """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
     The ensemble averages the members' class probabilities per query; its
@@ -174,7 +174,7 @@ class Member:
     step: int
     sha256: str
     file: str = ""  # what was scored: best.pt, last.pt, next_best/step-<step>.pt or an exported file's name
-    val_accuracy: Optional[float] = None  # checkpoint=topN: the validation accuracy it was kept for
+    val_accuracy: float | None = None  # checkpoint=topN: the validation accuracy it was kept for
 
 
 def _member(cfg: DictConfig, ckpt: dict, path: Path, file: str, device: torch.device, image_shape) -> Member:
@@ -190,7 +190,7 @@ def _load_member(cfg: DictConfig, device: torch.device, image_shape) -> Member:
     return _member(cfg, ckpt, path, scored_file(cfg), device, image_shape)
 
 
-def top_checkpoints(cfg: DictConfig, count: int) -> List[tuple]:
+def top_checkpoints(cfg: DictConfig, count: int) -> list[tuple]:
     """checkpoint=topN: the run's N best validation checkpoints, best first, as (file under checkpoints/, payload).
 
     A run that keeps fewer is an error that says how many it keeps and how to keep more.
@@ -252,7 +252,7 @@ def diverged_note(result: EpisodeResult) -> str:
 
 def warn_diverged(results: Sequence[EpisodeResult], names: Sequence[str], part: str) -> None:
     """A warning per result with diverged episodes (zip: a name per result, the ensemble's last)."""
-    for result, name in zip(results, names):
+    for result, name in zip(results, names, strict=False):
         if result.diverged_episodes:
             log.warning(
                 "%s: %d of %d %s episodes diverged: their predictions are not finite (NaN or infinite logits), "
@@ -308,7 +308,7 @@ def _append(run_dir: Path, record: dict) -> None:
 TASK_KEYS = ("data.name", "data.split", "task.ways", "task.shots", "task.queries")
 
 
-def member_configs(cfg: DictConfig) -> List[DictConfig]:
+def member_configs(cfg: DictConfig) -> list[DictConfig]:
     """One composed config per run of `run=[a,b,...]`: each run's saved overrides, then this command's."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
@@ -333,7 +333,7 @@ def member_configs(cfg: DictConfig) -> List[DictConfig]:
     return configs
 
 
-def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
+def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     """Score one run's checkpoint, an ensemble of runs, or the ensemble of a run's best checkpoints, on
     test-split episodes.
 
@@ -376,7 +376,7 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         members = [
             _member(lead, payload, folder / name, name, device, test_split.image_shape) for name, payload in chosen
         ]
-        for member, (_, payload) in zip(members, chosen):
+        for member, (_, payload) in zip(members, chosen, strict=False):
             member.val_accuracy = kept_score(payload)
         del chosen  # the weights are in the members now
     else:
@@ -392,8 +392,10 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
     if top is not None:
         _record_top(results, lead, members, device)
         return results
-    records = [_record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members)]
-    for result, config, member in zip(results, configs, members):
+    records = [
+        _record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members, strict=False)
+    ]
+    for result, config, member in zip(results, configs, members, strict=False):
         line = _describe(result, lead, member.file)
         print(line if len(configs) == 1 else f"{config.run}: {line}")
     if len(configs) > 1:
@@ -402,15 +404,15 @@ def evaluate(cfg: DictConfig) -> List[EpisodeResult]:
         shared = {"members": [str(member.run) for member in configs], **asdict(ensemble)}
         for record in records:
             record["ensemble"] = shared
-    for record, member in zip(records, configs):
+    for record, member in zip(records, configs, strict=False):
         _append(record_folder(member.run), record)
         log.info("%s: %s", member.run, json.dumps(record))
     return results
 
 
-def _record_top(results: List[EpisodeResult], cfg: DictConfig, members: List[Member], device: torch.device) -> None:
+def _record_top(results: list[EpisodeResult], cfg: DictConfig, members: list[Member], device: torch.device) -> None:
     """checkpoint=topN: each member's line, the ensemble's, and one record of the ensemble with its members."""
-    for result, member in zip(results, members):
+    for result, member in zip(results, members, strict=False):
         print(_describe(result, cfg, member.file))
     ensemble = results[-1]  # with one member (top1), that member
     if len(members) > 1:
@@ -432,7 +434,7 @@ def _record_top(results: List[EpisodeResult], cfg: DictConfig, members: List[Mem
                     "ci95": result.ci95,
                     "loss": result.loss,
                 }
-                for member, result in zip(members, results)
+                for member, result in zip(members, results, strict=False)
             ],
         }
     )

@@ -12,7 +12,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import List
 
 from metalearn.aliases import new_key
 from metalearn.errors import MetalearnError
@@ -150,7 +149,7 @@ def shown_key(override: str) -> str:
     return match.group("key") if match else ascii(override[:40])
 
 
-def exported_overrides(path: Path) -> List[str]:
+def exported_overrides(path: Path) -> list[str]:
     """The overrides of the run a file was exported from (to compose its config again), those that describe
     its model and tasks only: a shared file does not choose paths, code or the device here (a note lists the
     others)."""

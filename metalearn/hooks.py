@@ -14,9 +14,10 @@ import math
 import os
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -54,7 +55,7 @@ class LoopContext:
 
     algo: Algorithm
     run_dir: Path
-    writers: List[MetricWriter]
+    writers: list[MetricWriter]
     cfg: DictConfig
     save: Callable[[str], None]  # save("best"), save("last") or save(next_best_name(step))
 
@@ -63,7 +64,7 @@ class Hook:
     def start(self, context: LoopContext) -> None:
         """Called once before the first step (of this process: also on resume, after load_state_dict)."""
 
-    def after_step(self, state: LoopState, result: Dict[str, float], items: int, seconds: float) -> None:
+    def after_step(self, state: LoopState, result: dict[str, float], items: int, seconds: float) -> None:
         """Called after every training step; `result` is the algorithm's (at least loss and accuracy)."""
 
     def state_dict(self) -> dict:
@@ -104,7 +105,7 @@ def diverged_message(context: LoopContext, step: int, loss: float, weights_finit
     )
 
 
-def write_all(writers: List[MetricWriter], record: dict) -> None:
+def write_all(writers: list[MetricWriter], record: dict) -> None:
     for writer in writers:
         writer.write(record)
 
@@ -116,7 +117,7 @@ def _new_window() -> dict:
 class TrainMetrics(Hook):
     """The mean loss and accuracy and the throughput over the last `every` steps, as one "train" record."""
 
-    def __init__(self, writers: List[MetricWriter], every: int, rate_key: str):
+    def __init__(self, writers: list[MetricWriter], every: int, rate_key: str):
         self.writers, self.every, self.rate_key = writers, every, rate_key
         self.window = _new_window()
 
@@ -161,7 +162,7 @@ class Validation(Hook):
         self,
         algo: Algorithm,
         sampler: EpisodeSampler,
-        writers: List[MetricWriter],
+        writers: list[MetricWriter],
         every: int,
         episodes: int,
         batch_size,
@@ -173,7 +174,7 @@ class Validation(Hook):
         self.every, self.episodes, self.batch_size = every, episodes, batch_size
         self.save, self.keep = save, keep
         self.best = -1.0
-        self.kept: List[dict] = []  # {"step", "val_accuracy"} of the kept checkpoints, best first
+        self.kept: list[dict] = []  # {"step", "val_accuracy"} of the kept checkpoints, best first
         self.run_dir = None
 
     def start(self, context):
@@ -246,7 +247,7 @@ class Validation(Hook):
                 path.unlink(missing_ok=True)
                 log.info("removed checkpoints/%s/%s: it is not one of the %d best", NEXT_BEST, path.name, self.keep)
 
-    def _restore(self, best_path: Path, on_disk, files: Dict[int, Path]) -> None:
+    def _restore(self, best_path: Path, on_disk, files: dict[int, Path]) -> None:
         """best.pt written after last.pt (by a process stopped before saving last.pt again): the best
         kept one takes its place again; kept checkpoints whose file is gone leave the ranking."""
         present = []
@@ -294,7 +295,7 @@ class Checkpoints(Hook):
 class ConfiguredHooks(Hook):
     """The hooks the config names under `hooks`, run in order; their states kept under their names."""
 
-    def __init__(self, nodes: Dict[str, Any]):
+    def __init__(self, nodes: dict[str, Any]):
         self.hooks = {}
         for name, node in (nodes or {}).items():
             try:

@@ -4,9 +4,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager

@@ -14,9 +14,9 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import ListConfig, OmegaConf
 
@@ -35,10 +35,10 @@ class Run:
     folder: Path
     settings: tuple  # its overrides without the seed: the group it belongs to
     steps: int  # train.steps it was started (or last resumed) with
-    records: List[dict] = field(default_factory=list)
-    evals: List[dict] = field(default_factory=list)
-    error: Optional[str] = None  # why the run stopped, when its log says (a sweep's runs log their errors)
-    skipped: Dict[str, List[str]] = field(default_factory=dict)  # file name: its lines that are no records, and why
+    records: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    error: str | None = None  # why the run stopped, when its log says (a sweep's runs log their errors)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # file name: its lines that are no records, and why
 
     @property
     def step(self) -> int:
@@ -54,25 +54,25 @@ class Run:
             return f"stopped or running at step {self.step}"
         return "done" if self.evals else "done, not evaluated"
 
-    def series(self, split: str, key: str) -> Dict[int, float]:
+    def series(self, split: str, key: str) -> dict[int, float]:
         return {r["step"]: r[key] for r in self.records if r["split"] == split and r.get(key) is not None}
 
     @property
-    def best_val(self) -> Optional[float]:
+    def best_val(self) -> float | None:
         return max(self.series("val", "accuracy").values(), default=None)
 
     @property
-    def test(self) -> Optional[dict]:
+    def test(self) -> dict | None:
         return self.evals[-1] if self.evals else None
 
     @property
-    def rate(self) -> Optional[float]:
+    def rate(self) -> float | None:
         rates = [r.get("tasks_per_s", r.get("images_per_s")) for r in self.records if r["split"] == "train"]
         rates = [r for r in rates if r is not None]
         return statistics.mean(rates) if rates else None
 
     @property
-    def wall(self) -> Optional[float]:
+    def wall(self) -> float | None:
         times = [r["time"] for r in self.records if r.get("time") is not None]
         return max(times) if times else None
 
@@ -87,7 +87,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= LARGEST
 
 
-def metric_problem(record) -> Optional[str]:
+def metric_problem(record) -> str | None:
     """Why a line of metrics.jsonl is not a record the report can read; None when it is one."""
     if not isinstance(record, dict):
         return f"{_json_kind(record)}, not an object"
@@ -100,7 +100,7 @@ def metric_problem(record) -> Optional[str]:
     return f"{wrong[0]} is not a number" if wrong else None
 
 
-def eval_problem(record) -> Optional[str]:
+def eval_problem(record) -> str | None:
     """Why a line of evals.jsonl is not a result the report can read; None when it is one."""
     if not isinstance(record, dict):
         return f"{_json_kind(record)}, not an object"
@@ -113,7 +113,7 @@ def _json_kind(value) -> str:
     return kinds.get(type(value), "a number")
 
 
-def _jsonl(path: Path, problem: Callable[[object], Optional[str]]) -> Tuple[List[dict], List[str]]:
+def _jsonl(path: Path, problem: Callable[[object], str | None]) -> tuple[list[dict], list[str]]:
     """A JSON-lines file's records, and why each line that is none was skipped ("line 3: null, not an object"):
     a line cut short by a crash, or one edited or written by something else."""
     if not path.is_file():
@@ -141,7 +141,7 @@ def _jsonl(path: Path, problem: Callable[[object], Optional[str]]) -> Tuple[List
     return records, skipped
 
 
-def logged_error(log: Path) -> Optional[str]:
+def logged_error(log: Path) -> str | None:
     """The first clause of the last error in a run's train.log ("training diverged at step 12"), if any
     since the run was last resumed."""
     if not log.is_file():
@@ -155,7 +155,7 @@ def logged_error(log: Path) -> Optional[str]:
     return error
 
 
-def _saved_overrides(record: Path) -> Optional[List[str]]:
+def _saved_overrides(record: Path) -> list[str] | None:
     """A run's overrides as written (`task.train.ways=${task.ways}` stays text); None if the file is damaged."""
     try:
         saved = OmegaConf.load(record)
@@ -172,7 +172,7 @@ def _planned_steps(config: Path) -> int:
         return 0
 
 
-def find_runs(folders: Sequence[str]) -> List[Run]:
+def find_runs(folders: Sequence[str]) -> list[Run]:
     found = []
     for folder in folders:
         root = Path(folder)
@@ -203,7 +203,7 @@ def mean_ci(values: Sequence[float]):
     return statistics.mean(values), Z95 * spread / math.sqrt(len(values))
 
 
-def common_settings(runs: List[Run]) -> tuple:
+def common_settings(runs: list[Run]) -> tuple:
     """The overrides every run shares: said once, above the table, not in each group's name."""
     shared = set(runs[0].settings).intersection(*(r.settings for r in runs[1:]))
     return tuple(o for o in runs[0].settings if o in shared)
@@ -222,9 +222,9 @@ def _short(setting: str) -> str:
         return setting
 
 
-def by_group(runs: List[Run]) -> Dict[str, List[Run]]:
+def by_group(runs: list[Run]) -> dict[str, list[Run]]:
     common = common_settings(runs) if len({r.settings for r in runs}) > 1 else ()
-    groups: Dict[str, List[Run]] = {}
+    groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(group_name(run, common), []).append(run)
     labels = {name: " ".join(_short(s) for s in name.split(" ")) for name in groups}
@@ -233,7 +233,7 @@ def by_group(runs: List[Run]) -> Dict[str, List[Run]]:
     return {labels[name]: members for name, members in groups.items()}
 
 
-def group_rows(runs: List[Run]) -> List[dict]:
+def group_rows(runs: list[Run]) -> list[dict]:
     rows = []
     for name, members in by_group(runs).items():
         best, best_ci = mean_ci([r.best_val for r in members if r.best_val is not None])
@@ -268,7 +268,7 @@ def _percent(value, ci) -> str:
 COLUMNS = ("group", "runs", "steps", "best val %", "test %", "per-run test %", "rate/s", "wall s", "status")
 
 
-def _cells(row: dict) -> List[str]:
+def _cells(row: dict) -> list[str]:
     return [
         row["group"],
         str(row["runs"]),
@@ -282,19 +282,19 @@ def _cells(row: dict) -> List[str]:
     ]
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: list[dict]) -> str:
     cells = [list(COLUMNS)] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells)
 
 
-def markdown(rows: List[dict]) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
+def plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     try:
         import matplotlib
 
@@ -354,7 +354,7 @@ def plots(runs: List[Run], rows: List[dict], out: Path) -> List[Path]:
     return written
 
 
-def note_skipped_lines(runs: List[Run]) -> None:
+def note_skipped_lines(runs: list[Run]) -> None:
     """One note per file with lines the report skipped: how many, and the first's number and why."""
     for run in runs:
         for name, skipped in run.skipped.items():
@@ -368,7 +368,7 @@ def note_skipped_lines(runs: List[Run]) -> None:
             )
 
 
-def report(folders: Sequence[str], out: Optional[str] = None) -> List[dict]:
+def report(folders: Sequence[str], out: str | None = None) -> list[dict]:
     runs = find_runs(folders)
     note_skipped_lines(runs)
     rows = group_rows(runs)

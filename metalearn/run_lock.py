@@ -14,10 +14,10 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterator, Optional
 
 from metalearn.errors import MetalearnError
 
@@ -25,7 +25,7 @@ LOCK_NAME = ".lock"
 # Filesystems without locks (some network mounts): the run goes on unlocked rather than not at all.
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
-_held: Dict[str, int] = {}  # run folder (real path) -> the descriptor of its locked .lock
+_held: dict[str, int] = {}  # run folder (real path) -> the descriptor of its locked .lock
 
 
 def _key(folder: Path) -> str:
@@ -37,7 +37,7 @@ def holds(folder: Path) -> bool:
     return _key(folder) in _held
 
 
-def lock_run(folder: Path, command: Optional[str] = None) -> None:
+def lock_run(folder: Path, command: str | None = None) -> None:
     """Make this process the folder's one writer until release(), or raise an error naming the holder."""
     key = _key(folder)
     if key in _held:
@@ -74,7 +74,7 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _write_holder(fd: int, command: Optional[str]) -> None:
+def _write_holder(fd: int, command: str | None) -> None:
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

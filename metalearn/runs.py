@@ -9,15 +9,14 @@ import os
 import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List
 
 from omegaconf import OmegaConf
 
 from metalearn.aliases import migrate
 from metalearn.checkpoint import NEXT_BEST, checkpoint_path
+from metalearn.errors import MetalearnError
 from metalearn.exported import exported_overrides, is_export
 from metalearn.io import atomic_text
-from metalearn.errors import MetalearnError
 
 
 def refuse_existing_run(run_dir: Path) -> None:
@@ -90,7 +89,7 @@ def quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def find_override(args: List[str], key: str):
+def find_override(args: list[str], key: str):
     values = [a.split("=", 1)[1] for a in args if "=" in a and override_key(a) == key]
     return values[-1] if values else None
 
@@ -102,7 +101,7 @@ PORTABLE_DATA_KEYS = ("data.root", "data.cache_dir", "data.download")
 REPLAYED_HYDRA_KEYS = ("hydra.searchpath",)
 
 
-def saved_overrides(run_dir: str) -> List[str]:
+def saved_overrides(run_dir: str) -> list[str]:
     """The overrides a run was started with, renamed keys migrated, or an error if the folder is not a run.
 
     The config search path the run was started with (hydra.searchpath) comes along too.
@@ -126,12 +125,12 @@ def saved_overrides(run_dir: str) -> List[str]:
     return migrate(saved)
 
 
-def written_overrides(overrides) -> List[str]:
+def written_overrides(overrides) -> list[str]:
     """Saved overrides as written: `hydra.run.dir=runs/${seed}` is text to replay, not an interpolation to resolve."""
     return [str(o) for o in OmegaConf.to_container(OmegaConf.create(overrides), resolve=False)]
 
 
-def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str]:
+def replay_run_overrides(run_dir: str, args: list[str], drop: tuple) -> list[str]:
     """The run's saved task overrides, then `args`; a key given in `args` wins.
 
     Switching dataset (`data=mnist` on an Omniglot run) keeps the run's task
@@ -140,7 +139,7 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
     saved = saved_overrides(run_dir)
     if find_override(args, "data") is not None:
         saved = [o for o in saved if not override_key(o).startswith("data.") or override_key(o) in PORTABLE_DATA_KEYS]
-    merged: Dict[str, str] = {}
+    merged: dict[str, str] = {}
     for override in saved + [a for a in args if "=" in a and not a.startswith("-")]:
         key = override_key(override)
         if key not in drop and (not key.startswith("hydra.") or key in REPLAYED_HYDRA_KEYS):
@@ -155,7 +154,7 @@ def replay_run_overrides(run_dir: str, args: List[str], drop: tuple) -> List[str
     return flags + list(merged.values()) + hydra_args
 
 
-def run_list(value: str) -> List[str]:
+def run_list(value: str) -> list[str]:
     """`run=<folder>` or `run=[<folder>,<folder>,...]` as a list of folders."""
     value = value.strip()
     if not (value.startswith("[") and value.endswith("]")):
@@ -166,7 +165,7 @@ def run_list(value: str) -> List[str]:
     return members
 
 
-def record_resume(run_dir: Path, overrides: List[str], config: dict, step: int) -> None:
+def record_resume(run_dir: Path, overrides: list[str], config: dict, step: int) -> None:
     """A resume was accepted: the run's record becomes the overrides it now runs with, and the resume is logged.
 
     .hydra/overrides.yaml and config.yaml are replaced atomically; .hydra/resumes.yaml keeps every resume
@@ -183,7 +182,7 @@ def record_resume(run_dir: Path, overrides: List[str], config: dict, step: int) 
     atomic_text(record / "resumes.yaml", OmegaConf.to_yaml(OmegaConf.create([*history, {**entry, "overrides": kept}])))
 
 
-def remove_stale_temporaries(run_dir: Path) -> List[Path]:
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Half-written checkpoints left by a process killed while writing (.<name>.pt.<pid>.tmp)."""
     folder = Path(run_dir) / "checkpoints"
     stale = sorted([*folder.glob(".*.tmp"), *(folder / NEXT_BEST).glob(".*.tmp")])

@@ -15,14 +15,13 @@ import math
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from metalearn.errors import MetalearnError
-
 
 SWITCHES = ("auto", "true", "false")  # the values of a setting that is on, off, or decided by the hardware
 
@@ -84,7 +83,7 @@ def within(settings, key: str, low, high) -> None:
         raise SettingError(key, f"must be in [{low}, {high}] (got {value}).")
 
 
-def checked(node: DictConfig, group: str, schema: Optional[type] = None) -> Any:
+def checked(node: DictConfig, group: str, schema: type | None = None) -> Any:
     """The node as its schema's dataclass (typed already, or merged onto `schema`), every range check run.
 
     Errors name `group.key`.

@@ -13,7 +13,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -85,7 +84,7 @@ def in_optuna_study() -> bool:
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_val_accuracy: Optional[float]  # None: no validation with a finite loss ran
+    best_val_accuracy: float | None  # None: no validation with a finite loss ran
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -179,7 +178,7 @@ def train(cfg: DictConfig) -> TrainResult:
         ranks,
         keep=loop.keep_best,
     )
-    hooks: List[Hook] = [
+    hooks: list[Hook] = [
         DivergenceGuard(),  # first: a diverged step writes nothing
         TrainMetrics(writers, loop.log_every, rate_key),
         ConfiguredHooks(cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints

@@ -71,13 +71,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Tuple
-
-import torch
-import torch.nn.functional as F
+from typing import NamedTuple
 
 import bench_eval
+import torch
+import torch.nn.functional as F
 from bench_step import task_split  # the same tasks as the strategy benchmark
+
 from metalearn.algorithms import build_algorithm
 from metalearn.config import compose
 from metalearn.data import EpisodeSampler
@@ -95,7 +95,7 @@ class Setting(NamedTuple):
     inner_steps: int
     inner_lr: float
     meta_batch: int
-    orders: Tuple[str, ...]
+    orders: tuple[str, ...]
     quick: bool  # measured by --quick too
 
 
@@ -170,7 +170,7 @@ def learn2learn_model(ways: int, dtype=torch.float32) -> torch.nn.Module:
     model = torch.nn.Sequential(*layers).to(dtype)
     ours = make_model(ways, dtype=dtype).state_dict()
     with torch.no_grad():
-        for theirs, mine in zip(learn2learn_names(ways), ours):
+        for theirs, mine in zip(learn2learn_names(ways), ours, strict=False):
             model.get_parameter(theirs).copy_(ours[mine])
     return model
 
@@ -202,7 +202,7 @@ class Learn2LearnLoop:
         self.optimizer.step()
 
     def meta_train_step(self, episodes) -> None:
-        self.train_on(zip(*episodes))
+        self.train_on(zip(*episodes, strict=False))
 
 
 class Learn2LearnMAML(Learn2LearnLoop):
@@ -223,10 +223,10 @@ class Learn2LearnMAML(Learn2LearnLoop):
 
     def gradients(self, episodes):
         """The meta-gradient by metalearn's parameter names."""
-        self.accumulate(zip(*episodes))
+        self.accumulate(zip(*episodes, strict=False))
         params = dict(self.maml.module.named_parameters())
         ours = [name for name, _ in make_model(2).named_parameters()]
-        return {mine: params[theirs].grad for mine, theirs in zip(ours, learn2learn_names(2))}
+        return {mine: params[theirs].grad for mine, theirs in zip(ours, learn2learn_names(2), strict=False)}
 
 
 class Learn2LearnProtoNet(Learn2LearnLoop):

@@ -96,7 +96,7 @@ def train_learn2learn(cfg, split, weights: dict, minutes: float) -> tuple:
     names = list(weights)
     module = l2l_maml.maml.module
     with torch.no_grad():
-        for theirs, mine in zip(learn2learn_names(task.ways), names):
+        for theirs, mine in zip(learn2learn_names(task.ways), names, strict=False):
             module.get_parameter(theirs).copy_(weights[mine])
     for group in l2l_maml.optimizer.param_groups:
         group["lr"] = algo.outer_lr
@@ -112,7 +112,7 @@ def train_learn2learn(cfg, split, weights: dict, minutes: float) -> tuple:
         l2l_maml.train_on(tasks)
         steps += 1
     final = dict(weights)
-    for theirs, mine in zip(learn2learn_names(task.ways), names):
+    for theirs, mine in zip(learn2learn_names(task.ways), names, strict=False):
         final[mine] = module.get_parameter(theirs).detach().clone()
     return steps, final
 

@@ -18,7 +18,6 @@ import argparse
 import resource
 import statistics
 import time
-
 from pathlib import Path
 
 import torch

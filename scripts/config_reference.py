@@ -21,7 +21,7 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -46,7 +46,7 @@ SKIPPED = {"_target_"}
 # --- the comments next to a dataclass's fields ------------------------------------------------------------------
 
 
-def _class_comments(cls: type) -> Dict[str, str]:
+def _class_comments(cls: type) -> dict[str, str]:
     """name -> the comment of each field (or enum member) in `cls`'s own source.
 
     The trailing `# ...` of its line(s), else the comment lines just above it.
@@ -55,7 +55,7 @@ def _class_comments(cls: type) -> Dict[str, str]:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    comments: Dict[int, str] = {}
+    comments: dict[int, str] = {}
     code_lines = set()
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
@@ -80,16 +80,16 @@ def _class_comments(cls: type) -> Dict[str, str]:
     return found
 
 
-def field_comments(cls: type) -> Dict[str, str]:
+def field_comments(cls: type) -> dict[str, str]:
     """field -> comment, looked up in the class that declares the field (the class itself or a base)."""
-    merged: Dict[str, str] = {}
+    merged: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if is_dataclass(klass):
             merged.update(_class_comments(klass))
     return merged
 
 
-def enum_comments(enum: type) -> Dict[str, str]:
+def enum_comments(enum: type) -> dict[str, str]:
     """member value -> the comment after (or above) the member in the enum's source."""
     comments = _class_comments(enum)
     return {member.value: comments.get(member.name, "") for member in enum}
@@ -111,9 +111,9 @@ def type_name(tp: Any) -> str:
     if origin is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"{' or '.join(type_name(a) for a in rest)} or null"
-    if origin in (list, List, tuple, Tuple):
+    if origin in (list, list, tuple, tuple):
         return f"list of {type_name(args[0])}" if args else "list"
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return "mapping"
     if tp is Any:
         return "any"
@@ -183,7 +183,7 @@ def ordered_fields(schema: type) -> list:
     return [f for f in every if f.name in own] + [f for f in every if f.name not in own]
 
 
-def schema_rows(schema: type, prefix: str = "", skip: Tuple[str, ...] = ()) -> List[Row]:
+def schema_rows(schema: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[Row]:
     """Every leaf of a schema as dotted keys, nested dataclasses expanded."""
     hints = typing.get_type_hints(schema)
     comments = field_comments(schema)
@@ -204,7 +204,7 @@ def schema_rows(schema: type, prefix: str = "", skip: Tuple[str, ...] = ()) -> L
     return rows
 
 
-def table(rows: List[Row], group: str, columns: List[Tuple[str, DictConfig]]) -> List[str]:
+def table(rows: list[Row], group: str, columns: list[tuple[str, DictConfig]]) -> list[str]:
     """key | type | one default column per composed config | meaning."""
     heads = ["key", "type"] + [name for name, _ in columns] + ["meaning"]
     lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
@@ -218,7 +218,7 @@ def table(rows: List[Row], group: str, columns: List[Tuple[str, DictConfig]]) ->
 # --- the sections ------------------------------------------------------------------------------------------------
 
 
-def yaml_chain(group: str, name: str) -> List[Path]:
+def yaml_chain(group: str, name: str) -> list[Path]:
     """A component YAML and the ones it inherits through `defaults:` (same group), base first."""
     path = CONF / group / f"{name}.yaml"
     chain = [path]
@@ -228,13 +228,13 @@ def yaml_chain(group: str, name: str) -> List[Path]:
     return chain
 
 
-def leaves(node: Any, prefix: str = "") -> List[str]:
+def leaves(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, DictConfig):
         return [key for k in node for key in leaves(node._get_node(k), f"{prefix}{k}.")]
     return [prefix[:-1]]
 
 
-def run_keys_set_by(group: str, name: str) -> List[str]:
+def run_keys_set_by(group: str, name: str) -> list[str]:
     """The keys outside its own group that a component's YAML files set (e.g. train.steps in an algo YAML)."""
     keys = []
     for path in yaml_chain(group, name):
@@ -248,7 +248,7 @@ def run_keys_set_by(group: str, name: str) -> List[str]:
     return sorted(keys, key=lambda k: (k.split(".")[0], k))
 
 
-def run_sections() -> List[str]:
+def run_sections() -> list[str]:
     train = compose([])
     schema_of = {f.name: f.type for f in fields(TrainAppConfig)}
     out = [
@@ -275,7 +275,7 @@ def run_sections() -> List[str]:
     return out
 
 
-def component_sections(group: str, title: str, intro: str) -> List[str]:
+def component_sections(group: str, title: str, intro: str) -> list[str]:
     """One table per class; one default column per YAML of the group that names it."""
     default = compose([])[group]["name"]
 
@@ -284,7 +284,7 @@ def component_sections(group: str, title: str, intro: str) -> List[str]:
         root = yaml_chain(group, name)[0].stem
         return (root != default, root, len(yaml_chain(group, name)), name)
 
-    by_class: Dict[str, List[Tuple[str, DictConfig]]] = {}
+    by_class: dict[str, list[tuple[str, DictConfig]]] = {}
     for name in sorted((path.stem for path in (CONF / group).glob("*.yaml")), key=place):
         cfg = compose([f"{group}={name}"])
         by_class.setdefault(cfg[group]["_target_"], []).append((name, cfg))
@@ -297,7 +297,7 @@ def component_sections(group: str, title: str, intro: str) -> List[str]:
         out += [f"`{target}`{': ' + summary if summary else ''}", ""]
         columns = [(f"`{n}`" if len(configs) > 1 else "default", cfg) for n, cfg in configs]
         out += table(schema_rows(cls.Settings), group, columns)
-        sets: Dict[str, List[str]] = {}
+        sets: dict[str, list[str]] = {}
         for name, cfg in configs:
             keys = run_keys_set_by(group, name)
             if keys:
@@ -342,7 +342,7 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help=f"exit 1 if {OUT.relative_to(REPO)} is not current")
     args = parser.parse_args(argv)

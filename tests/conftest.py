@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from helpers.cli import metalearn_in_process
 from helpers.data import write_tiny_omniglot, write_tiny_split
 

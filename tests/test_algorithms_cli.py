@@ -4,7 +4,6 @@ import json
 import re
 
 import torch
-
 from helpers.runs import overrides_for, train_resume_eval
 
 
@@ -67,7 +66,7 @@ def test_ensemble_of_a_seed_sweep(cli, tiny_overrides, tmp_path):
     assert len(runs) == 3
     out = cli("eval", f"run=[{','.join(map(str, runs))}]", cwd=tmp_path).stdout.strip().splitlines()
     assert len(out) == 4
-    for run, line in zip(runs, out):
+    for run, line in zip(runs, out, strict=False):
         assert line.startswith(f"{run}: test accuracy")
     assert re.fullmatch(
         r"ensemble of 3: test accuracy \d+\.\d\d% ± \d+\.\d\d \(10 episodes, omniglot 5-way 1-shot, "

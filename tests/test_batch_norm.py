@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers.reference import episodes
 from torch import nn
 
 from metalearn.algorithms import build_algorithm
@@ -11,8 +12,6 @@ from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.models.batch_stats import recording
 from metalearn.models.layout import BatchNorm2d
-
-from helpers.reference import episodes
 
 WAYS = 3
 ALGOS = {

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-
 from helpers.data import REPO
 
 

@@ -4,7 +4,6 @@ Only the wiring is checked here; the memory and speed figures themselves live in
 """
 
 import pytest
-
 from helpers.data import REPO
 
 

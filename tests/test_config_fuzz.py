@@ -1,12 +1,12 @@
 """Property-based: any override of any key, with values of wrong types or out of range, is either a run or a
 one-paragraph `metalearn: error: ...`, never a traceback."""
 
+from helpers.data import REPO
+from helpers.runs import overrides_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from helpers.data import REPO
-from helpers.runs import overrides_for
 from metalearn.config import compose
 
 ALGOS = sorted(p.stem for p in (REPO / "conf" / "algo").glob("*.yaml"))

@@ -13,9 +13,9 @@ from dataclasses import fields
 
 import pytest
 import torch
-
 from helpers.data import REPO, TINY_DATASETS
 from helpers.runs import overrides_for, train_resume_eval
+
 from metalearn.algorithms import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm
 from metalearn.algorithms.batching import VectorizedSettings
 from metalearn.config import compose

@@ -35,7 +35,7 @@ def test_conv4_matches_the_textbook_network_and_its_gradients(channels_last):
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
     expected_grads = torch.autograd.grad(expected.square().sum(), params)
     got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
-    for g, e in zip(got_grads, expected_grads):
+    for g, e in zip(got_grads, expected_grads, strict=False):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
 
 

@@ -9,11 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from PIL import Image
-
 from helpers.data import (
     png_declaring,
     write_tiny_cifar100,
@@ -21,6 +16,11 @@ from helpers.data import (
     write_tiny_miniimagenet,
     write_tiny_miniimagenet_pickles,
 )
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
 from metalearn.config import compose
 from metalearn.data import build_dataset
 from metalearn.data.cache import checksum
@@ -36,7 +36,7 @@ FUZZ = settings(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def composed(name: str, *overrides: str):
     return compose([f"data={name}", *overrides]).data  # composing takes a while: once per dataset
 

@@ -14,16 +14,16 @@ import time
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from helpers.cli import metalearn_cli
 from helpers.ranks import free_port, run_ranks, start_ranks
 from helpers.runs import overrides_for
+from omegaconf import OmegaConf
+
 from metalearn.algorithms import build_algorithm
 from metalearn.data import Episodes
+from metalearn.device import cores
 from metalearn.distributed import Ranks, from_environment
 from metalearn.errors import MetalearnError
-from metalearn.device import cores
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 

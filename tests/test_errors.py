@@ -8,8 +8,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers.cli import metalearn_in_process as metalearn_cli
 from helpers.data import (
     dataset_of,
@@ -22,6 +20,8 @@ from helpers.data import (
     write_tiny_omniglot,
     write_tiny_split,
 )
+from PIL import Image
+
 from metalearn.errors import MetalearnError
 
 

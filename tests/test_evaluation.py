@@ -9,16 +9,15 @@ import statistics
 
 import pytest
 import torch
+from helpers.data import tiny_data_config
+from helpers.reference import episodes
+from helpers.runs import overrides_for
 
 from metalearn.algorithms import build_algorithm
 from metalearn.config import compose
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes
-
-from helpers.data import tiny_data_config
-from helpers.reference import episodes
-from helpers.runs import overrides_for
 
 WAYS, QUERIES = 4, 3
 
@@ -58,7 +57,7 @@ def by_hand(members, sampler, episodes, broken=lambda episode, query: False):
             probs = [0.0] * WAYS
             for row in rows:
                 exps = [math.exp(v) for v in row[q]]
-                probs = [p + e / sum(exps) / len(rows) for p, e in zip(probs, exps)]
+                probs = [p + e / sum(exps) / len(rows) for p, e in zip(probs, exps, strict=False)]
             correct += max(range(WAYS), key=lambda k: probs[k]) == label
             loss -= math.log(probs[label])
         accuracies.append(correct / len(labels))

@@ -5,10 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers.runs import overrides_for, tiny_exported_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from helpers.runs import overrides_for, tiny_exported_run
 
 
 def accuracy_line(out: str) -> str:

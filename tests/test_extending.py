@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers.data import REPO
 from helpers.runs import assert_same_state
 

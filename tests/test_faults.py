@@ -11,15 +11,14 @@ import resource
 import signal
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.cli import metalearn_cli
 from helpers.data import tiny_data_config
 from helpers.runs import assert_same_state, overrides_for
+
 from metalearn.checkpoint import load_checkpoint, non_finite
 from metalearn.data import load_split
 

@@ -11,13 +11,12 @@ import shutil
 
 import pytest
 import torch
+from helpers.cli import metalearn_in_process
+from helpers.runs import tiny_exported_run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
-
-from helpers.cli import metalearn_in_process
-from helpers.runs import tiny_exported_run
 
 FUZZ = settings(
     max_examples=15,

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers.reference import WAYS, episodes, params_of, tiny
+from torch import nn
 
 from metalearn.algorithms.finetune import Distill, Finetune
 from metalearn.data import LabelledImages
@@ -23,7 +22,7 @@ def finetune(model, **overrides):
 def naive_heads(support, labels, ways, steps=100):
     """One nn.Linear per task, zero-initialised, fitted with torch.optim.SGD at the finetune settings."""
     heads = []
-    for x, y in zip(support, labels):
+    for x, y in zip(support, labels, strict=False):
         head = nn.Linear(x.shape[-1], ways).to(x.dtype)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
@@ -66,11 +65,11 @@ def test_finetune_predict_fits_heads_on_frozen_features(workers):
     got = algo.predict(batch)
     assert got.shape == (3, WAYS * 2, WAYS)
     with torch.no_grad():
-        embedded = [model.features(torch.cat([sx, qx])) for sx, qx in zip(batch.support, batch.query)]
+        embedded = [model.features(torch.cat([sx, qx])) for sx, qx in zip(batch.support, batch.query, strict=False)]
     support = torch.stack([e[:6] for e in embedded])
     heads = naive_heads(support, batch.support_labels, WAYS, steps=20)
     with torch.no_grad():
-        expected = torch.stack([head(e[6:]) for head, e in zip(heads, embedded)])
+        expected = torch.stack([head(e[6:]) for head, e in zip(heads, embedded, strict=False)])
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-11)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

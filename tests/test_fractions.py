@@ -1,8 +1,8 @@
 """data.fractions: each of train, val and test gets its own share of a folder's classes, every image of them."""
 
 import pytest
-
 from helpers.data import write_tiny_folder
+
 from metalearn.config import compose
 from metalearn.data import build_dataset
 

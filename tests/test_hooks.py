@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers.runs import overrides_for
+
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.errors import MetalearnError
 from metalearn.hooks import DivergenceGuard, Hook, LoopState

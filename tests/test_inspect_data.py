@@ -1,9 +1,9 @@
 """`metalearn data info` and `metalearn data preview` on the tiny generated Omniglot."""
 
 import torch
+from helpers.data import tiny_data_config
 from PIL import Image
 
-from helpers.data import tiny_data_config
 from metalearn.data import EpisodeSampler, load_split
 
 

@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
+from helpers.runs import assert_same_state, overrides_for
 
 from metalearn.evaluate import EpisodeResult
-
-from helpers.runs import assert_same_state, overrides_for
 
 
 def script(monkeypatch, accuracies):
@@ -157,7 +156,7 @@ def test_top_n_is_the_ensemble_of_those_checkpoints(cli, eight_steps, tmp_path, 
     out = cli("eval", f"run={run}", "checkpoint=top3", cwd=tmp_path).stdout.strip().splitlines()
     files = ["best.pt", "next_best/step-2.pt", "next_best/step-6.pt"]
     assert len(out) == 4
-    for line, file in zip(out, files):
+    for line, file in zip(out, files, strict=False):
         assert line.startswith("test accuracy") and line.endswith(f"1-shot, {file})")
     assert out[3].startswith("ensemble of the 3 best checkpoints: test accuracy")
     (record,) = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
@@ -176,7 +175,7 @@ def test_top_n_is_the_ensemble_of_those_checkpoints(cli, eight_steps, tmp_path, 
         copies.append(copy)
     cli("eval", f"run=[{','.join(map(str, copies))}]", cwd=tmp_path)
     explicit = [json.loads((copy / "evals.jsonl").read_text()) for copy in copies]
-    for member, alone in zip(record["members"], explicit):
+    for member, alone in zip(record["members"], explicit, strict=False):
         assert member["checkpoint_sha256"] == alone["checkpoint_sha256"] and member["step"] == alone["step"]
         assert (member["accuracy"], member["ci95"], member["loss"]) == (alone["accuracy"], alone["ci95"], alone["loss"])
     ensemble = explicit[0]["ensemble"]

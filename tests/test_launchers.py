@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers.runs import overrides_for
+
 from metalearn.device import cores
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the sweep extra: pip install '.[sweep]'")

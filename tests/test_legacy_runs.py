@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from helpers.runs import assert_same_state
+from omegaconf import OmegaConf
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs-before-redesign"
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from helpers.runs import overrides_for
 from hydra.utils import instantiate
 
-from helpers.runs import overrides_for
 from metalearn.loggers import MetricWriter
 
 pytest.importorskip("tensorboard", reason="the loggers extra: pip install '.[loggers]'")

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metalearn.algorithms.batching import resolve_vectorize
+from metalearn.algorithms.batching import Vectorize, resolve_vectorize
 from metalearn.algorithms.maml import MAML
-from metalearn.algorithms.batching import Vectorize
 from metalearn.data import ClassSplit, EpisodeSampler
 from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
@@ -45,18 +44,18 @@ def naive_meta_gradient(model, batch, inner_lr, inner_steps, first_order, inner_
     names = [n for n, _ in model.named_parameters()]
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = [torch.zeros_like(p) for p in start]
-    for sx, sy, qx, qy in zip(*batch):
+    for sx, sy, qx, qy in zip(*batch, strict=False):
         fast = list(start)
         for _ in range(inner_steps):
-            loss = support_loss(functional_call(model, dict(zip(names, fast)), (sx,)), sy, inner_loss)
+            loss = support_loss(functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy, inner_loss)
             grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [w - inner_lr * g for w, g in zip(fast, grads)]
+            fast = [w - inner_lr * g for w, g in zip(fast, grads, strict=False)]
         if first_order:
             fast = [w.detach().requires_grad_() for w in fast]
-        query_loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx,)), qy)
+        query_loss = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy)
         grads = torch.autograd.grad(query_loss, fast if first_order else start)
-        total = [t + g / len(batch.support) for t, g in zip(total, grads)]
-    return dict(zip(names, total))
+        total = [t + g / len(batch.support) for t, g in zip(total, grads, strict=False)]
+    return dict(zip(names, total, strict=False))
 
 
 @pytest.mark.parametrize("inner_loss", ["mean", "sum_over_shots"])
@@ -103,12 +102,12 @@ def test_sum_over_shots_inner_step_by_hand(vectorize):
     )
     got = algo.predict(batch)
     names = [n for n, _ in model.named_parameters()]
-    for task, (sx, sy, qx, _) in enumerate(zip(*batch)):
+    for task, (sx, sy, qx, _) in enumerate(zip(*batch, strict=False)):
         theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        logits = functional_call(model, dict(zip(names, theta)), (sx,))
+        logits = functional_call(model, dict(zip(names, theta, strict=False)), (sx,))
         terms = [-torch.log_softmax(logits[i], dim=0)[sy[i]] for i in range(len(sy))]
         grads = torch.autograd.grad(sum(terms) / 2, theta)
-        adapted = dict(zip(names, [t - 0.05 * g for t, g in zip(theta, grads)]))
+        adapted = dict(zip(names, [t - 0.05 * g for t, g in zip(theta, grads, strict=False)], strict=False))
         assert torch.allclose(got[task], functional_call(model, adapted, (qx,)), rtol=1e-9, atol=1e-12)
     mean_loss = MAML(
         model,
@@ -185,7 +184,7 @@ def test_state_round_trip_restores_model_and_optimizer():
     b.load_state_dict(torch.load(buffer, weights_only=True))
     a.meta_train_step(batch)
     b.meta_train_step(batch)
-    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=False):
         assert torch.equal(pa, pb), name
 
 

@@ -6,9 +6,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
-
 from helpers.reference import assert_dicts_close, episodes, mean_over_tasks, params_of, tiny
+from torch.func import functional_call
 
 from metalearn.algorithms.maml import MAML
 
@@ -24,15 +23,15 @@ def naive_metasgd_gradients(model, rates, batch, steps):
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
     alphas = [rates[n].detach().clone().requires_grad_() for n in names]
     per_task = []
-    for sx, sy, qx, qy in zip(*batch):
+    for sx, sy, qx, qy in zip(*batch, strict=False):
         fast = list(start)
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
             grads = torch.autograd.grad(loss, fast, create_graph=True)
-            fast = [w - a * g for w, a, g in zip(fast, alphas, grads)]
-        query_loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx,)), qy)
+            fast = [w - a * g for w, a, g in zip(fast, alphas, grads, strict=False)]
+        query_loss = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy)
         grads = torch.autograd.grad(query_loss, start + alphas)
-        per_task.append(dict(zip(names + ["inner_lr." + n for n in names], grads)))
+        per_task.append(dict(zip(names + ["inner_lr." + n for n in names], grads, strict=False)))
     return mean_over_tasks(per_task)
 
 
@@ -87,11 +86,11 @@ def test_metasgd_predict_uses_the_learned_rates():
     algo = metasgd(model)
     names = [n for n, _ in model.named_parameters()]
     expected = []
-    for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query):
+    for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query, strict=False):
         fast = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+        loss = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
         grads = torch.autograd.grad(loss, fast)
-        fast = {n: w.detach() - algo.rates[n].detach() * g for n, w, g in zip(names, fast, grads)}
+        fast = {n: w.detach() - algo.rates[n].detach() * g for n, w, g in zip(names, fast, grads, strict=False)}
         expected.append(functional_call(model, fast, (qx,)))
     assert torch.allclose(algo.predict(batch), torch.stack(expected), rtol=1e-9, atol=1e-12)
 
@@ -115,7 +114,7 @@ def test_metasgd_rates_round_trip_through_state_dict():
     b.meta_train_step(batch)
     for n in a.rates:
         assert torch.equal(a.rates[n], b.rates[n]), n
-    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=False):
         assert torch.equal(pa, pb), n
 
 
@@ -129,7 +128,7 @@ def naive_anil_gradients(model, batch, inner_lr, steps, first_order):
     start = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     body = {n[len("features.") :]: p for n, p in start.items() if n.startswith("features.")}
     per_task = []
-    for sx, sy, qx, qy in zip(*batch):
+    for sx, sy, qx, qy in zip(*batch, strict=False):
         support_features = functional_call(model.features, body, (sx,))
         w, b = start["head.weight"], start["head.bias"]
         for _ in range(steps):
@@ -144,7 +143,9 @@ def naive_anil_gradients(model, batch, inner_lr, steps, first_order):
         )
         grads = torch.autograd.grad(query_loss, wrt)
         per_task.append(
-            dict(zip([n for n in names if n.startswith("features.")] + ["head.weight", "head.bias"], grads))
+            dict(
+                zip([n for n in names if n.startswith("features.")] + ["head.weight", "head.bias"], grads, strict=False)
+            )
         )
     return mean_over_tasks(per_task)
 
@@ -201,7 +202,7 @@ def test_anil_predict_adapts_only_the_head():
     )
     expected = []
     with torch.no_grad():
-        for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query):
+        for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query, strict=False):
             head = copy.deepcopy(model.head)
             opt = torch.optim.SGD(head.parameters(), lr=0.5)
             features = model.features(sx)

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.reference import assert_dicts_close, episodes
+from helpers.runs import overrides_for, train_resume_eval
 from torch.func import functional_call
 
 from metalearn.algorithms import build_algorithm
@@ -13,9 +15,6 @@ from metalearn.algorithms.mamlpp import msl_weights
 from metalearn.config import compose
 from metalearn.errors import MetalearnError
 from metalearn.models.step_norm import set_norm_step
-
-from helpers.reference import assert_dicts_close, episodes
-from helpers.runs import overrides_for, train_resume_eval
 
 WAYS = 3
 EVERY_SWITCH_OFF = [
@@ -57,15 +56,17 @@ def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights):
     names = [n for n, _ in model.named_parameters()]
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = [torch.zeros_like(p) for p in start]
-    for sx, sy, qx, qy in zip(*batch):
+    for sx, sy, qx, qy in zip(*batch, strict=False):
         fast, loss = list(start), 0
         for k in range(steps):
-            support = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            support = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
             grads = torch.autograd.grad(support, fast, create_graph=True)
-            fast = [w - inner_lr * g for w, g in zip(fast, grads)]
-            loss = loss + weights[k] * F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx,)), qy)
-        total = [t + g / len(batch.support) for t, g in zip(total, torch.autograd.grad(loss, start))]
-    return dict(zip(names, total))
+            fast = [w - inner_lr * g for w, g in zip(fast, grads, strict=False)]
+            loss = loss + weights[k] * F.cross_entropy(
+                functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy
+            )
+        total = [t + g / len(batch.support) for t, g in zip(total, torch.autograd.grad(loss, start), strict=False)]
+    return dict(zip(names, total, strict=False))
 
 
 def test_the_multi_step_loss_is_the_weighted_sum_by_hand():

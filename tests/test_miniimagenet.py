@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 import torch
-from PIL import Image
-
 from helpers.data import MINI_CLASSES, mini_class, write_tiny_miniimagenet, write_tiny_miniimagenet_pickles
 from helpers.runs import protonet_on
+from PIL import Image
+
 from metalearn.config import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers.data import write_idx, write_tiny_mnist
 from omegaconf import OmegaConf
 
-from helpers.data import write_idx, write_tiny_mnist
 from metalearn.data import load_split
 from metalearn.errors import MetalearnError
 
@@ -32,7 +32,7 @@ def tiny_mnist(tmp_path_factory):
 
 def image_ids(split):
     pixels = split.images[:, 0, 0].long()
-    return set(zip(pixels[:, 0].tolist(), (pixels[:, 1] + 256 * pixels[:, 2]).tolist()))
+    return set(zip(pixels[:, 0].tolist(), (pixels[:, 1] + 256 * pixels[:, 2]).tolist(), strict=False))
 
 
 def test_parts_are_class_and_image_disjoint(tiny_mnist, tmp_path):

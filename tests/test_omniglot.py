@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data import TINY_SPLIT, write_tiny_omniglot, write_tiny_split
 from omegaconf import OmegaConf
 
-from helpers.data import TINY_SPLIT, write_tiny_omniglot, write_tiny_split
 from metalearn.data import load_split, omniglot
 from metalearn.errors import MetalearnError
 

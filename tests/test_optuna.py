@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import yaml
-
 from helpers.runs import overrides_for
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra: pip install '.[sweep]'")

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers.reference import WAYS, assert_dicts_close, episodes, params_of, tiny
 
 from metalearn.algorithms.protonet import ProtoNet, prototype_logits
@@ -42,7 +41,7 @@ def test_prototype_logits_are_negative_squared_distances_to_class_means():
 def naive_protonet_loss(model, batch, ways):
     """Mean over tasks of the query cross-entropy; support and query embedded as one batch."""
     total = 0
-    for sx, sy, qx, qy in zip(*batch):
+    for sx, sy, qx, qy in zip(*batch, strict=False):
         embedded = model(torch.cat([sx, qx]))
         logits = naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx) :], ways)
         total = total + F.cross_entropy(logits, qy)
@@ -70,10 +69,10 @@ def test_protonet_step_applies_the_naive_gradient(vectorize):
 
     loss = naive_protonet_loss(reference, batch, 4)
     names = [n for n, _ in reference.named_parameters()]
-    expected = dict(zip(names, torch.autograd.grad(loss, list(reference.parameters()))))
+    expected = dict(zip(names, torch.autograd.grad(loss, list(reference.parameters())), strict=False))
     assert_dicts_close(captured, expected, 1e-10)
 
-    for p, g in zip(reference.parameters(), expected.values()):
+    for p, g in zip(reference.parameters(), expected.values(), strict=False):
         p.grad = g
     torch.optim.Adam(reference.parameters(), lr=1e-2).step()
     assert_dicts_close(params_of(model), params_of(reference), 1e-10)
@@ -109,7 +108,7 @@ def test_protonet_loop_and_vmap_agree_and_predict_shape():
     model = results[0][0].eval()
     with torch.no_grad():
         expected = []
-        for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query):
+        for sx, sy, qx in zip(batch.support, batch.support_labels, batch.query, strict=False):
             embedded = model(torch.cat([sx, qx]))
             expected.append(naive_prototype_logits(embedded[: len(sx)], sy, embedded[len(sx) :], WAYS))
     assert torch.allclose(logits, torch.stack(expected), rtol=1e-9, atol=1e-10)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from helpers.cli import metalearn_cli
 from helpers.data import SHARED_DATA
 

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers.reference import WAYS, assert_dicts_close, episodes, mean_over_tasks, params_of, tiny
 
 from metalearn.algorithms.reptile import Reptile
@@ -28,7 +27,7 @@ def naive_reptile(model, batch, seed, lr, steps, batch_size, optimizer, eps):
     passes = math.ceil(steps * batch_size / size)
     orders = torch.rand(num_tasks, passes, size).argsort(dim=2).flatten(1).tolist()
     adapted = []
-    for x, y, order in zip(batch.support, batch.support_labels, orders):
+    for x, y, order in zip(batch.support, batch.support_labels, orders, strict=False):
         task_model = copy.deepcopy(model).train()
         if optimizer == "adam":
             opt = torch.optim.Adam(task_model.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
@@ -180,7 +179,7 @@ def test_reptile_predict_fine_tunes_like_the_naive_loop_without_touching_the_rng
     # one fixed order for every task: an episode scores the same in any batch or process
     orders = torch.rand(1, 2, 9, generator=torch.Generator().manual_seed(0)).argsort(dim=2).flatten(1).tolist() * 3
     expected = []
-    for sx, sy, qx, order in zip(batch.support, batch.support_labels, batch.query, orders):
+    for sx, sy, qx, order in zip(batch.support, batch.support_labels, batch.query, orders, strict=False):
         task_model = copy.deepcopy(model).train()
         opt = torch.optim.SGD(task_model.parameters(), lr=0.1)
         stream = iter(order)

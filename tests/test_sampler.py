@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers.data import tiny_data_config
+
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 
@@ -45,12 +45,16 @@ def test_tasks_are_consistent_and_images_distinct(uneven):
         # one dataset class per task label, the same in support and query
         mapping = {}
         for cls, label in zip(
-            torch.cat([s_cls[t], q_cls[t]]).tolist(), torch.cat([ep.support_labels[t], ep.query_labels[t]]).tolist()
+            torch.cat([s_cls[t], q_cls[t]]).tolist(),
+            torch.cat([ep.support_labels[t], ep.query_labels[t]]).tolist(),
+            strict=False,
         ):
             assert mapping.setdefault(label, cls) == cls
         assert len(set(mapping.values())) == 5  # distinct classes
         # no image appears twice in a task (support and query disjoint)
-        pairs = list(zip(torch.cat([s_cls[t], q_cls[t]]).tolist(), torch.cat([s_idx[t], q_idx[t]]).tolist()))
+        pairs = list(
+            zip(torch.cat([s_cls[t], q_cls[t]]).tolist(), torch.cat([s_idx[t], q_idx[t]]).tolist(), strict=False)
+        )
         assert len(set(pairs)) == len(pairs)
         if uneven:  # never an index beyond a class's own images
             counts = labelled_split(uneven=True).class_counts()
@@ -124,7 +128,7 @@ def test_impossible_tasks_say_what_is_possible():
 def task_keys(ep):
     """Each task as a hashable tuple of its images' (class, index) codes."""
     cls, idx = decode(torch.cat([ep.support, ep.query], dim=1))
-    return [tuple(zip(c.tolist(), i.tolist())) for c, i in zip(cls, idx)]
+    return [tuple(zip(c.tolist(), i.tolist(), strict=False)) for c, i in zip(cls, idx, strict=False)]
 
 
 def test_replay_mixes_earlier_tasks_into_each_batch():
@@ -177,7 +181,7 @@ def test_episodes_gathered_in_host_memory_equal_those_gathered_on_the_device(tin
     split = load_split(tiny_data_config(tiny_data), "train")
     here = EpisodeSampler(split, 5, 1, 3, "cpu", seed=4, images_on_device=True)
     host = EpisodeSampler(split, 5, 1, 3, "cpu", seed=4, images_on_device=False)
-    for a, b in zip(here.sample(3), host.sample(3)):
+    for a, b in zip(here.sample(3), host.sample(3), strict=False):
         assert torch.equal(a, b)
     assert torch.equal(here.sample_images(7).images, host.sample_images(7).images)
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.runs import overrides_for
 
 import metalearn.hooks
-from helpers.runs import overrides_for
 from metalearn.algorithms.protonet import ProtoNet
 
 MINUTES_PER_STEP = 10

@@ -7,8 +7,6 @@ Hydra loads sweepers only from the hydra_plugins package, hence this module's pl
 Optuna sweeper when a study starts, so Hydra's plugin scan works without the sweep extra.
 """
 
-from typing import List
-
 from hydra.plugins.sweeper import Sweeper
 
 
@@ -23,7 +21,7 @@ class OptunaStudy(Sweeper):
         self.sweep_dir = config.hydra.sweep.dir
         self.optuna.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         from metalearn.errors import RunFailed
 
         if isinstance(self.storage, str):

@@ -11,7 +11,6 @@ import os
 import socket
 import sqlite3
 from pathlib import Path
-from typing import Optional
 
 from metalearn.errors import RunFailed
 
@@ -21,7 +20,7 @@ OWNER = "metalearn:asked_by"  # a trial's system attribute: {"host": ..., "pid":
 OPTUNA_TABLES = {"studies", "version_info"}  # in every study file Optuna writes
 
 
-def open_storage(url: str, study_name: Optional[str]):
+def open_storage(url: str, study_name: str | None):
     """The study's storage, checked; trials of `study_name` that stopped processes left running marked failed."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
@@ -79,7 +78,7 @@ def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def left_by_stopped_process(owner: Optional[dict]) -> bool:
+def left_by_stopped_process(owner: dict | None) -> bool:
     """Whether a running trial's process is gone: one of this machine that no longer runs (or that is this
     process, which has asked for no trial yet), or one that recorded none (asked through Optuna itself)."""
     if not isinstance(owner, dict):

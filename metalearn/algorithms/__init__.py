@@ -7,8 +7,6 @@ whose head the class's `head` asks for.
 """
 
 import torch
-from typing import Optional
-
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm
@@ -36,7 +34,7 @@ def head_size(cls: type, cfg: DictConfig, train_classes: int) -> int:
 
 
 def build_algorithm(
-    cfg: DictConfig, device: torch.device, train_classes: int, image_shape, dtype: Optional[torch.dtype] = None
+    cfg: DictConfig, device: torch.device, train_classes: int, image_shape, dtype: torch.dtype | None = None
 ) -> Algorithm:
     """The algorithm cfg.algo names, its model built from cfg.model for `image_shape` images, on `device`.
 

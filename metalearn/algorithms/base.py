@@ -6,11 +6,9 @@ the algo.* keys, and the runner calls the constructor with each setting by
 its name plus what the run provides (see `build_algorithm`).
 """
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict
-
-import logging
 
 import torch
 from omegaconf import MISSING
@@ -68,7 +66,7 @@ class Algorithm(ABC):
         return sampler.sample(meta_batch_size)
 
     @abstractmethod
-    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+    def meta_train_step(self, episodes: Episodes) -> dict[str, float]:
         """One outer update on a batch of tasks; returns at least loss and accuracy."""
 
     @abstractmethod
@@ -126,7 +124,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, scheduler=None
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    for i, (group, lr) in enumerate(zip(optimizer.param_groups, configured)):
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, configured, strict=False)):
         initial = group.get("initial_lr", group["lr"])
         if initial == lr:
             continue

@@ -6,17 +6,17 @@ the chip idle and vmap fills it), hence the `vectorize` setting.
 """
 
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Dict, List, Union
 
 import torch
 
 from metalearn.errors import MetalearnError
 from metalearn.models.batch_stats import sync_buffers
 
-Params = Dict[str, torch.Tensor]
+Params = dict[str, torch.Tensor]
 
 
 class Vectorize(Enum):
@@ -33,7 +33,7 @@ class VectorizedSettings:
     vectorize: Vectorize = Vectorize.auto
 
 
-def resolve_vectorize(choice: Union[bool, str, Vectorize], device: torch.device) -> bool:
+def resolve_vectorize(choice: bool | str | Vectorize, device: torch.device) -> bool:
     """True for vmap: on CUDA under auto; on CPU a loop is faster and leaner. A bool is the choice made."""
     if isinstance(choice, bool):
         return choice
@@ -43,7 +43,7 @@ def resolve_vectorize(choice: Union[bool, str, Vectorize], device: torch.device)
     return choice is Vectorize.vmap
 
 
-def loop_only(choice: Union[bool, str, Vectorize], why: str) -> bool:
+def loop_only(choice: bool | str | Vectorize, why: str) -> bool:
     """The loop strategy, where vmap cannot do the job: refuses an explicit vmap with `why` and the fix."""
     if choice is True or (not isinstance(choice, bool) and Vectorize(choice) is Vectorize.vmap):
         raise MetalearnError(f"{why}, which the vmap strategy cannot: add algo.vectorize=loop.")
@@ -61,7 +61,7 @@ def stack(items):
         return torch.stack(items)
     if isinstance(first, dict):
         return {key: stack([item[key] for item in items]) for key in first}
-    return tuple(stack(list(group)) for group in zip(*items))
+    return tuple(stack(list(group)) for group in zip(*items, strict=False))
 
 
 def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Callable:
@@ -80,7 +80,7 @@ def over_tasks(task_fn: Callable, vectorize: bool, shared_args: int = 1) -> Call
 
     def looped(*args):
         shared, batched = args[:shared_args], args[shared_args:]
-        return stack([task_fn(*shared, *task) for task in zip(*batched)])
+        return stack([task_fn(*shared, *task) for task in zip(*batched, strict=False)])
 
     return looped
 
@@ -106,11 +106,11 @@ class TaskThreads:
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     @property
-    def models(self) -> List[torch.nn.Module]:
+    def models(self) -> list[torch.nn.Module]:
         """Every model a map may run on, in the order of the tasks they take."""
         return [self.model, *(r for r in self.replicas if r is not self.model)]
 
-    def map(self, run: Callable, tasks: int) -> List:
+    def map(self, run: Callable, tasks: int) -> list:
         """`run(model, task_slice)` over contiguous slices of range(tasks), one per worker; results in order."""
         workers = min(len(self.replicas), tasks)
         if self.pool is None or workers < 2:
@@ -136,7 +136,7 @@ class TaskThreads:
 
         def looped(shared, *batched):
             def run(model, part: slice):
-                return [task_fn(model, shared, *task) for task in zip(*(b[part] for b in batched))]
+                return [task_fn(model, shared, *task) for task in zip(*(b[part] for b in batched), strict=False)]
 
             return stack([out for part in self.map(run, len(batched[0])) for out in part])
 

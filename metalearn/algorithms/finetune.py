@@ -17,18 +17,17 @@ like `finetune`.
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metalearn.algorithms.base import CLASS_HEAD, AlgoSettings, Algorithm, load_model_state, load_optimizer
+from metalearn.algorithms.base import CLASS_HEAD, Algorithm, AlgoSettings, load_model_state, load_optimizer
 from metalearn.algorithms.batching import TaskThreads, detached_params, sub_params
 from metalearn.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
-from metalearn.errors import MetalearnError
 from metalearn.device import PLAIN, FastPaths
+from metalearn.errors import MetalearnError
 from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
 from metalearn.models.batch_stats import BatchNormMode, recording
 from metalearn.settings import SettingError, at_least, positive, within
@@ -58,7 +57,7 @@ class FinetuneSettings(AlgoSettings):
 
 @dataclass
 class DistillSettings(FinetuneSettings):
-    teacher: Optional[str] = None  # a finished finetune (or distill) run folder
+    teacher: str | None = None  # a finished finetune (or distill) run folder
     temperature: float = 4.0  # softens teacher and student outputs in the KL term
     distill_weight: float = 0.5  # share of the loss on the teacher's soft targets; the rest is cross-entropy
 
@@ -109,7 +108,7 @@ class Finetune(Algorithm):
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         return F.cross_entropy(logits, batch.labels)
 
-    def meta_train_step(self, batch: LabelledImages) -> Dict[str, float]:
+    def meta_train_step(self, batch: LabelledImages) -> dict[str, float]:
         self.model.train()
         with across_ranks(self.model, self.ranks), recording([self.model]) as batch_statistics:
             # a batch split across processes: BatchNorm over all of it; model.bn=inductive: its statistics noted

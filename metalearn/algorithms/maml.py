@@ -18,18 +18,18 @@ gradients through the native batch norm in torch 2.14.
 """
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
-from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 from torch.utils.checkpoint import checkpoint
 
-from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state, load_optimizer
+from metalearn.algorithms.base import Algorithm, AlgoSettings, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
     Params,
     TaskThreads,
@@ -49,7 +49,7 @@ from metalearn.models.batch_stats import has_running_stats, recording, recording
 from metalearn.settings import SettingError, at_least, positive
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
-Meta = Dict[str, Params]
+Meta = dict[str, Params]
 RATE_PREFIX = "inner_lr."
 
 
@@ -77,7 +77,7 @@ class MAMLSettings(AlgoSettings, VectorizedSettings):
     inner_loss: InnerLoss = InnerLoss.mean  # the support loss the inner steps descend
     adapt: AdaptedParams = AdaptedParams.all  # which weights the inner loop adapts
     learn_inner_lr: bool = False  # Meta-SGD: one learned inner rate per adapted weight
-    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])  # Meta-SGD: initial rates, uniform
+    inner_lr_init: list[float] = field(default_factory=lambda: [0.005, 0.1])  # Meta-SGD: initial rates, uniform
     # Second order: keep only each inner step's input and recompute its activations in the backward pass,
     # so memory grows with inner_steps by the adapted weights, not the activations (about twice the time
     # of a step on a CPU); the loop strategy only.
@@ -106,7 +106,7 @@ class MAML(Algorithm):
         inner_steps_eval: int,
         outer_lr: float,
         first_order: bool,
-        vectorize: Union[bool, str],
+        vectorize: bool | str,
         adapt: str = "all",
         learn_inner_lr: bool = False,
         inner_lr_init: Sequence[float] = (0.005, 0.1),
@@ -178,7 +178,7 @@ class MAML(Algorithm):
             return F.cross_entropy(logits, y, reduction="sum") / (y.shape[0] // self.ways)
         return F.cross_entropy(logits, y)
 
-    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, model=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = functional_call(self.model if model is None else model, params, (x,))
         return F.cross_entropy(logits, y), logits
 
@@ -243,7 +243,7 @@ class MAML(Algorithm):
             total = {group: {name: torch.zeros_like(t) for name, t in p.items()} for group, p in leaves.items()}
             losses, accuracies = [], []
             with torch.enable_grad():
-                for task in zip(sx[part], sy[part], qx[part], qy[part]):
+                for task in zip(sx[part], sy[part], qx[part], qy[part], strict=False):
                     grads, loss, accuracy = self._task_autograd(model, leaves, *task)
                     for group, p in grads.items():
                         for name, g in p.items():
@@ -279,8 +279,10 @@ class MAML(Algorithm):
         names = list(self.adapted_names)
 
         def inner_step(*values):
-            g = torch.autograd.grad(inner_loss(dict(zip(names, values))), values, create_graph=second_order)
-            return tuple(p - rates.get(name, self.inner_lr) * gi for name, p, gi in zip(names, values, g))
+            g = torch.autograd.grad(
+                inner_loss(dict(zip(names, values, strict=False))), values, create_graph=second_order
+            )
+            return tuple(p - rates.get(name, self.inner_lr) * gi for name, p, gi in zip(names, values, g, strict=False))
 
         adapted = tuple(params[name] for name in names)
         for _ in range(steps):
@@ -296,7 +298,7 @@ class MAML(Algorithm):
                 adapted = inner_step(*adapted)
             if not second_order:
                 adapted = tuple(p.detach().requires_grad_() for p in adapted)
-        return {**params, **dict(zip(names, adapted))}
+        return {**params, **dict(zip(names, adapted, strict=False))}
 
     def _predict_looped(self, meta: Meta, sx, sy, qx) -> torch.Tensor:
         """Query logits after `inner_steps_eval` steps, a task at a time in plain autograd, on worker threads."""
@@ -336,7 +338,7 @@ class MAML(Algorithm):
                 f"this model's head has {ways} outputs, so it adapts to {ways}-way tasks only: use task.ways={ways}."
             )
 
-    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+    def meta_train_step(self, episodes: Episodes) -> dict[str, float]:
         self.model.train()
         with recording(self._threads.models) as batch_statistics:  # model.bn=inductive's running averages
             grads, (losses, accuracies) = self._meta_grads(self._meta(), *episodes)

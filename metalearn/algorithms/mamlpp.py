@@ -24,11 +24,11 @@ Tasks run one after another (on CPU worker threads): the per-step running
 statistics are updates that a vmap cannot batch.
 """
 
+import collections
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class MAMLPlusPlusSettings(AlgoSettings):
     learn_inner_lr: bool = True  # LSLR: a learned inner rate per weight tensor and per step
     cosine_annealing: bool = True  # CA: the outer rate from outer_lr to min_outer_lr over train.steps
     min_outer_lr: float = 1e-5  # CA: the outer rate at the end of the run
-    anneal_steps: Optional[int] = None  # CA: the cosine's length in steps (null: the run's train.steps)
+    anneal_steps: int | None = None  # CA: the cosine's length in steps (null: the run's train.steps)
 
     def __post_init__(self):
         positive(self, "outer_lr")
@@ -80,7 +80,7 @@ class MAMLPlusPlusSettings(AlgoSettings):
             at_least(self, "anneal_steps", 1)
 
 
-def msl_weights(steps: int, epoch: int, msl_epochs: int) -> List[float]:
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     """The per-step weights of the multi-step loss at `epoch` (the reference code's
     get_per_step_loss_importance_vector): equal at first; each non-final weight falls linearly to
     0.03 / steps over msl_epochs, the final one rises to take what they give up."""
@@ -113,7 +113,7 @@ class MAMLPlusPlus(MAML):
         learn_inner_lr: bool,
         cosine_annealing: bool,
         min_outer_lr: float,
-        anneal_steps: Optional[int] = None,
+        anneal_steps: int | None = None,
         train_steps: int = 1,
         workers: int = 1,
     ):
@@ -159,7 +159,7 @@ class MAMLPlusPlus(MAML):
         """DA: first order for the first first_order_epochs epochs."""
         return not self.always_first_order and self.epoch >= self.first_order_epochs
 
-    def step_weights(self) -> List[float]:
+    def step_weights(self) -> list[float]:
         """The outer loss's weight of each inner step's query loss now (MSL, or the last step alone)."""
         if self.multi_step_loss and self.epoch < self.msl_epochs:
             return msl_weights(self.inner_steps, self.epoch, self.msl_epochs)
@@ -191,11 +191,11 @@ class MAMLPlusPlus(MAML):
 
         def inner_step(k, *values):
             set_norm_step(model, k)
-            logits = functional_call(model, {**params, **dict(zip(names, values))}, (sx,))
+            logits = functional_call(model, {**params, **dict(zip(names, values, strict=False))}, (sx,))
             g = torch.autograd.grad(self._inner_loss(logits, sy), values, create_graph=second_order)
             # First order: the gradient is a constant, yet the weights stay a function of the
             # initialisation (the identity path) and of the learned rates, as in the reference code.
-            return tuple(p - self._rate(rates, name, k) * gi for name, p, gi in zip(names, values, g))
+            return tuple(p - self._rate(rates, name, k) * gi for name, p, gi in zip(names, values, g, strict=False))
 
         adapted = tuple(params[name] for name in names)
         for k in range(steps):
@@ -209,7 +209,7 @@ class MAMLPlusPlus(MAML):
                 )
             else:
                 adapted = inner_step(k, *adapted)
-            yield k, {**params, **dict(zip(names, adapted))}
+            yield k, {**params, **dict(zip(names, adapted, strict=False))}
 
     def _task_autograd(self, model: torch.nn.Module, leaves, sx, sy, qx, qy):
         params, rates = leaves["params"], leaves["rates"]
@@ -236,8 +236,8 @@ class MAMLPlusPlus(MAML):
 
         def task_logits(model, rates, support, labels, query):
             with torch.enable_grad():  # grad mode is per thread: set it here, in the worker
-                for _, adapted in self._inner_steps(model, params, rates, support, labels, steps, False):
-                    pass
+                steps_taken = self._inner_steps(model, params, rates, support, labels, steps, False)
+                _, adapted = collections.deque(steps_taken, maxlen=1)[0]  # the last step's weights
             adapted = {name: t.detach() for name, t in adapted.items()}
             with torch.no_grad():
                 set_norm_step(model, steps - 1)
@@ -246,7 +246,7 @@ class MAMLPlusPlus(MAML):
         return self._threads.over_tasks(task_logits)(meta["rates"], sx, sy, qx)
 
     # --- the algorithm interface ----------------------------------------------------------
-    def meta_train_step(self, episodes) -> Dict[str, float]:
+    def meta_train_step(self, episodes) -> dict[str, float]:
         self._set_outer_lr()
         result = super().meta_train_step(episodes)
         self.step += 1

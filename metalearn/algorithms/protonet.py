@@ -12,13 +12,12 @@ code, BatchNorm keeps running statistics that normalise at test time.
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import EMBEDDING, AlgoSettings, Algorithm, load_model_state, load_optimizer
+from metalearn.algorithms.base import EMBEDDING, Algorithm, AlgoSettings, load_model_state, load_optimizer
 from metalearn.algorithms.batching import (
     Params,
     TaskThreads,
@@ -66,7 +65,7 @@ class ProtoNet(Algorithm):
         outer_lr: float,
         lr_decay: float,
         lr_decay_every: int,
-        vectorize: Union[bool, str],
+        vectorize: bool | str,
         workers: int = 1,
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
@@ -95,7 +94,7 @@ class ProtoNet(Algorithm):
         loss = F.cross_entropy(logits, qy)
         return loss, (loss.detach(), (logits.argmax(dim=-1) == qy).float().mean())
 
-    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+    def meta_train_step(self, episodes: Episodes) -> dict[str, float]:
         scheduler = self.scheduler  # built before the optimizer's first step, as torch expects
         self.model.train()
         ways = episodes.ways
@@ -103,7 +102,9 @@ class ProtoNet(Algorithm):
         grads, (losses, accuracies) = over_tasks(task_grad, self.vectorize)(detached_params(self.model), *episodes)
         # model.bn=inductive: the batch statistics of the same passes, under the same weights
         statistics_pass(
-            self.model, [torch.cat([sx, qx]) for sx, qx in zip(episodes.support, episodes.query)], self.ranks
+            self.model,
+            [torch.cat([sx, qx]) for sx, qx in zip(episodes.support, episodes.query, strict=False)],
+            self.ranks,
         )
         for name, p in self.model.named_parameters():
             p.grad = grads[name].mean(dim=0)

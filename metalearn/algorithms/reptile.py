@@ -20,13 +20,13 @@ per-task function pure and the tasks of a meta-batch independent.
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import AlgoSettings, Algorithm, load_model_state
+from metalearn.algorithms.base import Algorithm, AlgoSettings, load_model_state
 from metalearn.algorithms.batching import (
     Params,
     TaskThreads,
@@ -62,7 +62,7 @@ class ReptileSettings(AlgoSettings, VectorizedSettings):
     inner_batch_eval: int = 5  # images per fine-tuning step
     meta_step: float = 1.0  # eps of the outer update theta += eps (mean adapted - theta), at the start ...
     meta_step_final: float = 0.0  # ... annealed linearly to this ...
-    anneal_steps: Optional[int] = None  # ... over this many steps (null: train.steps when the run starts, kept)
+    anneal_steps: int | None = None  # ... over this many steps (null: train.steps when the run starts, kept)
 
     def __post_init__(self):
         positive(self, "inner_lr")
@@ -102,9 +102,9 @@ class Reptile(Algorithm):
         inner_batch_eval: int,
         meta_step: float,
         meta_step_final: float,
-        anneal_steps: Optional[int],
+        anneal_steps: int | None,
         train_steps: int,
-        vectorize: Union[bool, str],
+        vectorize: bool | str,
         workers: int = 1,
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
@@ -173,7 +173,7 @@ class Reptile(Algorithm):
         for step in range(steps):
             picks = order[step * batch : (step + 1) * batch]
             with torch.enable_grad():  # grad mode is per thread: set here, in the worker
-                logits = functional_call(model, dict(zip(names, weights)), (x[picks],))
+                logits = functional_call(model, dict(zip(names, weights, strict=False)), (x[picks],))
                 loss = F.cross_entropy(logits, y[picks])
                 g = torch.autograd.grad(loss, weights)
             losses.append(loss.detach())
@@ -194,7 +194,7 @@ class Reptile(Algorithm):
                     torch._foreach_sub_(weights, moves)
                 else:
                     torch._foreach_sub_(weights, torch._foreach_mul(g, self.inner_lr))
-        adapted = {name: w.detach() for name, w in zip(names, weights)}
+        adapted = {name: w.detach() for name, w in zip(names, weights, strict=False)}
         return adapted, (torch.stack(losses).mean(), torch.stack(accuracies).mean())
 
     def _adapted_logits_autograd(self, model: torch.nn.Module, params: Params, sx, sy, qx, order):
@@ -234,7 +234,7 @@ class Reptile(Algorithm):
         return self._adapt_tasks(detached_params(self.model), episodes.support, episodes.support_labels, orders)
 
     @torch.no_grad()
-    def meta_train_step(self, episodes: Episodes) -> Dict[str, float]:
+    def meta_train_step(self, episodes: Episodes) -> dict[str, float]:
         self.model.train()
         adapted, (losses, accuracies) = self.adapted_weights(episodes)
         statistics_pass(self.model, list(episodes.support), self.ranks)  # model.bn=inductive: the tasks' statistics
@@ -242,7 +242,7 @@ class Reptile(Algorithm):
         params = dict(self.model.named_parameters())
         moves = [adapted[name].mean(dim=0) - p for name, p in params.items()]
         self.ranks.average(moves)  # over the whole meta-batch when it is split across processes
-        for p, move in zip(params.values(), moves):
+        for p, move in zip(params.values(), moves, strict=False):
             p.add_(move, alpha=eps)
         self.step += 1
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}

@@ -10,7 +10,6 @@ backbone takes its input channels and image size from those images.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -26,10 +25,10 @@ class DataSettings:
     name: str = MISSING  # how runs, records and messages name it
     root: str = "data"  # the folder holding its files; never written to
     download: bool = False  # fetch with torchvision when the files are missing
-    cache_dir: Optional[str] = None  # decoded-tensor cache; null: $METALEARN_CACHE, else ~/.cache/metalearn
+    cache_dir: str | None = None  # decoded-tensor cache; null: $METALEARN_CACHE, else ~/.cache/metalearn
     # Per-channel normalisation of images scaled to [0, 1]: (x - mean) / std; null: none. Set for RGB sets.
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # Pretraining batches (finetune, distill) randomly cropped after padding by crop_padding, and flipped.
     augment: bool = False
     crop_padding: int = 4

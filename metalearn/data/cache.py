@@ -3,8 +3,8 @@
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -13,7 +13,7 @@ from metalearn.io import atomic_torch_save
 log = logging.getLogger(__name__)
 
 
-def cache_dir(configured: Optional[str]) -> Path:
+def cache_dir(configured: str | None) -> Path:
     """data.cache_dir, else $METALEARN_CACHE, else ~/.cache/metalearn (never data.root)."""
     if configured:
         return Path(configured).expanduser()
@@ -49,7 +49,7 @@ def save_cache(path: Path, content: dict) -> None:
     atomic_torch_save({"content": content, "sha256": checksum(content)}, path)
 
 
-def load_cache(path: Path, problem: Callable[[dict], Optional[str]]) -> Optional[dict]:
+def load_cache(path: Path, problem: Callable[[dict], str | None]) -> dict | None:
     """The cached content if it is intact and `problem(content)` finds nothing wrong; else None, with a warning.
 
     A damaged or inconsistent cache is never trained on: the caller rebuilds it from the dataset's files.
@@ -72,7 +72,7 @@ def load_cache(path: Path, problem: Callable[[dict], Optional[str]]) -> Optional
     return content
 
 
-def _problem_of(content, problem: Callable[[dict], Optional[str]]) -> Optional[str]:
+def _problem_of(content, problem: Callable[[dict], str | None]) -> str | None:
     """problem(content); a cache of another structure (another version wrote it) is wrong content."""
     try:
         return problem(content)
@@ -80,7 +80,7 @@ def _problem_of(content, problem: Callable[[dict], Optional[str]]) -> Optional[s
         return f"{type(err).__name__}: {err}"
 
 
-def split_problem(content: dict, image_size: Optional[int] = None, count: Optional[int] = None) -> Optional[str]:
+def split_problem(content: dict, image_size: int | None = None, count: int | None = None) -> str | None:
     """What is wrong with a cached split {"images": uint8 [N, C, size, size], "labels": int64 [N]}, or None."""
     images, labels = content.get("images"), content.get("labels")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:

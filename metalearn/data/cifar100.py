@@ -15,7 +15,6 @@ run code.
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,13 +39,13 @@ class CIFAR100Settings(DataSettings):
 class CIFAR100(Dataset):
     Settings = CIFAR100Settings
 
-    def __init__(self, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None):
+    def __init__(self, root: str, split: str, download: bool = False, cache_dir: str | None = None):
         self.root, self.split, self.download = Path(root).expanduser(), split, download
 
     def _base(self) -> Path:
         return self.root / "cifar-100-python"
 
-    def _missing_message(self, missing: List[str], reason: str = "") -> str:
+    def _missing_message(self, missing: list[str], reason: str = "") -> str:
         base = self._base()
         return (
             f"CIFAR-100 not found: {reason or 'missing'} {', '.join(missing)} under {base}/. Extract "
@@ -60,7 +59,7 @@ class CIFAR100(Dataset):
             self._base() / name, "a CIFAR-100 python file", "extract cifar-100-python.tar.gz again", "bytes"
         )
 
-    def _pool(self) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    def _pool(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Every image [60000, 3, 32, 32], its fine label, and the fine labels' names."""
         missing = [name for name in FILES if not (self._base() / name).is_file()]
         if missing and self.download:
@@ -83,7 +82,7 @@ class CIFAR100(Dataset):
             fine.append(torch.tensor(labels, dtype=torch.long))
         return torch.cat(images), torch.cat(fine), names
 
-    def _class_names(self) -> List[str]:
+    def _class_names(self) -> list[str]:
         """The fine label names of meta, in label order."""
         file = self._file("meta")
         names = file.entry(file.read(), "fine_label_names")
@@ -97,7 +96,7 @@ class CIFAR100(Dataset):
             raise file.error("fine_label_names names a class twice")
         return names
 
-    def _images_and_labels(self, name: str, classes: int) -> Tuple[np.ndarray, List[int]]:
+    def _images_and_labels(self, name: str, classes: int) -> tuple[np.ndarray, list[int]]:
         """The rows [n, 3072] (three 32x32 channel planes) of file `name` and their fine labels."""
         file = self._file(name)
         content = file.read()
@@ -107,7 +106,7 @@ class CIFAR100(Dataset):
             raise file.error(f"it holds {len(data)} images but {len(labels)} fine_labels")
         return data, labels
 
-    def _classes(self, part: str) -> List[str]:
+    def _classes(self, part: str) -> list[str]:
         if self.split in SPLITS:
             listed = resources.files("metalearn.data") / "splits" / "cifar100" / self.split / f"{part}.txt"
             text = listed.read_text()
@@ -124,7 +123,7 @@ class CIFAR100(Dataset):
     def load_split(self, part: str) -> ClassSplit:
         images, labels, names = self._pool()
         classes = self._classes(part)
-        index: Dict[str, int] = {name: i for i, name in enumerate(names)}
+        index: dict[str, int] = {name: i for i, name in enumerate(names)}
         unknown = [c for c in classes if c not in index]
         if unknown:
             raise MetalearnError(

@@ -14,7 +14,6 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 from PIL import Image
@@ -38,8 +37,8 @@ class FolderSettings(DataSettings):
 
     # The folder holding train.txt, val.txt and test.txt (a class name per line); null: data.root if they are
     # there, else the classes are split by data.fractions.
-    split: Optional[str] = None
-    fractions: List[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])  # train, val, test shares of classes
+    split: str | None = None
+    fractions: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])  # train, val, test shares of classes
     split_seed: int = 0  # the shuffle of the classes before they are split by data.fractions
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1  # 1: grey, 3: RGB
@@ -63,9 +62,9 @@ class ImageFolder(Dataset):
         self,
         root: str,
         download: bool,
-        cache_dir: Optional[str],
-        split: Optional[str],
-        fractions: List[float],
+        cache_dir: str | None,
+        split: str | None,
+        fractions: list[float],
         split_seed: int,
         image_size: int,
         channels: int,
@@ -80,7 +79,7 @@ class ImageFolder(Dataset):
         self.image_size, self.channels, self.invert = image_size, channels, invert
 
     # --- the classes and their split ---------------------------------------------
-    def classes(self) -> Dict[str, List[Path]]:
+    def classes(self) -> dict[str, list[Path]]:
         """Each class folder's images, sorted; classes without images are left out."""
         if not self.root.is_dir():
             raise MetalearnError(
@@ -99,7 +98,7 @@ class ImageFolder(Dataset):
             )
         return found
 
-    def split_lists(self, names: List[str]) -> Dict[str, List[str]]:
+    def split_lists(self, names: list[str]) -> dict[str, list[str]]:
         """The class names of each part: from the list files, or by data.fractions."""
         folder = Path(self.split).expanduser() if self.split else self.root
         lists = {part: folder / f"{part}.txt" for part in PARTS}
@@ -131,7 +130,7 @@ class ImageFolder(Dataset):
             )
         return parts
 
-    def _by_fractions(self, names: List[str]) -> Dict[str, List[str]]:
+    def _by_fractions(self, names: list[str]) -> dict[str, list[str]]:
         """A seeded shuffle of the classes cut by data.fractions, each part keeping at least one class."""
         shuffled = list(names)
         random.Random(self.split_seed).shuffle(shuffled)

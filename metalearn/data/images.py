@@ -8,7 +8,6 @@ decompression bomb). Each is one MetalearnError naming the file.
 import io
 import warnings
 from pathlib import Path
-from typing import Union
 
 import torch
 from PIL import Image
@@ -16,7 +15,7 @@ from PIL import Image
 from metalearn.errors import MetalearnError
 
 
-def read_image(source: Union[Path, bytes], name: str, mode: str, size: int, resample: int) -> torch.Tensor:
+def read_image(source: Path | bytes, name: str, mode: str, size: int, resample: int) -> torch.Tensor:
     """The image `source` (a file, or its bytes) converted to `mode` ("L" or "RGB") and resized to size x size:
     uint8 [channels, size, size]. `name` says where it is in messages."""
     try:

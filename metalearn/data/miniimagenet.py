@@ -17,7 +17,6 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -49,7 +48,7 @@ class MiniImageNetSettings(DataSettings):
 class MiniImageNet(Dataset):
     Settings = MiniImageNetSettings
 
-    def __init__(self, root: str, image_size: int, download: bool = False, cache_dir: Optional[str] = None):
+    def __init__(self, root: str, image_size: int, download: bool = False, cache_dir: str | None = None):
         if download:
             raise MetalearnError(
                 "miniImageNet cannot be downloaded automatically (ImageNet's terms): set data.download=false and "
@@ -93,8 +92,8 @@ class MiniImageNet(Dataset):
         data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).contiguous()
 
-    def _from_images(self, csv_file: Path, part: str) -> Dict[str, torch.Tensor]:
-        classes: Dict[str, int] = {}
+    def _from_images(self, csv_file: Path, part: str) -> dict[str, torch.Tensor]:
+        classes: dict[str, int] = {}
         images, labels = [], []
         for filename, label in tqdm(read_csv(csv_file), desc=f"reading miniImageNet {part}", unit="img"):
             path = self.base / "images" / filename
@@ -104,7 +103,7 @@ class MiniImageNet(Dataset):
             labels.append(classes.setdefault(label, len(classes)))
         return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
 
-    def _from_pickle(self, pickle_file: Path, part: str) -> Dict[str, torch.Tensor]:
+    def _from_pickle(self, pickle_file: Path, part: str) -> dict[str, torch.Tensor]:
         file = PickleFile(pickle_file, PICKLE_FORMAT, "replace it with a complete copy")
         content = file.read()
         data = file.uint8_array(file.entry(content, "image_data"), "image_data", "[N, H, W, 3]", _are_images)
@@ -114,8 +113,8 @@ class MiniImageNet(Dataset):
         unnamed = [c for c in class_dict if not isinstance(c, str)]
         if unnamed:
             raise file.error(f"class_dict has the class name {unnamed[0]!r}, not a string")
-        rows: List[int] = []
-        labels: List[int] = []
+        rows: list[int] = []
+        labels: list[int] = []
         for label, name in enumerate(sorted(class_dict)):
             indices = file.index_list(class_dict[name], f"class_dict[{name!r}]", len(data))
             if not indices:
@@ -137,7 +136,7 @@ def _are_images(data) -> bool:
     return data.ndim == 4 and data.shape[-1] == 3 and min(data.shape) > 0
 
 
-def read_csv(csv_file: Path) -> List[Tuple[str, str]]:
+def read_csv(csv_file: Path) -> list[tuple[str, str]]:
     """The (filename, label) rows of a Ravi & Larochelle split file, after its header filename,label."""
     try:
         with open(csv_file, newline="", encoding="utf-8") as handle:

@@ -10,7 +10,6 @@ the same digits (the default: train on 0-4, validate and test on 5-9).
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +28,7 @@ POOL_OF_PART = {"train": "train", "val": "train", "test": "test"}
 CACHE_VERSION = 2  # 2: with a checksum
 
 
-def _find(raw: Path, name: str) -> Optional[Path]:
+def _find(raw: Path, name: str) -> Path | None:
     for candidate in (raw / f"{name}.gz", raw / name):
         if candidate.is_file():
             return candidate
@@ -61,7 +60,7 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 * (1 + dims)).view(*header[1:]).clone()
 
 
-def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def load_pools(root: str, cache: str | None, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """MNIST's own train and test sets: images uint8 [n, 28, 28] and labels [n]."""
     root_path = Path(root).expanduser()
     raw = root_path / "MNIST" / "raw"
@@ -103,7 +102,7 @@ def load_pools(root: str, cache: Optional[str], download: bool) -> Dict[str, Tup
     return pools
 
 
-def _cache_problem(content: dict) -> Optional[str]:
+def _cache_problem(content: dict) -> str | None:
     if set(content) != set(FILES):
         return f"pools {sorted(content)}, not {sorted(FILES)}"
     for pool, (images, labels) in content.items():
@@ -118,9 +117,9 @@ def _cache_problem(content: dict) -> Optional[str]:
 class DigitClasses:
     """Which digits each part of the split draws from."""
 
-    train: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # meta-training digits
-    val: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # validation digits (MNIST's training images)
-    test: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # test digits (MNIST's test images)
+    train: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # meta-training digits
+    val: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # validation digits (MNIST's training images)
+    test: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # test digits (MNIST's test images)
 
     def check(self):
         """Digits 0-9, no repeats; meta-train digits never used for validation or test."""

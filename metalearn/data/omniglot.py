@@ -12,7 +12,6 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -31,7 +30,7 @@ SPLITS = ("vinyals", "lake")
 CACHE_VERSION = 2  # 2: with a checksum
 
 
-def _sources(base: Path) -> Dict[str, Path]:
+def _sources(base: Path) -> dict[str, Path]:
     """Each archive as an extracted folder if present, else as its zip."""
     found = {}
     for name in ARCHIVES:
@@ -42,7 +41,7 @@ def _sources(base: Path) -> Dict[str, Path]:
     return found
 
 
-def _missing_message(base: Path, missing: List[str], reason: str = "") -> str:
+def _missing_message(base: Path, missing: list[str], reason: str = "") -> str:
     files = ", ".join(f"{name}.zip" for name in missing)
     return (
         f"Omniglot not found: {reason or 'missing'} {files} under {base}/. "
@@ -54,7 +53,7 @@ def _missing_message(base: Path, missing: List[str], reason: str = "") -> str:
     )
 
 
-def _download(root: Path, base: Path, missing: List[str]) -> None:
+def _download(root: Path, base: Path, missing: list[str]) -> None:
     from torchvision.datasets import Omniglot
 
     try:
@@ -66,7 +65,7 @@ def _download(root: Path, base: Path, missing: List[str]) -> None:
         ) from None
 
 
-def _png_members(source: Path) -> List[Tuple[str, object]]:
+def _png_members(source: Path) -> list[tuple[str, object]]:
     """(Alphabet/characterNN/file.png, reader) for every PNG of one archive."""
     if source.is_dir():
         paths = sorted(source.glob("*/*/*.png"))
@@ -92,9 +91,9 @@ def _member_bytes(read, name: str) -> bytes:
         ) from None
 
 
-def _decode_all(sources: Dict[str, Path]) -> Tuple[torch.Tensor, List[str]]:
+def _decode_all(sources: dict[str, Path]) -> tuple[torch.Tensor, list[str]]:
     members = [(sources[name], *m) for name in ARCHIVES for m in _png_members(sources[name])]
-    by_character: Dict[str, List[torch.Tensor]] = {}
+    by_character: dict[str, list[torch.Tensor]] = {}
     for source, relpath, read in tqdm(members, desc="decoding Omniglot (first run only)", unit="img"):
         character = "/".join(relpath.split("/")[:2])
         name = f"{source}/{relpath}" if source.is_dir() else f"{relpath} in {source}"
@@ -111,14 +110,14 @@ def _decode_all(sources: Dict[str, Path]) -> Tuple[torch.Tensor, List[str]]:
     return images, names
 
 
-def _cache_key(sources: Dict[str, Path]) -> str:
+def _cache_key(sources: dict[str, Path]) -> str:
     """Changes when an archive is replaced by one of another size, or by a folder."""
     return "-".join(
         "dir" if path.is_dir() else str(path.stat().st_size) for path in (sources[name] for name in ARCHIVES)
     )
 
 
-def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[torch.Tensor, List[str]]:
+def load_characters(root: str, cache: str | None, download: bool) -> tuple[torch.Tensor, list[str]]:
     """All characters: images uint8 [1623, 20, 28, 28] and names 'Alphabet/characterNN'."""
     root_path = Path(root).expanduser()
     base = root_path / "omniglot-py"
@@ -146,7 +145,7 @@ def load_characters(root: str, cache: Optional[str], download: bool) -> Tuple[to
     return images, names
 
 
-def _cache_problem(content: dict) -> Optional[str]:
+def _cache_problem(content: dict) -> str | None:
     images, names = content.get("images"), content.get("names")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         return "no uint8 images"
@@ -157,7 +156,7 @@ def _cache_problem(content: dict) -> Optional[str]:
     return None
 
 
-def split_classes(split: str, part: str) -> List[str]:
+def split_classes(split: str, part: str) -> list[str]:
     """Class names 'Alphabet/characterNN/rotDDD' of one part of a split.
 
     `split` is a shipped split (vinyals, lake) or a folder of one's own holding
@@ -195,7 +194,7 @@ class OmniglotSettings(DataSettings):
 class Omniglot(Dataset):
     Settings = OmniglotSettings
 
-    def __init__(self, root: str, split: str, download: bool = False, cache_dir: Optional[str] = None):
+    def __init__(self, root: str, split: str, download: bool = False, cache_dir: str | None = None):
         self.root, self.split, self.download, self.cache_dir = root, split, download, cache_dir
 
     def load_split(self, part: str) -> ClassSplit:

@@ -8,7 +8,6 @@ error, not an exploit.
 import io
 import pickle
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
@@ -74,7 +73,7 @@ class PickleFile:
             raise self.error(f"{name} is {describe(value)}, not a uint8 array {shape}")
         return value
 
-    def index_list(self, value, name: str, below: int) -> List[int]:
+    def index_list(self, value, name: str, below: int) -> list[int]:
         """A list or 1-D array of integers 0 <= i < `below`, as a list."""
         if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
             found = value.tolist()

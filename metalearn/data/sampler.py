@@ -10,7 +10,7 @@ as uint8; a batch is one gather from it.
 
 import hashlib
 import logging
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -78,7 +78,10 @@ class TaskKeys(NamedTuple):
         return cls(*(f"task.{key}" if task.train[key] is None else f"task.train.{key}" for key in cls._fields))
 
 
-def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int, keys: TaskKeys = TaskKeys()) -> None:
+TASK_KEYS = TaskKeys()  # the keys of evaluation's and validation's episodes
+
+
+def check_feasible(split: ClassSplit, ways: int, shots: int, queries: int, keys: TaskKeys = TASK_KEYS) -> None:
     """Fail early, saying what is possible and which key to change, when a split cannot supply such tasks."""
     if ways > split.num_classes:
         raise MetalearnError(
@@ -123,9 +126,9 @@ class EpisodeSampler:
         dtype: torch.dtype = torch.float32,
         replay_fraction: float = 0.0,
         replay_size: int = 0,
-        images_on_device: Optional[bool] = None,
+        images_on_device: bool | None = None,
         preprocess: Preprocess = IDENTITY,
-        keys: TaskKeys = TaskKeys(),  # the keys that set ways, shots and queries, for the messages
+        keys: TaskKeys = TASK_KEYS,  # the keys that set ways, shots and queries, for the messages
     ):
         check_feasible(split, ways, shots, queries, keys)
         if not 0 <= replay_fraction < 1 or (replay_fraction > 0 and replay_size < 1):

@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import torch
 
@@ -29,7 +28,7 @@ class ClassSplit:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
 
-def read_class_list(path: Path) -> List[str]:
+def read_class_list(path: Path) -> list[str]:
     """The class names of a split list, one per line (blank lines skipped); a file that is not text is a
     MetalearnError naming it."""
     try:

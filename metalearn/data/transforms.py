@@ -5,8 +5,8 @@ Both run on the sampler's device on whole batches; the augmentation draws from t
 generator, so a resumed run draws what it would have drawn.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,9 @@ from metalearn.errors import MetalearnError
 
 @dataclass(frozen=True)
 class Preprocess:
-    mean: Optional[Sequence[float]] = None  # per channel, of images scaled to [0, 1]; None: no normalisation
-    std: Optional[Sequence[float]] = None
-    crop_padding: Optional[int] = None  # pretraining batches: pad, crop back at random, flip half; None: off
+    mean: Sequence[float] | None = None  # per channel, of images scaled to [0, 1]; None: no normalisation
+    std: Sequence[float] | None = None
+    crop_padding: int | None = None  # pretraining batches: pad, crop back at random, flip half; None: off
 
     def check(self, channels: int, where: str) -> None:
         for key in ("mean", "std"):

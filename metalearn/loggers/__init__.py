@@ -1,7 +1,6 @@
 """Metric writers: metrics.jsonl always, plus the loggers the config names under `loggers`."""
 
 from pathlib import Path
-from typing import List
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -12,13 +11,13 @@ from metalearn.loggers.guard import GuardedWriter
 from metalearn.loggers.jsonl import JsonlWriter
 
 
-def build_writers(loggers: DictConfig, run_dir: Path) -> List[MetricWriter]:
+def build_writers(loggers: DictConfig, run_dir: Path) -> list[MetricWriter]:
     """metrics.jsonl first, then each configured logger, constructed with the run folder.
 
     A logger that cannot be built stops the run before it starts; one that fails later is switched off
     with a warning (GuardedWriter), since metrics.jsonl holds every record anyway.
     """
-    writers: List[MetricWriter] = [JsonlWriter(run_dir)]
+    writers: list[MetricWriter] = [JsonlWriter(run_dir)]
     for name, node in (loggers or {}).items():
         try:
             writer = instantiate(node, run_dir=run_dir)

@@ -16,7 +16,6 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
 
 from metalearn.errors import MetalearnError
 from metalearn.loggers.base import MetricWriter, flat_config
@@ -24,12 +23,12 @@ from metalearn.loggers.base import MetricWriter, flat_config
 RUN_ID_FILE = "mlflow_run_id"
 
 
-def is_server(tracking_uri: Optional[str]) -> bool:
+def is_server(tracking_uri: str | None) -> bool:
     return tracking_uri is not None and tracking_uri.split(":", 1)[0].lower() in ("http", "https")
 
 
 @contextmanager
-def mlflow_http(settings: Dict[str, str]):
+def mlflow_http(settings: dict[str, str]):
     """MLflow reads its HTTP retries and timeout from the environment at each request."""
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
@@ -43,7 +42,7 @@ def mlflow_http(settings: Dict[str, str]):
                 os.environ[key] = value
 
 
-def unreachable(err: Optional[BaseException], timeout_s: int) -> Optional[str]:
+def unreachable(err: BaseException | None, timeout_s: int) -> str | None:
     """Why the server did not answer ("Connection refused", "no answer within 10 s"), None if it did answer."""
     import requests
 
@@ -64,7 +63,7 @@ class MLflowWriter(MetricWriter):
     def __init__(
         self,
         run_dir: Path,
-        tracking_uri: Optional[str] = None,
+        tracking_uri: str | None = None,
         experiment: str = "metalearn",
         timeout_s: int = 10,
         retries: int = 2,
@@ -85,7 +84,7 @@ class MLflowWriter(MetricWriter):
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         }
         self.client = None
-        self.run_id: Optional[str] = None
+        self.run_id: str | None = None
         if is_server(tracking_uri):
             self.client = mlflow.tracking.MlflowClient(tracking_uri)
             self.check_server()

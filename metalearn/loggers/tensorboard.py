@@ -6,7 +6,6 @@ as metrics.jsonl drops its lines.
 """
 
 from pathlib import Path
-from typing import Optional
 
 from metalearn.loggers.base import MetricWriter, flat_config
 
@@ -16,7 +15,7 @@ SKIPPED = ("step", "split")
 class TensorBoardWriter(MetricWriter):
     def __init__(self, run_dir: Path, log_dir: str = "tensorboard"):
         self.log_dir = Path(run_dir) / log_dir
-        self.purge_step: Optional[int] = None
+        self.purge_step: int | None = None
         self.config: dict = {}
         self.best_val = None
         self._writer = None

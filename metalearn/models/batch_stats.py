@@ -23,9 +23,9 @@ training passes run under torch.func record in a separate no-grad pass over
 the batch (`statistics_pass`).
 """
 
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def is_recording_norm(module: nn.Module) -> bool:
     return hasattr(module, "recording") and getattr(module, "running_mean", None) is not None
 
 
-def record(module: nn.Module, x: torch.Tensor, index: Optional[int] = None) -> None:
+def record(module: nn.Module, x: torch.Tensor, index: int | None = None) -> None:
     """Note the batch statistics of `x` [N, C, H, W] for the running averages, if recording and not paused."""
     if module.recording is None or module.recording_paused:
         return
@@ -68,7 +68,7 @@ def _norms(model: nn.Module):
 class Recorder:
     """The statistics the layers of some models noted; `commit` folds them into one model's running averages."""
 
-    def __init__(self, notes: List[dict]):
+    def __init__(self, notes: list[dict]):
         self.notes = notes  # per model: {layer name: [(step index or None, mean, unbiased variance), ...]}
 
     def commit(self, target: nn.Module, ranks=None) -> None:
@@ -136,7 +136,7 @@ def has_running_stats(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def statistics_pass(model: nn.Module, batches: List[torch.Tensor], ranks=None) -> None:
+def statistics_pass(model: nn.Module, batches: list[torch.Tensor], ranks=None) -> None:
     """Fold each batch's statistics, under the model's current weights, into its running averages."""
     if not has_running_stats(model):
         return

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.base import FeaturesAndHead, ModelSettings
+from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import at_least
 

@@ -10,14 +10,13 @@ option, off by default. BatchNorm follows model.bn as conv4's does
 """
 
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.base import FeaturesAndHead, ModelSettings
+from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
 from metalearn.settings import SettingError, at_least, within
 
@@ -26,7 +25,7 @@ SLOPE = 0.1  # leaky ReLU, as in both papers' code
 
 @dataclass
 class ResNet12Settings(ModelSettings):
-    channels: List[int] = field(default_factory=lambda: [64, 160, 320, 640])  # of the four blocks
+    channels: list[int] = field(default_factory=lambda: [64, 160, 320, 640])  # of the four blocks
     dropblock: float = 0.0  # DropBlock's drop rate in the last two blocks (RFS: 0.1); 0: off
     dropblock_size: int = 5  # the side of a dropped block (RFS: 5)
 

@@ -1,7 +1,7 @@
 """A tiny Omniglot generated on the fly, in the real archives' format, and where the real data lives."""
 
-import io
 import gzip
+import io
 import zipfile
 from pathlib import Path
 

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-from typing import List
 
 
 def free_port() -> int:
@@ -14,7 +13,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(world: int, args, cwd) -> List[subprocess.Popen]:
+def start_ranks(world: int, args, cwd) -> list[subprocess.Popen]:
     port = free_port()
     processes = []
     for rank in range(world):
@@ -36,11 +35,11 @@ def start_ranks(world: int, args, cwd) -> List[subprocess.Popen]:
     return processes
 
 
-def run_ranks(world: int, args, cwd, timeout: float = 300) -> List[subprocess.CompletedProcess]:
+def run_ranks(world: int, args, cwd, timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """Run the K processes to the end; fail with their output if one fails."""
     processes = start_ranks(world, args, cwd)
     results = []
-    for rank, process in enumerate(processes):
+    for process in processes:
         out, err = process.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     for rank, result in enumerate(results):

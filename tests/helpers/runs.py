@@ -42,7 +42,7 @@ def assert_same_state(a, b, where="algo"):
             assert_same_state(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
