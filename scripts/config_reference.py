@@ -17,6 +17,7 @@ import io
 import sys
 import textwrap
 import tokenize
+import types
 import typing
 from dataclasses import MISSING, fields, is_dataclass
 from enum import Enum
@@ -108,10 +109,10 @@ def class_summary(cls: type) -> str:
 
 def type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"{' or '.join(type_name(a) for a in rest)} or null"
-    if origin in (list, list, tuple, tuple):
+    if origin in (list, tuple):
         return f"list of {type_name(args[0])}" if args else "list"
     if origin in (dict, dict):
         return "mapping"
