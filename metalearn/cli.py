@@ -19,12 +19,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from metalearn.aliases import migrate
-from metalearn.config import compose, register_schemas
+from metalearn.config.compose import compose
+from metalearn.config.migrate import migrate
+from metalearn.config.schema import register_schemas
 from metalearn.errors import MetalearnError, RunFailed
-from metalearn.exported import is_export, record_folder
-from metalearn.run_lock import lock_run, release
-from metalearn.runs import (
+from metalearn.export.format import is_export, record_folder
+from metalearn.storage.run_folder import (
     NewRunFolder,
     find_override,
     override_key,
@@ -35,6 +35,7 @@ from metalearn.runs import (
     run_list,
     saved_overrides,
 )
+from metalearn.storage.run_lock import lock_run, release
 
 CONFIG_PATH = "pkg://metalearn.conf"
 USAGE = """usage: metalearn <command> [overrides ...]
@@ -138,7 +139,7 @@ def train_app(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from metalearn.distributed import from_environment
-    from metalearn.run_lock import one_writer
+    from metalearn.storage.run_lock import one_writer
     from metalearn.train import train
 
     if not from_environment().main:  # rank 0 alone writes the run folder
@@ -159,15 +160,15 @@ def eval_app(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 @_user_errors_exit
 def export_app(cfg: DictConfig) -> None:
-    from metalearn.export import export
+    from metalearn.export.write import export
 
     export(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="inspect")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="data")
 @_user_errors_exit
 def data_app(cfg: DictConfig) -> None:
-    from metalearn.inspect_data import run
+    from metalearn.commands.data import run
 
     run(cfg)
 
@@ -361,7 +362,7 @@ def _prepare(command: str, args: list[str], claims: contextlib.ExitStack) -> lis
     return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={lead}"]
 
 
-CONFIG_NAMES = {"train": "train", "eval": "eval", "export": "export", "data": "inspect"}
+CONFIG_NAMES = {"train": "train", "eval": "eval", "export": "export", "data": "data"}
 _DETAIL = (
     "full_key:",
     "reference_type=",

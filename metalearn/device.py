@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from metalearn.config.settings import SWITCHES
 from metalearn.errors import MetalearnError
-from metalearn.settings import SWITCHES
 
 log = logging.getLogger(__name__)
 

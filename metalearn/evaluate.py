@@ -9,7 +9,6 @@ exactly the same tasks; `episode_digest` in each record fingerprints them.
 import hashlib
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,8 +23,16 @@ from tqdm import tqdm
 import metalearn
 from metalearn import distributed
 from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
-from metalearn.algorithms.base import weights_only
-from metalearn.checkpoint import (
+from metalearn.confidence import ci95
+from metalearn.config.validate import validate
+from metalearn.data import EpisodeSampler, load_split
+from metalearn.data.transforms import preprocess_of
+from metalearn.device import cpu_isa, cpu_model, resolve_device
+from metalearn.distributed import SINGLE, Ranks
+from metalearn.errors import MetalearnError
+from metalearn.export.format import is_export, load_export, record_folder
+from metalearn.storage.atomic import file_sha256, json_line
+from metalearn.storage.checkpoint import (
     checkpoint_name,
     checkpoint_path,
     kept_score,
@@ -33,20 +40,12 @@ from metalearn.checkpoint import (
     load_checkpoint,
     ranked_checkpoints,
     top_count,
+    weights_only,
 )
-from metalearn.config import validate
-from metalearn.data import EpisodeSampler, load_split
-from metalearn.data.transforms import preprocess_of
-from metalearn.device import cpu_isa, cpu_model, resolve_device
-from metalearn.distributed import SINGLE, Ranks
-from metalearn.errors import MetalearnError
-from metalearn.exported import is_export, load_export, record_folder
-from metalearn.io import file_sha256, json_line
-from metalearn.runs import quoted, replay_run_overrides
+from metalearn.storage.run_folder import quoted, replay_run_overrides
 
 log = logging.getLogger(__name__)
 
-Z95 = 1.96  # two-sided 95% quantile of the normal distribution
 CPU_BATCH = 50  # episodes scored at once on a CPU: tasks run one by one there, this only bounds memory
 
 
@@ -144,7 +143,7 @@ def score_episodes(
         results.append(
             EpisodeResult(
                 accuracy=accuracy.mean().item(),
-                ci95=Z95 * spread / math.sqrt(episodes),
+                ci95=ci95(spread, episodes),
                 loss=torch.cat(losses[i]).double().mean().item(),
                 episodes=episodes,
                 episode_digest=digest.hexdigest(),

@@ -24,12 +24,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metalearn.algorithms import Algorithm
-from metalearn.checkpoint import NEXT_BEST, checkpoint_path, keep_copy, load_checkpoint, next_best_files, next_best_name
 from metalearn.data import EpisodeSampler
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import run_episodes, warn_diverged
 from metalearn.loggers import MetricWriter
+from metalearn.storage.checkpoint import (
+    NEXT_BEST,
+    checkpoint_path,
+    keep_copy,
+    load_checkpoint,
+    next_best_files,
+    next_best_name,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ never evaluated stay in the table, marked as such. Writes report.csv, report.md 
 
 import csv
 import json
-import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -20,9 +19,9 @@ from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
+from metalearn.confidence import ci95
 from metalearn.errors import MetalearnError
-from metalearn.evaluate import Z95
-from metalearn.runs import written_overrides
+from metalearn.storage.run_folder import written_overrides
 
 # Overrides that do not make two runs different experiments.
 NOT_SETTINGS = ("seed", "data.root", "data.cache_dir", "hydra.", "resume")
@@ -200,7 +199,7 @@ def mean_ci(values: Sequence[float]):
     if not values:
         return None, None
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.mean(values), Z95 * spread / math.sqrt(len(values))
+    return statistics.mean(values), ci95(spread, len(values))
 
 
 def common_settings(runs: list[Run]) -> tuple:

@@ -23,8 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
 from metalearn.algorithms import build_algorithm, run_dtype
-from metalearn.checkpoint import checkpoint_path, load_algo_state, load_checkpoint, save_checkpoint
-from metalearn.config import TaskConfig, validate
+from metalearn.config.schema import TaskConfig
+from metalearn.config.validate import validate
 from metalearn.data import EpisodeSampler, TaskKeys, build_dataset
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import cores, resolve_device, share_cores
@@ -40,7 +40,8 @@ from metalearn.hooks import (
     Validation,
 )
 from metalearn.loggers import build_writers
-from metalearn.runs import record_resume, refuse_existing_run, remove_stale_temporaries
+from metalearn.storage.checkpoint import checkpoint_path, load_algo_state, load_checkpoint, save_checkpoint
+from metalearn.storage.run_folder import record_resume, refuse_existing_run, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from bench_step import task_split  # the same tasks as the strategy benchmark
 
 from metalearn.algorithms import build_algorithm
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler
 from metalearn.data.cache import cache_dir
 from metalearn.device import cpu_isa, cpu_model, native_bf16

@@ -24,7 +24,7 @@ import time
 import torch
 
 from metalearn.algorithms import build_algorithm
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import ClassSplit, EpisodeSampler
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
 

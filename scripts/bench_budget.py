@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from metalearn.algorithms import build_algorithm
-from metalearn.checkpoint import checkpoint_path, load_checkpoint
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler, build_dataset, load_split
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import cpu_isa, cpu_model
 from metalearn.evaluate import run_episodes
+from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 
 EPISODES = 600
 

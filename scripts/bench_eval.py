@@ -96,11 +96,11 @@ def eval_flops(run: Path, episodes: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from metalearn.algorithms import build_algorithm, run_dtype
-    from metalearn.checkpoint import checkpoint_path, load_checkpoint
-    from metalearn.config import compose
+    from metalearn.config.compose import compose
     from metalearn.data import EpisodeSampler, load_split
     from metalearn.data.transforms import preprocess_of
-    from metalearn.runs import saved_overrides
+    from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
+    from metalearn.storage.run_folder import saved_overrides
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -137,7 +137,7 @@ def conv4_training_gflops(amp: bool, seconds: float = 5.0) -> float:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metalearn.config import compose
+    from metalearn.config.compose import compose
     from metalearn.models import CHANNELS_LAST, build_model
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from metalearn.algorithms import build_algorithm
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
 

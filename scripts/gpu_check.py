@@ -36,11 +36,11 @@ from helpers.runs import TINY_ALGO  # noqa: E402
 
 from metalearn.algorithms.maml import MAML  # noqa: E402
 from metalearn.cli import main as metalearn  # noqa: E402
-from metalearn.config import compose  # noqa: E402
+from metalearn.config.schema import compose  # noqa: E402
+from metalearn.config.settings import component_class  # noqa: E402
 from metalearn.data import ClassSplit, EpisodeSampler  # noqa: E402
 from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
-from metalearn.settings import component_class  # noqa: E402
 
 
 def algorithms() -> list:

@@ -97,7 +97,7 @@ def test_distill_inherits_the_finetune_settings():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from metalearn.config import register_schemas
+    from metalearn.config.schema import register_schemas
 
     register_schemas()
     with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):

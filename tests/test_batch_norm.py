@@ -7,7 +7,7 @@ from torch import nn
 
 from metalearn.algorithms import build_algorithm
 from metalearn.algorithms.batching import Vectorize, loop_only
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.models.batch_stats import recording

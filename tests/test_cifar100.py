@@ -7,7 +7,7 @@ import torch
 from helpers.data import cifar100_names, write_tiny_cifar100
 from helpers.runs import protonet_on
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
 

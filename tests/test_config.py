@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from metalearn.config import register_schemas, validate
+from metalearn.config.schema import register_schemas
+from metalearn.config.validate import validate
 from metalearn.errors import MetalearnError
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 
 ALGOS = sorted(p.stem for p in (REPO / "conf" / "algo").glob("*.yaml"))
 # Where the tiny data is, and what would start another kind of command: not fuzzed.

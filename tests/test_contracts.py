@@ -18,11 +18,11 @@ from helpers.runs import overrides_for, train_resume_eval
 
 from metalearn.algorithms import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm
 from metalearn.algorithms.batching import VectorizedSettings
-from metalearn.config import compose
+from metalearn.config.compose import compose
+from metalearn.config.settings import component_class
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
 from metalearn.models import LAYOUTS, NCHW, Backbone, build_model, set_layout
-from metalearn.settings import component_class
 
 
 def registry(group: str) -> list:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 from metalearn.data.cache import checksum
 from metalearn.errors import MetalearnError

@@ -14,7 +14,7 @@ from helpers.reference import episodes
 from helpers.runs import overrides_for
 
 from metalearn.algorithms import build_algorithm
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import ClassSplit, EpisodeSampler, load_split
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import EpisodeResult, score_episodes

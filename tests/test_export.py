@@ -88,7 +88,7 @@ def test_a_shared_file_chooses_no_path_code_or_device_here(cli, exported, tiny_d
 
 
 def test_only_the_keys_of_the_model_and_its_tasks_come_from_a_file():
-    from metalearn.exported import model_override
+    from metalearn.export.format import model_override
 
     kept = [
         "algo=maml",

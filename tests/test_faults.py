@@ -19,8 +19,8 @@ from helpers.cli import metalearn_cli
 from helpers.data import tiny_data_config
 from helpers.runs import assert_same_state, overrides_for
 
-from metalearn.checkpoint import load_checkpoint, non_finite
 from metalearn.data import load_split
+from metalearn.storage.checkpoint import load_checkpoint, non_finite
 
 # A child process that runs `metalearn <argv>` and SIGKILLs itself at the Nth atomic file replacement:
 # the new checkpoint is fully written to its temporary file, the old one is still in place.

@@ -6,7 +6,7 @@ from helpers.data import SHARED_DATA, write_tiny_folder
 from helpers.runs import protonet_on
 from PIL import Image
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
 

@@ -3,7 +3,7 @@
 import pytest
 from helpers.data import write_tiny_folder
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 
 PARTS = ("train", "val", "test")

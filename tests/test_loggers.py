@@ -222,7 +222,7 @@ def test_loggers_write_nothing_for_a_run_refused_before_it_starts(cli, tiny_over
 def test_an_mlflow_server_lost_mid_run_costs_seconds_not_minutes(tmp_path):
     import mlflow
 
-    from metalearn.config import compose
+    from metalearn.config.compose import compose
 
     node = compose(["logger=mlflow"]).loggers.mlflow  # the shipped timeout and retries
     writer = instantiate(node, run_dir=tmp_path)

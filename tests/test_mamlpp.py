@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from metalearn.algorithms import build_algorithm
 from metalearn.algorithms.mamlpp import msl_weights
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.errors import MetalearnError
 from metalearn.models.step_norm import set_norm_step
 

@@ -8,7 +8,7 @@ from helpers.data import MINI_CLASSES, mini_class, write_tiny_miniimagenet, writ
 from helpers.runs import protonet_on
 from PIL import Image
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 from metalearn.errors import MetalearnError
 

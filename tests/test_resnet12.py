@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers.runs import overrides_for, train_resume_eval
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.models import build_model
 from metalearn.models.resnet12 import DropBlock
 

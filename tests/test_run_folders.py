@@ -93,7 +93,7 @@ def test_an_over_long_folder_name_is_one_error_that_says_what_to_shorten(cli, ti
 # A process that holds a run folder's lock (the test's other writer) until its stdin closes, or kills itself.
 HOLDER = """
 import os, signal, sys
-from metalearn.run_lock import lock_run
+from metalearn.storage.run_lock import lock_run
 lock_run(sys.argv[1], "metalearn train (the other writer)")
 print("locked", flush=True)
 if sys.argv[2] == "die":

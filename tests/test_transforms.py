@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers.data import tiny_data_config
 from helpers.runs import overrides_for, train_resume_eval
 
-from metalearn.config import compose
+from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler, build_dataset, load_split
 from metalearn.data.transforms import Preprocess
 from metalearn.errors import MetalearnError

@@ -2,7 +2,7 @@
 
 Nothing here knows any one algorithm: conf/algo/<name>.yaml names the class
 with `_target_`, the class's `Settings` checks algo.*, and the constructor
-takes each setting by name (metalearn.settings.construct) plus its model,
+takes each setting by name (metalearn.config.settings.construct) plus its model,
 whose head the class's `head` asks for.
 """
 
@@ -11,11 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm
 from metalearn.algorithms.batching import cpu_workers
-from metalearn.config import TaskConfig
+from metalearn.config.schema import TaskConfig
+from metalearn.config.settings import component_class, construct, settings_of
 from metalearn.device import resolve_fast_paths
 from metalearn.errors import MetalearnError
 from metalearn.models import CHANNELS_LAST, NCHW, build_model
-from metalearn.settings import component_class, construct, settings_of
 
 
 def head_size(cls: type, cfg: DictConfig, train_classes: int) -> int:

@@ -1,6 +1,6 @@
 """The one interface every algorithm implements; the runner knows nothing else.
 
-An algorithm is a component (metalearn.settings): its YAML in conf/algo names
+An algorithm is a component (metalearn.config.settings): its YAML in conf/algo names
 the class with `_target_`, the class's `Settings` dataclass types and checks
 the algo.* keys, and the runner calls the constructor with each setting by
 its name plus what the run provides (see `build_algorithm`).
@@ -26,16 +26,6 @@ class AlgoSettings:
 
     _target_: str = MISSING  # the Algorithm subclass
     name: str = MISSING  # the name runs, logs and evaluation records show (fomaml, anil, ... for MAML's presets)
-
-
-# Parts of an algorithm's state_dict needed only to go on training; `metalearn export` leaves them out,
-# and load_state_dict skips them when they are absent.
-TRAINING_STATE = ("optimizer", "scheduler")
-
-
-def weights_only(state: dict) -> dict:
-    """An algorithm's state without what only training needs: what evaluation and export load."""
-    return {k: v for k, v in state.items() if k not in TRAINING_STATE}
 
 
 # What an algorithm's model ends in (`Algorithm.head`):

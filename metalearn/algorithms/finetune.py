@@ -24,13 +24,13 @@ from torch.func import functional_call
 
 from metalearn.algorithms.base import CLASS_HEAD, Algorithm, AlgoSettings, load_model_state, load_optimizer
 from metalearn.algorithms.batching import TaskThreads, detached_params, sub_params
-from metalearn.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.config.settings import SettingError, at_least, positive, within
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.device import PLAIN, FastPaths
 from metalearn.errors import MetalearnError
 from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
 from metalearn.models.batch_stats import BatchNormMode, recording
-from metalearn.settings import SettingError, at_least, positive, within
+from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Finetune(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
-        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+        if "optimizer" in state:  # an exported model has the weights only (see storage.checkpoint.TRAINING_STATE)
             load_optimizer(self.optimizer, state)
 
 

@@ -41,12 +41,12 @@ from metalearn.algorithms.batching import (
     resolve_vectorize,
     sub_params,
 )
+from metalearn.config.settings import SettingError, at_least, positive
 from metalearn.data import Episodes
 from metalearn.device import return_large_blocks_to_the_os
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
 from metalearn.models.batch_stats import has_running_stats, recording, recording_paused
-from metalearn.settings import SettingError, at_least, positive
 
 # The meta-parameters: {"params": the initialisation, "rates": Meta-SGD's inner rates (else empty)}.
 Meta = dict[str, Params]
@@ -389,5 +389,5 @@ class MAML(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         self._load_weights_and_rates(state)
-        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+        if "optimizer" in state:  # an exported model has the weights only (see storage.checkpoint.TRAINING_STATE)
             load_optimizer(self.optimizer, state)

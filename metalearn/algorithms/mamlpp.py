@@ -38,11 +38,11 @@ from torch.utils.checkpoint import checkpoint
 from metalearn.algorithms.base import AlgoSettings
 from metalearn.algorithms.batching import Params
 from metalearn.algorithms.maml import MAML, InnerLoss
+from metalearn.config.settings import at_least, positive
 from metalearn.errors import MetalearnError
 from metalearn.models import in_nchw
 from metalearn.models.batch_stats import recording_paused
 from metalearn.models.step_norm import norm_parameter_names, per_step_norms, set_norm_step
-from metalearn.settings import at_least, positive
 
 
 @dataclass

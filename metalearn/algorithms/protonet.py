@@ -27,10 +27,10 @@ from metalearn.algorithms.batching import (
     over_tasks,
     resolve_vectorize,
 )
+from metalearn.config.settings import at_least, positive
 from metalearn.data import Episodes
 from metalearn.models import VMAP, set_layout
 from metalearn.models.batch_stats import statistics_pass
-from metalearn.settings import at_least, positive
 
 
 @dataclass
@@ -138,5 +138,5 @@ class ProtoNet(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
-        if "optimizer" in state:  # an exported model has the weights only (see TRAINING_STATE)
+        if "optimizer" in state:  # an exported model has the weights only (see storage.checkpoint.TRAINING_STATE)
             load_optimizer(self.optimizer, state, self.scheduler)

@@ -36,11 +36,11 @@ from metalearn.algorithms.batching import (
     over_tasks,
     resolve_vectorize,
 )
+from metalearn.config.settings import at_least, finite, positive
 from metalearn.data import Episodes, EpisodeSampler
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
 from metalearn.models.batch_stats import statistics_pass
-from metalearn.settings import at_least, finite, positive
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Datasets as uint8 tensors, their class splits, and the on-device episode sampler."""
 
+from metalearn.config.settings import component_class, construct, settings_of
 from metalearn.data.base import PREPROCESSING, Dataset, DataSettings
 from metalearn.data.sampler import Episodes, EpisodeSampler, LabelledImages, TaskKeys
 from metalearn.data.split import ClassSplit
-from metalearn.settings import component_class, construct, settings_of
 
 
 def build_dataset(data_cfg) -> Dataset:

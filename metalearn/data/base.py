@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from metalearn.config.settings import SettingError, at_least
 from metalearn.data.split import ClassSplit
-from metalearn.settings import SettingError, at_least
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from metalearn.io import atomic_torch_save
+from metalearn.storage.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from metalearn.config.settings import SettingError, at_least
 from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir, load_cache, save_cache, split_problem
 from metalearn.data.images import read_image
 from metalearn.data.split import ClassSplit, read_class_list
 from metalearn.errors import MetalearnError
-from metalearn.settings import SettingError, at_least
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 PARTS = ("train", "val", "test")

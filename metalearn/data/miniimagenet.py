@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from metalearn.config.settings import at_least
 from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir, load_cache, save_cache, split_problem
 from metalearn.data.images import read_image
 from metalearn.data.pickles import PickleFile, describe
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
-from metalearn.settings import at_least
 
 PARTS = ("train", "val", "test")
 CACHE_VERSION = 1

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from metalearn.config.settings import SettingError, prefixed
 from metalearn.data.base import Dataset, DataSettings
 from metalearn.data.cache import cache_dir, load_cache, save_cache
 from metalearn.data.split import ClassSplit
 from metalearn.errors import MetalearnError
-from metalearn.settings import SettingError, prefixed
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -7,8 +7,8 @@ it); the loggers a config adds under `loggers` write alongside it.
 import json
 from pathlib import Path
 
-from metalearn.io import json_line
 from metalearn.loggers.base import MetricWriter
+from metalearn.storage.atomic import json_line
 
 
 class JsonlWriter(MetricWriter):

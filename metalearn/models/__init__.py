@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from metalearn.config.settings import component_class, construct, plain, settings_of
 from metalearn.errors import MetalearnError
 from metalearn.models.base import Backbone, ModelSettings
 from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.conv4 import Conv4
 from metalearn.models.layout import CHANNELS_LAST, LAYOUTS, NCHW, VMAP, across_ranks, in_nchw, set_layout
-from metalearn.settings import component_class, construct, plain, settings_of
 
 # Model configs saved before backbones named their class (checkpoints, run folders): name -> class.
 LEGACY_TARGETS = {"conv4": "metalearn.models.conv4.Conv4"}

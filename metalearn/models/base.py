@@ -1,6 +1,6 @@
 """The backbone contract: what an algorithm may rely on in a model.
 
-A backbone is a component (metalearn.settings): conf/model/<name>.yaml names
+A backbone is a component (metalearn.config.settings): conf/model/<name>.yaml names
 its class with `_target_`, and the class's `Settings` dataclass types and
 checks the model.* keys. The runner constructs it as
 

@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from metalearn.config.settings import at_least
 from metalearn.errors import MetalearnError
 from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
-from metalearn.settings import at_least
 
 
 def conv_block(in_channels: int, out_channels: int, running_stats: bool = False) -> nn.Sequential:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from metalearn.config.settings import SettingError, at_least, within
 from metalearn.errors import MetalearnError
 from metalearn.models.base import FeaturesAndHead, ModelSettings
 from metalearn.models.batch_stats import BatchNormMode
 from metalearn.models.layout import BatchNorm2d, Conv2d, Features, set_channels_last
-from metalearn.settings import SettingError, at_least, within
 
 SLOPE = 0.1  # leaky ReLU, as in both papers' code
 

@@ -261,7 +261,7 @@ TINY_DATASETS = {
 
 def tiny_data_config(tiny_data: dict):
     """The composed data.* node of the tiny Omniglot fixture (conftest's tiny_data)."""
-    from metalearn.config import compose
+    from metalearn.config.compose import compose
 
     keys = {"root": tiny_data["root"], "split": tiny_data["split"], "cache_dir": tiny_data["cache"]}
     return compose([f"data.{key}={value}" for key, value in keys.items()]).data
@@ -283,7 +283,7 @@ def png_declaring(width: int, height: int) -> bytes:
 
 def dataset_of(name: str, root: Path, cache: Path, *overrides):
     """The Dataset of conf/data/<name>.yaml reading `root`, caching under `cache`."""
-    from metalearn.config import compose
+    from metalearn.config.compose import compose
     from metalearn.data import build_dataset
 
     data = compose([f"data={name}", f"data.root={root}", f"data.cache_dir={cache}", *overrides]).data

@@ -14,7 +14,17 @@ import shutil
 from pathlib import Path
 
 from metalearn.errors import MetalearnError
-from metalearn.io import atomic_torch_save
+from metalearn.storage.atomic import atomic_torch_save
+
+# Parts of an algorithm's state_dict needed only to go on training; `metalearn export` leaves them out,
+# and load_state_dict skips them when they are absent.
+TRAINING_STATE = ("optimizer", "scheduler")
+
+
+def weights_only(state: dict) -> dict:
+    """A checkpoint's algorithm state without what only training needs: what evaluation and export load."""
+    return {k: v for k, v in state.items() if k not in TRAINING_STATE}
+
 
 FORMAT = "metalearn-checkpoint"
 VERSION = 1

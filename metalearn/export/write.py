@@ -1,4 +1,4 @@
-"""`metalearn export run=<run> [checkpoint=best] [out=<file>.safetensors|<folder>]` (format: metalearn.exported)."""
+"""`metalearn export run=<run> [checkpoint=best] [out=<file>.safetensors|<folder>]`; the format: export.format."""
 
 import json
 import os
@@ -6,12 +6,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from metalearn.algorithms.base import weights_only
-from metalearn.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint
 from metalearn.errors import MetalearnError
-from metalearn.exported import FORMAT, SUFFIX, VERSION, flatten
-from metalearn.io import atomic_path, file_sha256
-from metalearn.runs import saved_overrides
+from metalearn.export.format import FORMAT, SUFFIX, VERSION, flatten
+from metalearn.storage.atomic import atomic_path, file_sha256
+from metalearn.storage.checkpoint import checkpoint_name, checkpoint_path, load_checkpoint, weights_only
+from metalearn.storage.run_folder import saved_overrides
 
 
 def export(cfg: DictConfig) -> Path:

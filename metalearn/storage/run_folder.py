@@ -12,11 +12,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metalearn.aliases import migrate
-from metalearn.checkpoint import NEXT_BEST, checkpoint_path
+from metalearn.config.migrate import migrate
 from metalearn.errors import MetalearnError
-from metalearn.exported import exported_overrides, is_export
-from metalearn.io import atomic_text
+from metalearn.export.format import exported_overrides, is_export
+from metalearn.storage.atomic import atomic_text
+from metalearn.storage.checkpoint import NEXT_BEST, checkpoint_path
 
 
 def refuse_existing_run(run_dir: Path) -> None:

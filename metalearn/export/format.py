@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from metalearn.aliases import new_key
+from metalearn.config.migrate import new_key
 from metalearn.errors import MetalearnError
 
 FORMAT = "metalearn-export"

@@ -6,10 +6,10 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
+from metalearn.config.settings import settings_of
 from metalearn.data import EpisodeSampler, build_dataset
 from metalearn.data.cache import cache_dir
 from metalearn.errors import MetalearnError
-from metalearn.settings import settings_of
 
 PARTS = ("train", "val", "test")
 

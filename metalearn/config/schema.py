@@ -3,20 +3,17 @@
 Hydra merges the YAML files in ``conf/`` onto these dataclasses, so a
 misspelled key or a value of the wrong type fails before anything runs and
 the error names the key. The components (algo, data, model) carry their own
-schemas (metalearn.settings); `validate` checks every node against its schema.
+schemas (metalearn.config.settings); `validate` checks every node against its schema.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from metalearn.checkpoint import checkpoint_name, top_count
-from metalearn.errors import MetalearnError
-from metalearn.settings import SWITCHES, SettingError, at_least, checked, prefixed, seed, settings_of
+from metalearn.config.settings import SWITCHES, SettingError, at_least, prefixed, seed
 
 
 class DataAction(Enum):
@@ -195,46 +192,3 @@ def register_schemas() -> None:
     store.store(name="train_schema", node=TrainAppConfig)
     store.store(name="eval_schema", node=EvalAppConfig)
     store.store(name="data_schema", node=DataAppConfig)
-
-
-def compose(overrides: Sequence[str] = (), config_name: str = "train", with_hydra: bool = False) -> DictConfig:
-    """The config `metalearn train <overrides>` runs with (for scripts and tests); old keys work here too.
-
-    with_hydra: the `hydra` node too (its run folder, with the time of this call)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from metalearn.aliases import migrate
-
-    register_schemas()
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
-        return hydra_compose(config_name, overrides=migrate(list(overrides)), return_hydra_config=with_hydra)
-
-
-COMPONENTS = ("algo", "data", "model")
-RUN_NODES = ("task", "train", "eval", "device")
-
-
-@dataclass
-class RunSeed:
-    seed: int = 0
-
-    def __post_init__(self):
-        seed(self, "seed")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Every node checked against its schema: range checks, and each component's own keys; errors name the key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise MetalearnError(f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no value (???): set it.")
-    try:
-        RunSeed(cfg.seed)
-    except SettingError as err:
-        raise MetalearnError(str(err)) from None
-    for group in RUN_NODES:
-        checked(cfg[group], group)
-    if "checkpoint" in cfg:  # metalearn eval: best, last or topN
-        top_count(checkpoint_name(cfg))
-    for group in COMPONENTS:
-        settings_of(cfg[group], group)

@@ -1,0 +1,1 @@
+"""One module per command: its arguments, its Hydra app and what it runs."""
