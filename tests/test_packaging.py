@@ -1,4 +1,4 @@
-"""The wheel carries the configs and split lists, so a plain `pip install .` works anywhere."""
+"""What a clone and a wheel carry: the configs and split lists a plain `pip install .` needs, and the checks CI runs."""
 
 import subprocess
 import sys
@@ -34,3 +34,16 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
         "metalearn/data/splits/omniglot/lake/test.txt",
     }
     assert expected <= names, expected - names
+
+
+def test_pre_commit_runs_the_ruff_checks_of_ci():
+    """The hooks run ruff check and ruff format from the environment, the ruff the dev extra pins and CI runs."""
+    import yaml
+
+    repo = REPO
+    hooks = [h for r in yaml.safe_load((repo / ".pre-commit-config.yaml").read_text())["repos"] for h in r["hooks"]]
+    entries = {h["entry"].split(" --")[0] for h in hooks if h["language"] == "system"}
+    ci = (repo / ".ci" / "run").read_text()
+    assert entries == {"ruff check", "ruff format"}
+    assert all(entry in ci for entry in entries)
+    assert '"ruff==' in (repo / "pyproject.toml").read_text()
