@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -87,11 +87,8 @@ def score_episodes(
     every batch and the per-episode figures are gathered, so the interval is
     over all episodes.
     """
-    device = sampler.device
-    size = auto_batch_size(batch_size, episodes, device)
-    scored = len(algos) + (len(algos) > 1)
-    accuracies, losses = [[] for _ in range(scored)], [[] for _ in range(scored)]
-    diverged = [[] for _ in range(scored)]
+    size = auto_batch_size(batch_size, episodes, sampler.device)
+    tallies = [Tally() for _ in range(len(algos) + (len(algos) > 1))]
     digest = hashlib.sha256()
     with tqdm(total=episodes, desc=desc, unit="ep", leave=False, dynamic_ncols=True, disable=not ranks.main) as bar:
         done = 0
@@ -103,55 +100,77 @@ def score_episodes(
             try:
                 all_logits = [algo.predict(batch).float() for algo in algos] if len(mine) else []
             except torch.cuda.OutOfMemoryError:
-                if count == 1:
-                    raise MetalearnError(
-                        "one evaluation episode does not fit in GPU memory: evaluate with fewer "
-                        "task.queries, or on the CPU (device=cpu)."
-                    ) from None
-                size = count // 2
-                bar.write(f"out of GPU memory scoring {count} episodes at once: trying {size} (eval.batch_size)")
+                size = smaller_batch(count, bar)
                 del batch
                 torch.cuda.empty_cache()
                 continue
             digest.update(ids.numpy().tobytes())
-            finite = [torch.isfinite(x).all(dim=-1) for x in all_logits]  # per query
-            if len(algos) > 1 and all_logits:
-                all_logits.append(torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log())
-                # not the ensemble's own log-probabilities: log(0) is -inf for a confident, healthy ensemble
-                finite.append(torch.stack(finite).all(dim=0))
-            labels = batch.query_labels
-            for i in range(scored):
-                loss, accuracy = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-                failed = torch.zeros(0, dtype=torch.float64)
-                if all_logits:
-                    logits = all_logits[i]
-                    flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-                    loss = flat.view(len(mine), -1).double().mean(dim=1).cpu()
-                    # the argmax of NaN logits is class 0: right for 1/ways of the queries by chance alone
-                    correct = (logits.argmax(dim=-1) == labels) & finite[i]
-                    accuracy = correct.double().mean(dim=1).cpu()
-                    failed = (~finite[i]).any(dim=1).double().cpu()
-                losses[i].append(ranks.gather(loss, count))
-                accuracies[i].append(ranks.gather(accuracy, count))
-                diverged[i].append(ranks.gather(failed, count))
+            outputs = with_ensemble(all_logits)
+            for i, tally in enumerate(tallies):
+                tally.add(outputs[i] if outputs else None, batch.query_labels, len(mine), count, ranks)
             done += count
             bar.update(count)
-    results = []
-    for i in range(scored):
-        accuracy = torch.cat(accuracies[i]).double()
+    return [tally.result(episodes, digest.hexdigest(), size) for tally in tallies]
+
+
+def smaller_batch(count: int, bar: tqdm) -> int:
+    """After running out of GPU memory on `count` episodes at once: half as many (one is an error)."""
+    if count == 1:
+        raise MetalearnError(
+            "one evaluation episode does not fit in GPU memory: evaluate with fewer "
+            "task.queries, or on the CPU (device=cpu)."
+        ) from None
+    size = count // 2
+    bar.write(f"out of GPU memory scoring {count} episodes at once: trying {size} (eval.batch_size)")
+    return size
+
+
+def with_ensemble(all_logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, finite per query) of each member, and of the ensemble after them when there are several."""
+    finite = [torch.isfinite(x).all(dim=-1) for x in all_logits]  # per query
+    if len(all_logits) > 1:
+        all_logits = [*all_logits, torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log()]
+        # not the ensemble's own log-probabilities: log(0) is -inf for a confident, healthy ensemble
+        finite.append(torch.stack(finite).all(dim=0))
+    return list(zip(all_logits, finite, strict=True))
+
+
+@dataclass
+class Tally:
+    """One scored output's per-episode figures so far, gathered from every process."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    accuracies: list[torch.Tensor] = field(default_factory=list)
+    diverged: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, output, labels: torch.Tensor, mine: int, count: int, ranks: Ranks) -> None:
+        """This process's `mine` of a batch of `count` episodes; `output` (logits, finite) is None when it has none."""
+        loss, accuracy = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        failed = torch.zeros(0, dtype=torch.float64)
+        if output is not None:
+            logits, finite = output
+            flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            loss = flat.view(mine, -1).double().mean(dim=1).cpu()
+            # the argmax of NaN logits is class 0: right for 1/ways of the queries by chance alone
+            correct = (logits.argmax(dim=-1) == labels) & finite
+            accuracy = correct.double().mean(dim=1).cpu()
+            failed = (~finite).any(dim=1).double().cpu()
+        self.losses.append(ranks.gather(loss, count))
+        self.accuracies.append(ranks.gather(accuracy, count))
+        self.diverged.append(ranks.gather(failed, count))
+
+    def result(self, episodes: int, digest: str, batch_size: int) -> EpisodeResult:
+        accuracy = torch.cat(self.accuracies).double()
         spread = accuracy.std().item() if episodes > 1 else 0.0
-        results.append(
-            EpisodeResult(
-                accuracy=accuracy.mean().item(),
-                ci95=ci95(spread, episodes),
-                loss=torch.cat(losses[i]).double().mean().item(),
-                episodes=episodes,
-                episode_digest=digest.hexdigest(),
-                batch_size=size,
-                diverged_episodes=int(torch.cat(diverged[i]).sum().item()),
-            )
+        return EpisodeResult(
+            accuracy=accuracy.mean().item(),
+            ci95=ci95(spread, episodes),
+            loss=torch.cat(self.losses).double().mean().item(),
+            episodes=episodes,
+            episode_digest=digest,
+            batch_size=batch_size,
+            diverged_episodes=int(torch.cat(self.diverged).sum().item()),
         )
-    return results
 
 
 def run_episodes(
@@ -340,43 +359,26 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     to its own evals.jsonl, recorded with the ensemble's; checkpoint=topN appends one record, the
     ensemble's, which lists its members (file, step, validation and test accuracy).
     """
-    runs = list(cfg.run) if OmegaConf.is_list(cfg.run) else [cfg.run]
-    if not runs:
-        raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
-    top = top_count(checkpoint_name(cfg))
-    if top is not None and len(runs) > 1:
-        raise MetalearnError(
-            f"checkpoint=top{top} is the ensemble of one run's {top} best checkpoints: evaluate one run with it, "
-            f"or ensemble runs with checkpoint=best or checkpoint=last."
-        )
-    configs = member_configs(cfg) if len(runs) > 1 else [cfg]
-    for member in configs:
-        validate(member)
+    configs, top = _evaluated_configs(cfg)
     lead = configs[0]
     chosen = top_checkpoints(lead, top) if top is not None else None  # before any data is read: a clear error
     device = resolve_device(lead.device.name)
     ranks = distributed.start(device, lead.device.dist_timeout_s)  # under torchrun: each scores its part of every batch
     device = ranks.device(device)
     ranks.share_threads(device)
-    task = lead.task
     test_split = load_split(lead.data, "test")
     sampler = EpisodeSampler(
         test_split,
-        task.ways,
-        task.shots,
-        task.queries,
+        lead.task.ways,
+        lead.task.shots,
+        lead.task.queries,
         device,
         seed=lead.eval.seed,
         dtype=run_dtype(lead),
         preprocess=preprocess_of(lead.data),
     )
     if chosen is not None:
-        folder = checkpoint_path(Path(lead.run), "best").parent
-        members = [
-            _member(lead, payload, folder / name, name, device, test_split.image_shape) for name, payload in chosen
-        ]
-        for member, (_, payload) in zip(members, chosen, strict=False):
-            member.val_accuracy = kept_score(payload)
+        members = _top_members(lead, chosen, device, test_split.image_shape)
         del chosen  # the weights are in the members now
     else:
         members = [_load_member(member, device, test_split.image_shape) for member in configs]
@@ -390,7 +392,42 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     warn_diverged(results, [*names, "the ensemble"], "test")
     if top is not None:
         _record_top(results, lead, members, device)
-        return results
+    else:
+        _record_runs(results, configs, members, device)
+    return results
+
+
+def _evaluated_configs(cfg: DictConfig) -> tuple[list[DictConfig], int | None]:
+    """The config of each run scored (run=[a,b,...]: one per run), checked; N of checkpoint=topN (else None)."""
+    runs = list(cfg.run) if OmegaConf.is_list(cfg.run) else [cfg.run]
+    if not runs:
+        raise MetalearnError("run=[] names no run folder: give one folder, or several as run=[a,b,c].")
+    top = top_count(checkpoint_name(cfg))
+    if top is not None and len(runs) > 1:
+        raise MetalearnError(
+            f"checkpoint=top{top} is the ensemble of one run's {top} best checkpoints: evaluate one run with it, "
+            f"or ensemble runs with checkpoint=best or checkpoint=last."
+        )
+    configs = member_configs(cfg) if len(runs) > 1 else [cfg]
+    for member in configs:
+        validate(member)
+    return configs, top
+
+
+def _top_members(cfg: DictConfig, chosen: list[tuple], device: torch.device, image_shape) -> list[Member]:
+    """checkpoint=topN: a member per kept checkpoint, with the validation accuracy it was kept for."""
+    folder = checkpoint_path(Path(cfg.run), "best").parent
+    members = [_member(cfg, payload, folder / name, name, device, image_shape) for name, payload in chosen]
+    for member, (_, payload) in zip(members, chosen, strict=False):
+        member.val_accuracy = kept_score(payload)
+    return members
+
+
+def _record_runs(
+    results: list[EpisodeResult], configs: list[DictConfig], members: list[Member], device: torch.device
+) -> None:
+    """One run, or an ensemble of runs: each member's line (and the ensemble's), and a record in each run."""
+    lead = configs[0]
     records = [
         _record(result, cfg_, member, device) for result, cfg_, member in zip(results, configs, members, strict=False)
     ]
@@ -406,7 +443,6 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     for record, member in zip(records, configs, strict=False):
         _append(record_folder(member.run), record)
         log.info("%s: %s", member.run, json.dumps(record))
-    return results
 
 
 def _record_top(results: list[EpisodeResult], cfg: DictConfig, members: list[Member], device: torch.device) -> None:

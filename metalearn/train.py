@@ -11,7 +11,7 @@ import logging
 import shlex
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,12 +22,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
-from metalearn.algorithms import build_algorithm, run_dtype
+from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.config.schema import TaskConfig
 from metalearn.config.validate import validate
 from metalearn.data import EpisodeSampler, TaskKeys, build_dataset
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import cores, resolve_device, share_cores
+from metalearn.distributed import Ranks
 from metalearn.errors import MetalearnError
 from metalearn.hooks import (
     Checkpoints,
@@ -39,7 +40,7 @@ from metalearn.hooks import (
     TrainMetrics,
     Validation,
 )
-from metalearn.loggers import build_writers
+from metalearn.loggers import MetricWriter, build_writers
 from metalearn.storage.checkpoint import checkpoint_path, load_algo_state, load_checkpoint, save_checkpoint
 from metalearn.storage.run_folder import record_resume, refuse_existing_run, remove_stale_temporaries
 
@@ -88,16 +89,101 @@ class TrainResult:
     best_val_accuracy: float | None  # None: no validation with a finite loss ran
 
 
+@dataclass
+class Run:
+    """What the phases of one training run share (see `train`)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    ranks: Ranks
+    device: torch.device
+    writers: list[MetricWriter]
+    algo: Algorithm
+    sampler: EpisodeSampler  # the training batches
+    train_classes: int
+    state: LoopState
+    validation: Validation | None = None
+    hooks: list[Hook] = field(default_factory=list)
+
+    @property
+    def rate_key(self) -> str:
+        return f"{self.algo.throughput_unit}_per_s"
+
+    def save(self, which: str) -> None:
+        """checkpoints/<which>.pt: everything the next step depends on (rank 0 alone writes it)."""
+        if not self.ranks.main:
+            return
+        save_checkpoint(
+            checkpoint_path(self.run_dir, which),
+            {
+                "step": self.state.step,
+                "algo": self.algo.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                **{key: value for hook in self.hooks for key, value in hook.state_dict().items()},
+                "train_classes": self.train_classes,
+                "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+            },
+        )
+
+
+@dataclass
+class Ending:
+    """How the step loop ended: at train.steps, at the time limit, or at a stop signal (of any rank)."""
+
+    timed_out: bool = False
+    signalled: bool = False
+    signum: int | None = None  # the signal this process got; None when another rank's stopped it
+
+
 def train(cfg: DictConfig) -> TrainResult:
+    """Set up; resume (resume=<run>); train to train.steps, the time limit or a stop signal; end."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validate(cfg)
     scored = in_optuna_study()
-    if scored and cfg.train.val_every > cfg.train.steps:
+    if scored:
+        check_trial_validates(cfg)
+    run = set_up(cfg, run_dir)
+    if cfg.resume is not None:
+        resume(run)
+    else:
+        log.info("run folder %s", run_dir)
+    start(run)
+    ending = run_steps(run)
+    return end(run, ending, scored)
+
+
+def check_trial_validates(cfg: DictConfig) -> None:
+    if cfg.train.val_every > cfg.train.steps:
         raise MetalearnError(
             f"a trial of an Optuna study is scored by its best validation accuracy, but train.val_every="
             f"{cfg.train.val_every} is more than train.steps={cfg.train.steps}, so no validation would run: "
             f"choose train.val_every <= train.steps."
         )
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+def set_up(cfg: DictConfig, run_dir: Path) -> Run:
+    """This process's place and device, the seed, the writers, the data, the algorithm, samplers and hooks."""
+    ranks, device = start_process(cfg, run_dir)
+    torch.manual_seed(cfg.seed)
+    # Before the data loads: a logger that cannot start (no MLflow server) stops the run in seconds.
+    writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
+    dataset = build_dataset(cfg.data)
+    train_split = dataset.load_split("train")
+    algo = build_algorithm(cfg, device, train_split.num_classes, train_split.image_shape, ranks=ranks)
+    sampler = training_sampler(cfg, train_split, algo, device)
+    val_sampler = validation_sampler(cfg, dataset.load_split("val"), device)
+    state = LoopState(step=0, steps=cfg.train.steps)
+    run = Run(cfg, run_dir, ranks, device, writers, algo, sampler, train_split.num_classes, state)
+    add_hooks(run, val_sampler)
+    return run
+
+
+def start_process(cfg: DictConfig, run_dir: Path) -> tuple[Ranks, torch.device]:
+    """This process's rank among the run's and its device and threads; rank 0 readies the run folder."""
     device = resolve_device(cfg.device.name)
     ranks = distributed.start(device, cfg.device.dist_timeout_s)  # one process: rank 0 of 1
     if not ranks.main:
@@ -114,20 +200,17 @@ def train(cfg: DictConfig) -> TrainResult:
     if ranks.active:
         threads = ranks.share_threads(device)
         log.info("rank %d of %d on %s, %d thread(s)", ranks.rank, ranks.world, device, threads)
-    torch.manual_seed(cfg.seed)
-    loop, task = cfg.train, cfg.task
+    return ranks, device
 
-    # Before the data loads: a logger that cannot start (no MLflow server) stops the run in seconds.
-    writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
-    dataset = build_dataset(cfg.data)
-    train_split = dataset.load_split("train")
-    algo = build_algorithm(cfg, device, train_split.num_classes, train_split.image_shape)
-    algo.ranks = ranks
+
+def training_sampler(cfg: DictConfig, split, algo: Algorithm, device: torch.device) -> EpisodeSampler:
+    """The training tasks (task.train.*, else task.*), seeded by `seed`, with train.replay's replays."""
+    task, loop = cfg.task, cfg.train
     ways, shots, queries = TaskConfig.training_shape(task)
     if queries < 1 and algo.needs_queries:
         raise MetalearnError(f"algo={cfg.algo.name} trains on query images: task.train.queries must be at least 1.")
-    train_sampler = EpisodeSampler(
-        train_split,
+    return EpisodeSampler(
+        split,
         ways,
         shots,
         queries,
@@ -139,79 +222,88 @@ def train(cfg: DictConfig) -> TrainResult:
         preprocess=preprocess_of(cfg.data, training=True),
         keys=TaskKeys.of_training(task),
     )
-    val_sampler = EpisodeSampler(
-        dataset.load_split("val"),
+
+
+def validation_sampler(cfg: DictConfig, split, device: torch.device) -> EpisodeSampler:
+    """The validation episodes: task.*, the same ones at every validation (train.val_seed)."""
+    task = cfg.task
+    return EpisodeSampler(
+        split,
         task.ways,
         task.shots,
         task.queries,
         device,
-        seed=loop.val_seed,
+        seed=cfg.train.val_seed,
         dtype=run_dtype(cfg),
         preprocess=preprocess_of(cfg.data),
     )
-    state = LoopState(step=0, steps=loop.steps)
 
-    def save(which: str) -> None:
-        if not ranks.main:
-            return
-        save_checkpoint(
-            checkpoint_path(run_dir, which),
-            {
-                "step": state.step,
-                "algo": algo.state_dict(),
-                "sampler": train_sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                **{key: value for hook in hooks for key, value in hook.state_dict().items()},
-                "train_classes": train_split.num_classes,
-                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            },
-        )
 
-    rate_key = f"{algo.throughput_unit}_per_s"
-    validation = Validation(
-        algo,
+def add_hooks(run: Run, val_sampler: EpisodeSampler) -> None:
+    """The hooks after each step, in their order: divergence guard, metrics, configured hooks, validation, last.pt."""
+    loop = run.cfg.train
+    run.validation = Validation(
+        run.algo,
         val_sampler,
-        writers,
+        run.writers,
         loop.val_every,
         loop.val_episodes,
-        cfg.eval.batch_size,
-        save,
-        ranks,
+        run.cfg.eval.batch_size,
+        run.save,
+        run.ranks,
         keep=loop.keep_best,
     )
-    hooks: list[Hook] = [
+    run.hooks = [
         DivergenceGuard(),  # first: a diverged step writes nothing
-        TrainMetrics(writers, loop.log_every, rate_key),
-        ConfiguredHooks(cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
-        validation,
-        Checkpoints(loop.ckpt_every, lambda: save("last")),
+        TrainMetrics(run.writers, loop.log_every, run.rate_key),
+        ConfiguredHooks(run.cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
+        run.validation,
+        Checkpoints(loop.ckpt_every, lambda: run.save("last")),
     ]
 
-    if cfg.resume is not None:
-        ckpt = load_checkpoint(checkpoint_path(run_dir, "last"))
-        load_algo_state(algo, ckpt["algo"], checkpoint_path(run_dir, "last"))
-        train_sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        state.step = ckpt["step"]
-        for hook in hooks:
-            hook.load_state_dict(ckpt)
-        algo.check_resume(loop.steps)
-        for writer in writers:
-            writer.resume(state.step)
-        if ranks.main:
-            record_resume(run_dir, list(HydraConfig.get().overrides.task), OmegaConf.to_container(cfg), state.step)
-        log.info("resuming %s from step %d", run_dir, state.step)
-    else:
-        log.info("run folder %s", run_dir)
-    log.info("on %s: %s", device, algo.fast_paths.describe(getattr(algo.model, "layout", "")))
-    for writer in writers:
-        writer.start(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    context = LoopContext(algo=algo, run_dir=run_dir, writers=writers, cfg=cfg, save=save)
-    for hook in hooks:
+
+# --- resume and start -----------------------------------------------------------------------------
+
+
+def resume(run: Run) -> None:
+    """Everything as last.pt left it: algorithm, sampler, RNG, step, hooks and writers; the resume recorded."""
+    path = checkpoint_path(run.run_dir, "last")
+    ckpt = load_checkpoint(path)
+    load_algo_state(run.algo, ckpt["algo"], path)
+    run.sampler.load_state_dict(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    run.state.step = ckpt["step"]
+    for hook in run.hooks:
+        hook.load_state_dict(ckpt)
+    run.algo.check_resume(run.cfg.train.steps)
+    for writer in run.writers:
+        writer.resume(run.state.step)
+    if run.ranks.main:
+        overrides = list(HydraConfig.get().overrides.task)
+        record_resume(run.run_dir, overrides, OmegaConf.to_container(run.cfg), run.state.step)
+    log.info("resuming %s from step %d", run.run_dir, run.state.step)
+
+
+def start(run: Run) -> None:
+    """Say what the model computes on; start the writers and the hooks."""
+    layout = getattr(run.algo.model, "layout", "")
+    log.info("on %s: %s", run.device, run.algo.fast_paths.describe(layout))
+    for writer in run.writers:
+        writer.start(OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True))
+    context = LoopContext(algo=run.algo, run_dir=run.run_dir, writers=run.writers, cfg=run.cfg, save=run.save)
+    for hook in run.hooks:
         hook.start(context)
 
+
+# --- the steps ------------------------------------------------------------------------------------
+
+
+def run_steps(run: Run) -> Ending:
+    """Train to train.steps, or until the time limit or a stop signal; every rank stops after the same step."""
+    loop, state = run.cfg.train, run.state
     if state.step >= loop.steps:
         log.info("the run is already at step %d of train.steps=%d: nothing to train", state.step, loop.steps)
+    ending = Ending()
     with (
         GracefulStop() as stop,
         logging_redirect_tqdm(),
@@ -221,64 +313,75 @@ def train(cfg: DictConfig) -> TrainResult:
             desc="meta-training",
             unit="step",
             dynamic_ncols=True,
-            disable=not ranks.main,
+            disable=not run.ranks.main,
         ) as bar,
     ):
-        stopping = timed_out = False  # agreed by every rank at each step, so all stop after the same one
         try:
-            while state.step < loop.steps and not stopping:
-                tick = time.perf_counter()
-                batch = algo.sample(train_sampler, loop.meta_batch_size)  # the whole batch, on every rank
-                result = algo.meta_train_step(ranks.split(batch) if ranks.active else batch)
-                out_of_time = loop.max_minutes is not None and state.elapsed() >= loop.max_minutes * 60
-                result, signalled, out_of_time = ranks.batch_result(result, stop.signum is not None, out_of_time)
-                # The time limit ends the run as train.steps would: this step validates and saves.
-                state.final = timed_out = out_of_time and not signalled
-                stopping = signalled or timed_out
-                seconds = time.perf_counter() - tick
-                items = len(batch[0])  # tasks, or images for a classifier's batch (all ranks together)
-                state.step += 1
-                bar.update(1)
-                bar.set_postfix(
-                    {
-                        "loss": f"{result['loss']:.3f}",
-                        "acc": f"{result['accuracy']:.3f}",
-                        rate_key: f"{items / seconds:.1f}",
-                    },
-                    refresh=False,
-                )
-                for hook in hooks:
-                    hook.after_step(state, result, items, seconds)
+            while state.step < loop.steps and not (ending.signalled or ending.timed_out):
+                ending.signalled, ending.timed_out = train_step(run, stop, bar)
         except RuntimeError as err:
-            if not ranks.active or not distributed.lost_peer(err):
+            if not run.ranks.active or not distributed.lost_peer(err):
                 raise
-            raise MetalearnError(distributed.lost_rank_message(err, ranks)) from None
+            raise MetalearnError(distributed.lost_rank_message(err, run.ranks)) from None
         finally:
-            for writer in writers:
+            for writer in run.writers:
                 writer.close()
+    ending.signum = stop.signum
+    return ending
 
-    if timed_out:
+
+def train_step(run: Run, stop: GracefulStop, bar: tqdm) -> tuple[bool, bool]:
+    """One step and its hooks; (stop signalled, time limit reached), as every rank agreed."""
+    loop, state, algo, ranks = run.cfg.train, run.state, run.algo, run.ranks
+    tick = time.perf_counter()
+    batch = algo.sample(run.sampler, loop.meta_batch_size)  # the whole batch, on every rank
+    result = algo.meta_train_step(ranks.split(batch) if ranks.active else batch)
+    out_of_time = loop.max_minutes is not None and state.elapsed() >= loop.max_minutes * 60
+    result, signalled, out_of_time = ranks.batch_result(result, stop.signum is not None, out_of_time)
+    # The time limit ends the run as train.steps would: this step validates and saves.
+    state.final = timed_out = out_of_time and not signalled
+    seconds = time.perf_counter() - tick
+    items = len(batch[0])  # tasks, or images for a classifier's batch (all ranks together)
+    state.step += 1
+    bar.update(1)
+    bar.set_postfix(
+        {
+            "loss": f"{result['loss']:.3f}",
+            "acc": f"{result['accuracy']:.3f}",
+            run.rate_key: f"{items / seconds:.1f}",
+        },
+        refresh=False,
+    )
+    for hook in run.hooks:
+        hook.after_step(state, result, items, seconds)
+    return signalled, timed_out
+
+
+# --- the end --------------------------------------------------------------------------------------
+
+
+def end(run: Run, ending: Ending, scored: bool) -> TrainResult:
+    """Say how the run ended and where it is; its score, the best validation accuracy."""
+    folder = shlex.quote(str(run.run_dir))
+    if ending.timed_out:
         log.warning(
             "train.max_minutes=%g reached at step %d of %d: validated and saved (metalearn train resume=%s goes on)",
-            loop.max_minutes,
-            state.step,
-            loop.steps,
-            shlex.quote(str(run_dir)),
+            run.cfg.train.max_minutes,
+            run.state.step,
+            run.cfg.train.steps,
+            folder,
         )
-    elif stopping:
-        save("last")
-        log.warning("stopped at step %d; checkpoints/last.pt saved", state.step)
-        if ranks.main:
-            print(
-                f"run folder: {shlex.quote(str(run_dir))}\n"
-                f"resume with: metalearn train resume={shlex.quote(str(run_dir))}"
-            )
-        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    if ranks.main:
-        print(f"run folder: {shlex.quote(str(run_dir))}")
-    best = validation.best if validation.best >= 0 else None
+    elif ending.signalled:
+        run.save("last")
+        log.warning("stopped at step %d; checkpoints/last.pt saved", run.state.step)
+        if run.ranks.main:
+            print(f"run folder: {folder}\nresume with: metalearn train resume={folder}")
+        raise SystemExit(128 + (ending.signum or signal.SIGTERM))
+    if run.ranks.main:
+        print(f"run folder: {folder}")
+    best = run.validation.best if run.validation.best >= 0 else None
     if best is None and scored:
         raise MetalearnError(
             "no validation of this trial had a finite loss, so it has no score: the trial counts as failed."
         )
-    return TrainResult(run_dir, best)
+    return TrainResult(run.run_dir, best)

@@ -31,7 +31,7 @@ def registry(group: str) -> list:
 
 ALGOS, DATASETS, MODELS = registry("algo"), registry("data"), registry("model")
 # What the runner may pass besides the settings (see Algorithm).
-CONTEXT = {"model", "workers", "train_steps", "fast"}
+CONTEXT = {"model", "workers", "train_steps", "ranks", "fast_paths"}  # what the builder gives besides settings
 
 
 def algorithm_class(algo: str) -> type:

@@ -3,17 +3,20 @@
 An algorithm is a component (metalearn.config.settings): its YAML in conf/algo names
 the class with `_target_`, the class's `Settings` dataclass types and checks
 the algo.* keys, and the runner calls the constructor with each setting by
-its name plus what the run provides (see `build_algorithm`).
+its name plus what the run provides (see `build_algorithm`). An algorithm
+reads no files: a finished run it needs comes as a `SavedRun`.
 """
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from omegaconf import MISSING
 
 from metalearn.data import Episodes, EpisodeSampler
+from metalearn.device import PLAIN, FastPaths
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 
@@ -34,22 +37,40 @@ EMBEDDING = "embedding"  # no head: the backbone's embedding
 CLASS_HEAD = "classes"  # a classifier over every meta-training class
 
 
-class Algorithm(ABC):
-    """Constructor: `__init__(self, model, <each Settings key>, [workers, train_steps, fast])`.
+@dataclass(frozen=True)
+class SavedRun:
+    """A finished run that a setting names (see `Algorithm.saved_runs`), as the builder hands it over."""
 
-    The runner builds `model` from model.* with the head `head` asks for; the
-    bracketed keys are given to constructors that take them (CPU worker
-    threads, train.steps when the run starts, the fast paths of the device).
+    folder: str  # as the setting gives it
+    read_checkpoint: Callable[[], dict]  # its checkpoints/last.pt, read when called: evaluation never needs it
+
+
+class Algorithm(ABC):
+    """Constructor: `__init__(self, model, <each Settings key>, [workers, train_steps], ranks, fast_paths)`;
+    it hands `model`, `ranks` and `fast_paths` to `Algorithm.__init__`.
+
+    The runner (`build_algorithm`) builds `model` from model.* with the head
+    `head` asks for, and gives each constructor those of the other keys it
+    takes: the CPU worker threads, train.steps when the run starts, the run's
+    processes and the fast paths of the device. A setting listed in
+    `saved_runs` names a finished run's folder: the constructor gets a
+    `SavedRun` for it.
     """
 
     Settings = AlgoSettings
     head = WAYS_HEAD
     model: torch.nn.Module
     needs_queries = True  # meta-training reads the episodes' query sets
-    # The run's processes (metalearn.distributed): the loop gives each its slice of the batch, and the
-    # algorithm averages its update over them (ranks.average_gradients) before applying it.
-    ranks: Ranks = SINGLE
     throughput_unit = "tasks"  # what one training batch counts, for the tasks/s (images/s) figure
+    saved_runs: tuple[str, ...] = ()  # settings that name a finished run's folder (e.g. a teacher)
+    # The run's processes (metalearn.distributed): the loop gives each its slice of the batch, and the
+    # algorithm averages its update over them (ranks.average_gradients) before applying it. These class
+    # values serve a constructor that does not call Algorithm.__init__: one process, plain float32.
+    ranks: Ranks = SINGLE
+    fast_paths: FastPaths = PLAIN  # what the model computes on (bf16 autocast, channels-last), and why
+
+    def __init__(self, model: torch.nn.Module, ranks: Ranks = SINGLE, fast_paths: FastPaths = PLAIN):
+        self.model, self.ranks, self.fast_paths = model, ranks, fast_paths
 
     def sample(self, sampler: EpisodeSampler, meta_batch_size: int):
         """The next training batch: a meta-batch of episodes unless the algorithm trains on something else."""

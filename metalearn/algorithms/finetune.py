@@ -16,21 +16,20 @@ like `finetune`.
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metalearn.algorithms.base import CLASS_HEAD, Algorithm, AlgoSettings, load_model_state, load_optimizer
+from metalearn.algorithms.base import CLASS_HEAD, Algorithm, AlgoSettings, SavedRun, load_model_state, load_optimizer
 from metalearn.algorithms.batching import TaskThreads, detached_params, sub_params
 from metalearn.config.settings import SettingError, at_least, positive, within
 from metalearn.data import Episodes, EpisodeSampler, LabelledImages
 from metalearn.device import PLAIN, FastPaths
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
 from metalearn.models.batch_stats import BatchNormMode, recording
-from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 
 
 @dataclass
@@ -90,8 +89,10 @@ class Finetune(Algorithm):
         head_weight_decay: float,
         head_steps: int,
         workers: int = 1,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
     ):
-        self.model = model
+        super().__init__(model, ranks, fast_paths)
         self._threads = TaskThreads(model, workers)  # evaluation embeds a task per core at once
         self.batch_size = batch_size
         self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
@@ -167,12 +168,12 @@ class Finetune(Algorithm):
             load_optimizer(self.optimizer, state)
 
 
-def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.device, fast: FastPaths) -> torch.nn.Module:
-    """The network of a finished finetune/distill run, frozen, for its soft targets.
+def load_teacher(run: SavedRun, num_classes: int, images: torch.Tensor, fast: FastPaths) -> torch.nn.Module:
+    """The network of a finished finetune/distill run, frozen, for its soft targets on `images`.
 
-    It runs on the student's fast paths (bf16 autocast, channels-last).
+    It runs on the student's fast paths (bf16 autocast, channels-last), device and floating-point type.
     """
-    ckpt = load_checkpoint(checkpoint_path(Path(run_dir), "last"))
+    ckpt, run_dir = run.read_checkpoint(), run.folder
     algo_name = ckpt["config"]["algo"]["name"]
     if algo_name not in ("finetune", "distill"):
         raise MetalearnError(
@@ -187,10 +188,10 @@ def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.devi
     teacher = build_model(
         ckpt["config"]["model"],
         num_classes,
-        image_shape,
+        tuple(images.shape[1:]),
         amp=fast.amp,
         layout=CHANNELS_LAST if fast.channels_last else NCHW,
-    ).to(device)
+    ).to(images.device, images.dtype)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
     # As it was trained: batch statistics (transductive) or its running statistics (inductive)
     return teacher.train(teacher.batch_norm != BatchNormMode.inductive.value).requires_grad_(False)
@@ -198,26 +199,26 @@ def load_teacher(run_dir: str, num_classes: int, image_shape, device: torch.devi
 
 class Distill(Finetune):
     Settings = DistillSettings
+    saved_runs = ("teacher",)
 
     def __init__(
         self,
         model: torch.nn.Module,
-        teacher: str,
+        teacher: SavedRun,
         temperature: float,
         distill_weight: float,
-        fast: FastPaths = PLAIN,
         workers: int = 1,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
         **finetune_settings,
     ):
-        super().__init__(model, workers=workers, **finetune_settings)
-        self.teacher_dir, self.temperature, self.distill_weight = teacher, temperature, distill_weight
-        self.fast = fast
+        super().__init__(model, workers=workers, ranks=ranks, fast_paths=fast_paths, **finetune_settings)
+        self.teacher_run, self.temperature, self.distill_weight = teacher, temperature, distill_weight
         self._teacher = None  # loaded at the first training step: evaluation does not need it
 
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         if self._teacher is None:
-            shape = tuple(batch.images.shape[1:])
-            self._teacher = load_teacher(self.teacher_dir, logits.shape[-1], shape, logits.device, self.fast)
+            self._teacher = load_teacher(self.teacher_run, logits.shape[-1], batch.images, self.fast_paths)
         with torch.no_grad(), across_ranks(self._teacher, self.ranks):
             soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
         soft = (

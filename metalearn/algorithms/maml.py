@@ -43,7 +43,8 @@ from metalearn.algorithms.batching import (
 )
 from metalearn.config.settings import SettingError, at_least, positive
 from metalearn.data import Episodes
-from metalearn.device import return_large_blocks_to_the_os
+from metalearn.device import PLAIN, FastPaths, return_large_blocks_to_the_os
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
 from metalearn.models.batch_stats import has_running_stats, recording, recording_paused
@@ -95,6 +96,46 @@ class MAMLSettings(AlgoSettings, VectorizedSettings):
             )
 
 
+def checked_strategy(
+    model: torch.nn.Module,
+    vectorize: bool | str,
+    head_only: bool,
+    first_order: bool,
+    learn_inner_lr: bool,
+    checkpoint_inner: bool,
+) -> bool:
+    """The settings checked against each other and the model; True: the vmap strategy, False: the loop."""
+    if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
+        raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
+    if learn_inner_lr and first_order:
+        raise MetalearnError(
+            "learned inner rates (Meta-SGD) get no gradient in first order: "
+            "set algo.first_order=false or algo.learn_inner_lr=false."
+        )
+    if checkpoint_inner:
+        vectorize = loop_only(
+            vectorize,
+            "algo.checkpoint_inner=true recomputes the inner steps in the backward pass (on a GPU the tasks "
+            "then run one after another)",
+        )
+    if has_running_stats(model):
+        vectorize = loop_only(
+            vectorize,
+            "model.bn=inductive folds each inner step's BatchNorm statistics into running averages",
+        )
+    return resolve_vectorize(vectorize, model_device(model))
+
+
+def learned_rates(model: torch.nn.Module, adapted_names: list[str], inner_lr_init: Sequence[float]) -> Params:
+    """Meta-SGD's inner rates: one per adapted weight, of its shape, drawn uniformly from [low, high]."""
+    low, high = inner_lr_init
+    return {
+        name: torch.empty_like(p).uniform_(low, high).requires_grad_()
+        for name, p in model.named_parameters()
+        if name in adapted_names
+    }
+
+
 class MAML(Algorithm):
     Settings = MAMLSettings
 
@@ -113,31 +154,15 @@ class MAML(Algorithm):
         workers: int = 1,
         inner_loss: str = "mean",
         checkpoint_inner: bool = False,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
     ):
         head_only = AdaptedParams(adapt) is AdaptedParams.head
-        if head_only and not (hasattr(model, "features") and hasattr(model, "head")):
-            raise MetalearnError("algo.adapt=head needs a model with `features` and `head` parts.")
-        if learn_inner_lr and first_order:
-            raise MetalearnError(
-                "learned inner rates (Meta-SGD) get no gradient in first order: "
-                "set algo.first_order=false or algo.learn_inner_lr=false."
-            )
-        if checkpoint_inner:
-            vectorize = loop_only(
-                vectorize,
-                "algo.checkpoint_inner=true recomputes the inner steps in the backward pass (on a GPU the tasks "
-                "then run one after another)",
-            )
-        if has_running_stats(model):
-            vectorize = loop_only(
-                vectorize,
-                "model.bn=inductive folds each inner step's BatchNorm statistics into running averages",
-            )
-        vectorize = resolve_vectorize(vectorize, model_device(model))
+        vectorize = checked_strategy(model, vectorize, head_only, first_order, learn_inner_lr, checkpoint_inner)
         self.checkpoint_inner = checkpoint_inner and not first_order
         if self.checkpoint_inner and model_device(model).type == "cpu":
             return_large_blocks_to_the_os()  # else freed activations stay resident and the peak still grows
-        self.model = model
+        super().__init__(model, ranks, fast_paths)
         self.ways = model.head.out_features
         self.sum_over_shots = InnerLoss(inner_loss) is InnerLoss.sum_over_shots
         self.inner_lr = inner_lr
@@ -145,25 +170,22 @@ class MAML(Algorithm):
         self.inner_steps_eval = inner_steps_eval
         self.head_only = head_only
         self.adapted_names = [n for n, _ in model.named_parameters() if not head_only or n.startswith("head.")]
-        self.rates: Params = {}
-        if learn_inner_lr:
-            low, high = inner_lr_init
-            self.rates = {
-                name: torch.empty_like(p).uniform_(low, high).requires_grad_()
-                for name, p in model.named_parameters()
-                if name in self.adapted_names
-            }
+        self.rates: Params = learned_rates(model, self.adapted_names, inner_lr_init) if learn_inner_lr else {}
         self.outer_lr = outer_lr
         self.first_order = first_order
-        task_fn = self._first_order_task if first_order else self._second_order_task
+        self._use_strategy(vectorize, workers)
+
+    def _use_strategy(self, vectorize: bool, workers: int) -> None:
+        """The meta-batch and prediction as one vmap, or as a loop over tasks on `workers` threads."""
+        task_fn = self._first_order_task if self.first_order else self._second_order_task
         self._meta_grads = self._vmapped(over_tasks(task_fn, True)) if vectorize else self._looped
         if vectorize:
-            set_layout(model, VMAP)
+            set_layout(self.model, VMAP)
         else:
             # Each pass takes its memory format from its input (see in_nchw); with NCHW weights
             # the task threads measured 10-15% faster than with channels-last ones.
-            model.to(memory_format=torch.contiguous_format)
-        self._threads = TaskThreads(model, 1 if vectorize else workers)
+            self.model.to(memory_format=torch.contiguous_format)
+        self._threads = TaskThreads(self.model, 1 if vectorize else workers)
         self._predict = over_tasks(self._adapted_logits, True) if vectorize else self._predict_looped
 
     @cached_property

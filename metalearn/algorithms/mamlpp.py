@@ -39,6 +39,8 @@ from metalearn.algorithms.base import AlgoSettings
 from metalearn.algorithms.batching import Params
 from metalearn.algorithms.maml import MAML, InnerLoss
 from metalearn.config.settings import at_least, positive
+from metalearn.device import PLAIN, FastPaths
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import in_nchw
 from metalearn.models.batch_stats import recording_paused
@@ -116,6 +118,8 @@ class MAMLPlusPlus(MAML):
         anneal_steps: int | None = None,
         train_steps: int = 1,
         workers: int = 1,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
     ):
         if per_step_bn_stats or per_step_bn_weights:
             per_step_norms(model, inner_steps, per_step_bn_weights, per_step_bn_stats)
@@ -130,6 +134,8 @@ class MAMLPlusPlus(MAML):
             workers=workers,
             inner_loss=inner_loss,
             checkpoint_inner=checkpoint_inner,
+            ranks=ranks,
+            fast_paths=fast_paths,
         )
         self.always_first_order = first_order
         self.epoch_steps, self.msl_epochs, self.first_order_epochs = epoch_steps, msl_epochs, first_order_epochs

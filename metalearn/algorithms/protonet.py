@@ -29,6 +29,8 @@ from metalearn.algorithms.batching import (
 )
 from metalearn.config.settings import at_least, positive
 from metalearn.data import Episodes
+from metalearn.device import PLAIN, FastPaths
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.models import VMAP, set_layout
 from metalearn.models.batch_stats import statistics_pass
 
@@ -67,9 +69,11 @@ class ProtoNet(Algorithm):
         lr_decay_every: int,
         vectorize: bool | str,
         workers: int = 1,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
-        self.model = model
+        super().__init__(model, ranks, fast_paths)
         self.outer_lr, self.lr_decay, self.lr_decay_every = outer_lr, lr_decay, lr_decay_every
         self.vectorize = vectorize
         if vectorize:

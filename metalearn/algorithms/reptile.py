@@ -38,6 +38,8 @@ from metalearn.algorithms.batching import (
 )
 from metalearn.config.settings import at_least, finite, positive
 from metalearn.data import Episodes, EpisodeSampler
+from metalearn.device import PLAIN, FastPaths
+from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, set_layout
 from metalearn.models.batch_stats import statistics_pass
@@ -106,9 +108,11 @@ class Reptile(Algorithm):
         train_steps: int,
         vectorize: bool | str,
         workers: int = 1,
+        ranks: Ranks = SINGLE,
+        fast_paths: FastPaths = PLAIN,
     ):
         vectorize = resolve_vectorize(vectorize, model_device(model))
-        self.model = model
+        super().__init__(model, ranks, fast_paths)
         self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
         self.adam = InnerOptimizer(inner_optimizer) is InnerOptimizer.adam
         self.inner_steps_eval, self.inner_batch_eval = inner_steps_eval, inner_batch_eval
