@@ -173,7 +173,7 @@ def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
     plain step's per inner step although the tensors it held did not. Measured on a 2-core Xeon, 20-way
     5-shot conv4, one task, 1 / 5 / 10 checkpointed inner steps: peak 1213 / 1485 / 1773 MiB by default,
     991 / 994 / 997 MiB with a 128 KiB threshold, 1005 MiB at 10 steps with 1 MiB (each big block then
-    costs fresh pages: about 1.4x the time of a step here). scripts/bench.py --memory measures it.
+    costs fresh pages: about 1.4x the time of a step here). `scripts/bench.py memory` measures it.
     """
     try:
         import ctypes

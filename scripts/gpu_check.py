@@ -1,6 +1,8 @@
 """The GPU path end to end, in a few minutes: run it on any CUDA machine (`bash scripts/gpu_check.sh`).
 
-1. Every algorithm trains a few steps on a tiny generated Omniglot with
+1. Every algorithm trains a few steps on a tiny generated Omniglot (written
+   by this script: random strokes, enough classes for every algorithm's
+   defaults) with
    `device=cuda` and the defaults a GPU picks (algo.vectorize=auto -> vmap,
    device.amp=auto -> bf16 where the GPU has it, channels-last on), resumes,
    and `metalearn eval` scores it; MAML, MAML++ and ProtoNet also with
@@ -8,7 +10,7 @@
 2. On the GPU in float64, the vmap strategy's meta-gradients (MAML second and
    first order, ANIL, Meta-SGD) and predictions equal the loop strategy's.
 3. MAML 5-way 1-shot, meta-batch 32: tasks/s of both strategies and both
-   orders with the runner's defaults (scripts/bench_step.py).
+   orders with the runner's defaults (`python scripts/bench.py step`).
 
 Prints one line per check and `gpu_check: N passed, M failed`; exits non-zero
 on a failure. `--device cpu` runs the same checks on the CPU (a dry run).
@@ -26,21 +28,45 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from benchmarks.common import BENCH, random_images
 from omegaconf import OmegaConf
+from PIL import Image
+
+from metalearn.algorithms.maml import MAML
+from metalearn.cli import main as metalearn
+from metalearn.config.compose import compose
+from metalearn.config.settings import component_class
+from metalearn.data import EpisodeSampler
+from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
+from metalearn.models import Conv4
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the tiny generated Omniglot of the test suite
+# Characters per part of the tiny Omniglot, 4 rotations each: 60 training classes, as ProtoNet's
+# default 60-way episodes need; 8 for validation and 8 for test.
+TINY_CHARACTERS = {"train": 15, "val": 2, "test": 2}
+DRAWINGS = 20  # per character, as in Omniglot
 
-from helpers.data import write_tiny_omniglot, write_tiny_split  # noqa: E402
-from helpers.runs import TINY_ALGO  # noqa: E402
 
-from metalearn.algorithms.maml import MAML  # noqa: E402
-from metalearn.cli import main as metalearn  # noqa: E402
-from metalearn.config.schema import compose  # noqa: E402
-from metalearn.config.settings import component_class  # noqa: E402
-from metalearn.data import ClassSplit, EpisodeSampler  # noqa: E402
-from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths  # noqa: E402
-from metalearn.models import Conv4  # noqa: E402
+def write_tiny_omniglot(folder: Path) -> list:
+    """A tiny Omniglot in the layout of the real archives, extracted (omniglot-py/images_background/<Alphabet>/
+    characterNN/*.png; test characters in images_evaluation), and its split lists; the data.* overrides."""
+    root, split = folder / "root", folder / "split"
+    generator = torch.Generator().manual_seed(0)
+    classes = {}
+    for number, part in enumerate((p for p, count in TINY_CHARACTERS.items() for _ in range(count)), start=1):
+        archive = "images_evaluation" if part == "test" else "images_background"
+        character = f"{part.title()}/character{number:02d}"
+        (root / "omniglot-py" / archive / character).mkdir(parents=True)
+        strokes = torch.rand(28, 28, generator=generator) < 0.2  # the character; each drawing flips a few pixels
+        for drawing in range(1, DRAWINGS + 1):
+            ink = strokes ^ (torch.rand(28, 28, generator=generator) < 0.05)
+            png = root / "omniglot-py" / archive / character / f"{number:04d}_{drawing:02d}.png"
+            Image.fromarray((~ink).to(torch.uint8).mul(255).numpy()).convert("1").save(png)
+        classes.setdefault(part, []).extend(f"{character}/rot{degrees:03d}" for degrees in (0, 90, 180, 270))
+    split.mkdir(parents=True)
+    for part, names in classes.items():
+        (split / f"{part}.txt").write_text("\n".join(names) + "\n")
+    return [f"data.root={root}", f"data.split={split}", f"data.cache_dir={folder / 'cache'}"]
 
 
 def algorithms() -> list:
@@ -49,9 +75,13 @@ def algorithms() -> list:
     return sorted(names, key=needs_teacher)
 
 
+def settings_of(algo: str) -> set:
+    """The names of the algorithm's algo.* settings."""
+    return {f.name for f in fields(component_class(compose([f"algo={algo}"]).algo, "algo").Settings)}
+
+
 def needs_teacher(algo: str) -> bool:
-    settings = component_class(compose([f"algo={algo}"]).algo, "algo").Settings
-    return "teacher" in {f.name for f in fields(settings)}
+    return "teacher" in settings_of(algo)
 
 
 class Checks:
@@ -85,12 +115,10 @@ def cli(*args) -> str:
     return out.getvalue()
 
 
-def train_and_eval(algo: str, base: Path, device: str, *extra: str) -> str:
-    data = base / "data"
+def train_and_eval(algo: str, base: Path, data: list, device: str, *extra: str) -> str:
+    """A 2-step run of the algorithm with its defaults (a small model and meta-batch), resumed, then scored."""
     common = [
-        f"data.root={data / 'root'}",
-        f"data.split={data / 'split'}",
-        f"data.cache_dir={data / 'cache'}",
+        *data,
         "task.queries=3",
         "model.hidden=16",
         "train.meta_batch_size=4",
@@ -101,10 +129,11 @@ def train_and_eval(algo: str, base: Path, device: str, *extra: str) -> str:
         f"device={device}",
     ]
     common += list(extra)
-    run = base / "runs" / "-".join([algo, *extra])
+    run = base / "runs" / "-".join([algo, *extra]).replace("=", "-")  # an override's value holds no '='
     teacher = [f"algo.teacher={base / 'runs' / 'finetune'}"] if needs_teacher(algo) else []
-    tiny = TINY_ALGO.get("finetune" if teacher else algo, [])  # the test suite's overrides for a tiny run
-    cli("train", f"algo={algo}", *common, *tiny, *teacher, "train.steps=2", f"hydra.run.dir={run}")
+    # a schedule fixed when the run starts (MAML++'s cosine, Reptile's step size) spans the resumed run
+    schedule = ["algo.anneal_steps=3"] if "anneal_steps" in settings_of(algo) else []
+    cli("train", f"algo={algo}", *common, *teacher, *schedule, "train.steps=2", f"hydra.run.dir={run}")
     cli("train", f"resume={run}", "train.steps=3")
     line = cli("eval", f"run={run}").strip().splitlines()[-1]
     log = (run / "train.log").read_text()
@@ -113,13 +142,7 @@ def train_and_eval(algo: str, base: Path, device: str, *extra: str) -> str:
 
 
 def float64_tasks(device: torch.device):
-    g = torch.Generator().manual_seed(0)
-    split = ClassSplit(
-        torch.randint(0, 256, (12 * 20, 1, 28, 28), generator=g, dtype=torch.uint8),
-        torch.arange(12).repeat_interleave(20),
-        "random images",
-        part="train",
-    )
+    split = random_images(12, 20, (1, 28, 28), part="train")
     return EpisodeSampler(split, 5, 1, 3, device, seed=0, dtype=torch.float64).sample(6)
 
 
@@ -142,11 +165,12 @@ def vmap_equals_loop(device: torch.device, **maml) -> str:
 
 
 def throughput(device: str) -> str:
-    """bench_step's table: both strategies, both orders, the runner's defaults on the device."""
+    """`bench.py step`'s table: both strategies, both orders, the runner's defaults on the device."""
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "bench_step.py"),
+            str(BENCH),
+            "step",
             "--device",
             device,
             "--iters",
@@ -165,14 +189,9 @@ def throughput(device: str) -> str:
     return "\n" + out.stdout.rstrip()
 
 
-def tiny_data(base: Path) -> list:
-    data = base / "data"
-    return [f"data.root={data / 'root'}", f"data.split={data / 'split'}", f"data.cache_dir={data / 'cache'}"]
-
-
-def ranks_equal_one(base: Path, device: str, nproc: int) -> str:
+def ranks_equal_one(base: Path, data: list, device: str, nproc: int) -> str:
     """One fomaml run on `nproc` processes (torchrun, a GPU each) = the same run on one, in float64."""
-    common = [*tiny_data(base), "algo=fomaml", "task.queries=3", "model.hidden=16", "train.meta_batch_size=4"]
+    common = [*data, "algo=fomaml", "task.queries=3", "model.hidden=16", "train.meta_batch_size=4"]
     common += ["train.steps=3", "train.val_every=3", "device.dtype=float64", f"device={device}"]
     one, many = base / "ranks" / "one", base / "ranks" / "many"
     cli("train", *common, f"hydra.run.dir={one}")
@@ -190,13 +209,13 @@ def ranks_equal_one(base: Path, device: str, nproc: int) -> str:
     return f"largest weight difference {gap:.1e}"
 
 
-def ranks_throughput(base: Path, device: str, nproc: int) -> str:
-    """scripts/bench_distributed.py: MAML 5-way 1-shot meta-batch 32 tasks/s on 1 and `nproc` processes."""
+def ranks_throughput(data: list, device: str, nproc: int) -> str:
+    """`bench.py distributed`: MAML 5-way 1-shot meta-batch 32 tasks/s on 1 and `nproc` processes."""
     counts = ["1"] + ([str(nproc)] if nproc > 1 else [])
-    data = tiny_data(base)
+    root, *others = data  # data.root=<root>, then the other data.* overrides
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_distributed.py"), *data[1:], "--device", device]
-        + ["--steps", "20", "--data-root", data[0].split("=", 1)[1], "--nproc", *counts],
+        [sys.executable, str(BENCH), "distributed", *others, "--device", device]
+        + ["--steps", "20", "--data-root", root.split("=", 1)[1], "--nproc", *counts],
         capture_output=True,
         text=True,
         timeout=900,
@@ -225,24 +244,25 @@ def main():
     checks = Checks()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        write_tiny_omniglot(base / "data" / "root")
-        write_tiny_split(base / "data" / "split")
+        data = write_tiny_omniglot(base / "data")
         for algo in algorithms():
             checks.run(
                 f"{algo}: train, resume, eval with device={args.device}",
-                lambda algo=algo: train_and_eval(algo, base, args.device),
+                lambda algo=algo: train_and_eval(algo, base, data, args.device),
             )
         for algo in ("maml", "mamlpp", "protonet"):  # running statistics on the device (MAML: loop strategy)
             checks.run(
                 f"{algo} with model.bn=inductive: train, resume, eval with device={args.device}",
-                lambda algo=algo: train_and_eval(algo, base, args.device, "model.bn=inductive"),
+                lambda algo=algo: train_and_eval(algo, base, data, args.device, "model.bn=inductive"),
             )
         gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # a dry run: 2 CPU processes
         if gpus > 1:
-            checks.run(f"{gpus} processes (torchrun) = 1 process", lambda: ranks_equal_one(base, args.device, gpus))
+            checks.run(
+                f"{gpus} processes (torchrun) = 1 process", lambda: ranks_equal_one(base, data, args.device, gpus)
+            )
         checks.run(
             f"MAML tasks/s on 1{f' and {gpus}' if gpus > 1 else ''} process(es)",
-            lambda: ranks_throughput(base, args.device, gpus),
+            lambda: ranks_throughput(data, args.device, gpus),
         )
     for label, maml in [
         ("MAML second order", {"first_order": False}),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install learn2learn 0.2.0 (for scripts/bench.py) into the active environment.
+# Install learn2learn 0.2.0 (for scripts/bench.py compare, memory and budget) into the active environment.
 # Its published C sources include longintrepr.h, which Python 3.11 removed, so
 # the sources are regenerated with Cython 3 from the sdist before building.
 set -euo pipefail

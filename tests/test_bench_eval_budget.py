@@ -1,4 +1,4 @@
-"""scripts/bench.py --eval and --budget: what they count and compare is what they say.
+"""`scripts/bench.py eval` and `budget`: what they count and compare is what they say.
 
 The timings themselves live in the scripts; here the FLOP count must see every
 adaptation step, the budget comparison must start learn2learn from the weights
@@ -15,10 +15,9 @@ from helpers.data import REPO
 @pytest.fixture
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    import bench_budget
-    import bench_eval
+    from benchmarks import budget, evaluation
 
-    return bench_eval, bench_budget
+    return evaluation, budget
 
 
 def tiny(tiny_overrides) -> list:
@@ -26,7 +25,7 @@ def tiny(tiny_overrides) -> list:
 
 
 def test_eval_flops_count_every_adaptation_step(scripts, cli, tiny_overrides, tmp_path):
-    bench_eval, _ = scripts
+    evaluation, _ = scripts
     runs = {}
     for steps in (2, 6):
         runs[steps] = tmp_path / f"maml-{steps}"
@@ -39,30 +38,30 @@ def test_eval_flops_count_every_adaptation_step(scripts, cli, tiny_overrides, tm
             "train.val_every=1",
             f"hydra.run.dir={runs[steps]}",
         )
-    one = bench_eval.eval_flops(runs[2], 1)
-    assert one > 0 and bench_eval.eval_flops(runs[2], 10) == 10 * one
+    one = evaluation.eval_flops(runs[2], 1)
+    assert one > 0 and evaluation.eval_flops(runs[2], 10) == 10 * one
     # 4 more fine-tuning steps (forward and backward on the support set) on top of the query pass
-    assert bench_eval.eval_flops(runs[6], 1) > 1.5 * one
+    assert evaluation.eval_flops(runs[6], 1) > 1.5 * one
 
 
 def test_budget_bench_starts_from_the_runs_weights_and_scores_as_metalearn_eval(scripts, cli, tiny_overrides, tmp_path):
-    _, bench_budget = scripts
+    _, budget = scripts
     data_root = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("data.root="))
     extra = [o for o in tiny(tiny_overrides) if not o.startswith("data.root=")]
     # An outer rate of 1e-30 leaves the weights where `metalearn train` started them.
-    overrides = bench_budget.run_overrides(data_root, 3, extra + ["algo.outer_lr=1e-30", "train.val_every=1"])
+    overrides = budget.run_overrides(data_root, 3, extra + ["algo.outer_lr=1e-30", "train.val_every=1"])
     folder = tmp_path / "metalearn"
-    steps = bench_budget.train_metalearn(overrides, 0.001, folder)
+    steps = budget.train_metalearn(overrides, 0.001, folder)
     assert steps >= 1
-    cfg = bench_budget.compose(overrides)
+    cfg = budget.compose(overrides)
     trained = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["algo"]["model"]
-    start = bench_budget.initial_weights(cfg)
+    start = budget.initial_weights(cfg)
     assert trained.keys() == start.keys()
     assert all(torch.allclose(trained[k], start[k], rtol=0, atol=1e-20) for k in start)
-    other_seed = bench_budget.initial_weights(bench_budget.compose(bench_budget.run_overrides(data_root, 4, extra)))
+    other_seed = budget.initial_weights(budget.compose(budget.run_overrides(data_root, 4, extra)))
     assert not torch.allclose(other_seed["head.weight"], start["head.weight"])
 
-    result = bench_budget.score(cfg, trained, episodes=10)
+    result = budget.score(cfg, trained, episodes=10)
     cli("eval", f"run={folder}", "checkpoint=last", "eval.episodes=10")
     record = json.loads((folder / "evals.jsonl").read_text().splitlines()[-1])
     assert (result.accuracy, result.loss, result.episode_digest) == (

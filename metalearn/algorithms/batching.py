@@ -29,7 +29,7 @@ class Vectorize(Enum):
 class VectorizedSettings:
     """The setting of every algorithm that runs a per-task function over its meta-batch."""
 
-    # auto: a vmap over the meta-batch on CUDA, a loop over tasks on CPU (measured faster and 4-8x leaner there).
+    # auto: a vmap over the meta-batch on CUDA, a loop over tasks on CPU (faster and leaner there: docs/performance.md).
     vectorize: Vectorize = Vectorize.auto
 
 

@@ -7,9 +7,9 @@ warm-up). On a CPU the one process uses every core (its task threads); each of
 K ranks gets cores / K. Prints one row per process count and the ratio to one
 process, with the processor named.
 
-    python scripts/bench_distributed.py                       # MAML 5w1s, meta-batch 32, 1 vs 2 processes
-    python scripts/bench_distributed.py --algo fomaml --steps 40 --nproc 1 2
-    python scripts/bench_distributed.py --device cuda --nproc 1 2 4   # one GPU per process
+    python scripts/bench.py distributed                       # MAML 5w1s, meta-batch 32, 1 vs 2 processes
+    python scripts/bench.py distributed --algo fomaml --steps 40 --nproc 1 2
+    python scripts/bench.py distributed --device cuda --nproc 1 2 4   # one GPU per process
 """
 
 import argparse
@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
-from metalearn.device import cores, cpu_isa, cpu_model
+from metalearn.device import cores
+
+from .common import add_data_root, cpu_name
 
 
-def run(nproc: int, args, folder: Path) -> dict:
+def train_on(nproc: int, args, folder: Path) -> dict:
+    """`metalearn train` on `nproc` processes; the median of its logged training throughput."""
     overrides = [
         f"algo={args.algo}",
         f"data.root={args.data_root}",
@@ -53,30 +56,27 @@ def run(nproc: int, args, folder: Path) -> dict:
     return {"nproc": nproc, "tasks_per_s": statistics.median(rates), "wall_s": wall}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", default="maml")
-    parser.add_argument("--data-root", default="../shared/data")
+    add_data_root(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("overrides", nargs="*", help="more overrides for every run, e.g. task.shots=5")
-    args = parser.parse_args()
+
+
+def run(args) -> None:
     if args.device.startswith("cuda"):
         where = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     else:
-        where = f"{cpu_model()} ({cpu_isa()}), {cores()} cores"
+        where = f"{cpu_name()}, {cores()} cores"
     print(f"{args.algo}, meta-batch {args.meta_batch}, {args.steps} steps on {where}, torch {torch.__version__}")
     print(f"{'processes':>9}  {'tasks/s':>8}  {'vs ' + str(args.nproc[0]):>5}  {'wall s':>7}")
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in args.nproc:
-            row = run(nproc, args, Path(tmp) / f"n{nproc}")
+            row = train_on(nproc, args, Path(tmp) / f"n{nproc}")
             base = base or row["tasks_per_s"]
             print(f"{nproc:>9}  {row['tasks_per_s']:>8.1f}  {row['tasks_per_s'] / base:>5.2f}  {row['wall_s']:>7.1f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -14,11 +14,12 @@ meta-batch 32, Adam 1e-3). Both final models (metalearn's last.pt) are then scor
 metalearn's evaluation (10 adaptation steps), on the same 600 test episodes (eval.seed 0). The libraries
 run one after the other, each on every core.
 
-    python scripts/bench.py --budget 20      # 20 minutes per library (about 42 minutes in all)
-    python scripts/bench.py --budget 1       # a quick look
+    python scripts/bench.py budget 20      # 20 minutes per library (about 42 minutes in all)
+    python scripts/bench.py budget 1       # a quick look
+    python scripts/bench.py budget 20 --overrides algo.inner_lr=0.1   # other hyperparameters, for both
 """
 
-import json
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -31,9 +32,11 @@ from metalearn.algorithms import build_algorithm
 from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler, build_dataset, load_split
 from metalearn.data.transforms import preprocess_of
-from metalearn.device import cpu_isa, cpu_model
 from metalearn.evaluate import run_episodes
 from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
+
+from .common import add_data_root, cpu_header, write_json
+from .learn2learn_examples import Learn2LearnMAML, learn2learn_names
 
 EPISODES = 600
 
@@ -89,8 +92,6 @@ def learn2learn_taskset(cfg, split):
 def train_learn2learn(cfg, split, weights: dict, minutes: float) -> tuple:
     """learn2learn's example loop for `minutes` of wall-clock time; its steps and its final weights by
     metalearn's names."""
-    from bench import Learn2LearnMAML, learn2learn_names
-
     task, algo = cfg.task, cfg.algo
     l2l_maml = Learn2LearnMAML(task.ways, algo.inner_lr, algo.inner_steps, algo.first_order)
     names = list(weights)
@@ -129,11 +130,19 @@ def score(cfg, weights: dict, episodes: int = EPISODES):
     return run_episodes(algo, sampler, episodes, cfg.eval.batch_size, "scoring")
 
 
-def run_budget_bench(args) -> None:
-    minutes = args.budget
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("minutes", type=float, metavar="MINUTES", help="training time per library")
+    add_data_root(parser)
+    parser.add_argument("--overrides", nargs="*", default=[], help="of both libraries' MAML, e.g. algo.inner_lr=0.1")
+    parser.add_argument("--runs-dir", help="where metalearn's run is written (default: a new temporary folder)")
+    parser.add_argument("--json", help="also write the rows to this file")
+
+
+def run(args) -> None:
+    minutes = args.minutes
     overrides = run_overrides(args.data_root, 0, args.overrides)
     cfg = compose(overrides)
-    print(f"CPU: {cpu_model()} ({cpu_isa()}); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(cpu_header())
     print(
         f"MAML {cfg.task.ways}-way {cfg.task.shots}-shot, real Omniglot, {minutes:g} minutes of training per library, "
         f"one after the other; scored on the same {EPISODES} test episodes (eval.seed {cfg.eval.seed})"
@@ -164,5 +173,4 @@ def run_budget_bench(args) -> None:
         payload = [
             {"library": r["library"], "minutes": minutes, "steps": r["steps"], **vars(r["result"])} for r in rows
         ]
-        Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(f"rows written to {args.json}")
+        write_json(args.json, payload)

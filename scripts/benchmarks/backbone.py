@@ -8,25 +8,23 @@ process's peak resident memory (peak allocated GPU memory on CUDA) and, on a
 CPU, the resident memory before the first step (torch, the model, the
 images), with the processor named.
 
-    python scripts/bench_backbone.py                          # conv4 and resnet12, 84x84
-    python scripts/bench_backbone.py --models resnet12 --iters 3
-    python scripts/bench_backbone.py --device cuda
+    python scripts/bench.py backbone                          # conv4 and resnet12, 84x84
+    python scripts/bench.py backbone --models resnet12 --iters 3
+    python scripts/bench.py backbone --device cuda
 """
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
 from metalearn.algorithms import build_algorithm
 from metalearn.config.compose import compose
-from metalearn.data import ClassSplit, EpisodeSampler
-from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
+from metalearn.data import EpisodeSampler
+from metalearn.device import resolve_fast_paths
+
+from .common import device_name, last_json, peak_device_memory_mib, peak_rss_mib, random_images, run_child, timed_call
 
 # (algorithm, shots, meta-batch): ProtoNet 5-way 5-shot one episode per step; (FO)MAML 5-way 1-shot, 4 tasks.
 ROWS = [("protonet", 5, 1), ("fomaml", 1, 4), ("maml", 1, 4)]
@@ -39,59 +37,45 @@ def measure(model: str, algo: str, shots: int, meta_batch: int, args) -> dict:
         [f"algo={algo}", f"model={model}", f"task.ways={WAYS}", f"task.shots={shots}", f"task.queries={QUERIES}"]
         + (["task.train.ways=5", "task.train.queries=15"] if algo == "protonet" else [])
     )
-    generator = torch.Generator().manual_seed(0)
-    split = ClassSplit(
-        torch.randint(0, 256, (20 * 30, 3, args.size, args.size), generator=generator, dtype=torch.uint8),
-        torch.arange(20).repeat_interleave(30),
-        "random images",
-    )
+    split = random_images(20, 30, (3, args.size, args.size))
     torch.manual_seed(0)
     algo_ = build_algorithm(cfg, device, 0, split.image_shape)
     sampler = EpisodeSampler(split, WAYS, shots, QUERIES, device, seed=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, the model and the images
+    before = peak_rss_mib()  # torch, the model and the images
     times = []
     for i in range(1 + args.iters):
         batch = sampler.sample(meta_batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tick = time.perf_counter()
-        algo_.meta_train_step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        seconds = timed_call(lambda batch=batch: algo_.meta_train_step(batch), device)
         if i:
-            times.append(time.perf_counter() - tick)
+            times.append(seconds)
     seconds = statistics.median(times)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights = sum(p.numel() for p in algo_.model.parameters())
     return {
         "s_per_step": seconds,
         "tasks_per_s": meta_batch / seconds,
-        "peak_mib": peak,
+        "peak_mib": peak_device_memory_mib(device),
         "before_mib": before if device.type == "cpu" else 0.0,
         "weights": weights,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["conv4", "resnet12"])
     parser.add_argument("--size", type=int, default=84)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process: one measurement, as JSON
-    args = parser.parse_args()
+
+
+def run(args) -> None:
     if args.row:
         model, algo, shots, meta_batch = json.loads(args.row)
         print(json.dumps(measure(model, algo, shots, meta_batch, args)))
         return
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({cpu_isa()})"
     fast = resolve_fast_paths(compose([]).device, device)
     print(
-        f"{args.size}x{args.size} RGB, {WAYS}-way, {QUERIES} queries; {where}; {fast.describe()}; "
+        f"{args.size}x{args.size} RGB, {WAYS}-way, {QUERIES} queries; {device_name(device)}; {fast.describe()}; "
         f"torch {torch.__version__}"
     )
     memory = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
@@ -99,19 +83,16 @@ def main() -> None:
     for model in args.models:
         for algo, shots, meta_batch in ROWS:
             row = json.dumps([model, algo, shots, meta_batch])
-            command = [sys.executable, __file__, "--row", row, "--size", str(args.size), "--iters", str(args.iters)]
-            done = subprocess.run([*command, "--device", args.device], capture_output=True, text=True)
+            done = run_child(
+                "backbone", "--row", row, "--size", str(args.size), "--iters", str(args.iters), "--device", args.device
+            )
             if done.returncode:
                 print(f"{model:<9} {algo}: failed: {done.stderr.strip().splitlines()[-1]}", flush=True)
                 continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+            r = last_json(done.stdout)
             step = f"{algo} {WAYS}w{shots}s x{meta_batch}"
             print(
                 f"{model:<9} {step:<20} {r['weights']:>11,} {r['s_per_step']:>7.2f} {r['tasks_per_s']:>8.2f} "
                 f"{r['peak_mib']:>13.0f} {r['before_mib']:>10.0f}",
                 flush=True,
             )
-
-
-if __name__ == "__main__":
-    main()

@@ -11,11 +11,11 @@ time after start-up; the header prints the machine's plain conv4 training
 throughput (forward + backward, one batch of 80 Omniglot images on all cores)
 for comparison.
 
-    python scripts/bench.py --eval                         # every algorithm (about 5 minutes on 2 cores)
-    python scripts/bench.py --eval --algos maml reptile --json after.json
+    python scripts/bench.py eval                         # every algorithm (about 5 minutes on 2 cores)
+    python scripts/bench.py eval --algos maml reptile --json after.json
     git worktree add ../before <commit>
-    python scripts/bench.py --eval --code ../before        # before / after columns, speed-up, "same result"
-    python scripts/bench.py --eval --overrides device.amp=false   # eval overrides (here: float32 on a bf16 CPU)
+    python scripts/bench.py eval --code ../before        # before / after columns, speed-up, "same result"
+    python scripts/bench.py eval --overrides device.amp=false   # eval overrides (here: float32 on a bf16 CPU)
 
 --code times the evaluations of another checkout of this repository (a
 `git worktree`, say) on the same runs, in the same environment, right before
@@ -23,6 +23,7 @@ this checkout's of each algorithm, so that a slow spell of the machine hits
 both alike.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -31,6 +32,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from metalearn.algorithms import build_algorithm, run_dtype
+from metalearn.config.compose import compose
+from metalearn.data import EpisodeSampler, load_split
+from metalearn.data.transforms import preprocess_of
+from metalearn.device import native_bf16
+from metalearn.models import CHANNELS_LAST, build_model
+from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
+from metalearn.storage.run_folder import saved_overrides
+
+from .common import add_data_root, cpu_header, cpu_name, write_json
 
 ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "finetune", "distill")
 # Goals on a 2-core CPU, start-up included (seconds); other algorithms: DEFAULT_GOAL_S. FOMAML and
@@ -92,16 +108,6 @@ def last_record(run: Path) -> dict:
 def eval_flops(run: Path, episodes: int) -> float:
     """FLOPs of scoring `episodes` episodes: one episode counted in this process (one thread, so that the
     counter sees every operation), times the episodes."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from metalearn.algorithms import build_algorithm, run_dtype
-    from metalearn.config.compose import compose
-    from metalearn.data import EpisodeSampler, load_split
-    from metalearn.data.transforms import preprocess_of
-    from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
-    from metalearn.storage.run_folder import saved_overrides
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -133,13 +139,6 @@ def eval_flops(run: Path, episodes: int) -> float:
 def conv4_training_gflops(amp: bool, seconds: float = 5.0) -> float:
     """The plain conv4's training throughput on this machine: forward + backward of one 80-image batch
     (channels-last; bf16 autocast with `amp`)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from metalearn.config.compose import compose
-    from metalearn.models import CHANNELS_LAST, build_model
-
     torch.manual_seed(0)
     model = build_model(compose().model, 5, (1, 28, 28), amp=amp, layout=CHANNELS_LAST).train()
     images, labels = torch.randn(THROUGHPUT_BATCH, 1, 28, 28), torch.randint(0, 5, (THROUGHPUT_BATCH,))
@@ -182,15 +181,21 @@ def scored(run: Path, code: Path, args) -> tuple:
     return seconds, last_record(run)
 
 
-def run_eval_bench(args) -> None:
-    import torch
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_root(parser)
+    parser.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
+    parser.add_argument("--episodes", type=int, default=600, help="episodes per evaluation")
+    parser.add_argument("--runs-dir", help="where the 2-step runs are trained (and reused)")
+    parser.add_argument("--code", help="also time this other checkout of the repository (before / after)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="of every evaluation")
+    parser.add_argument("--json", help="also write the rows to this file")
 
-    from metalearn.device import cpu_isa, cpu_model, native_bf16
 
+def run(args) -> None:
     other = Path(args.code) if args.code else None
     runs_dir = Path(args.runs_dir or Path(tempfile.gettempdir()) / "metalearn-bench-eval").resolve()
-    machine = f"{cpu_model()} ({cpu_isa()})"
-    print(f"CPU: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = cpu_name()
+    print(cpu_header())
     print(f"runs: {runs_dir} (2 training steps each, 5-way 1-shot, defaults)")
     if other:
         print(f"before: the checkout {other}; after: this one; each algorithm timed with both in turn")
@@ -255,5 +260,4 @@ def run_eval_bench(args) -> None:
         rows.append(row)
     if args.json:
         payload = {"machine": machine, "conv4_gflop_per_s": throughput, "startup": startup, "rows": rows}
-        Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(f"rows written to {args.json}")
+        write_json(args.json, payload)

@@ -6,48 +6,25 @@ drawn beforehand from the real Omniglot training classes (random images when
 the timed iterations after warm-up, and the process's peak resident memory so
 far (rows run in order, so a row's peak includes the rows before it).
 
-    python scripts/bench_step.py                 # 5-way 1-shot, meta-batch 32
-    python scripts/bench_step.py --iters 3 --meta-batch 8 --strategies loop
-    python scripts/bench_step.py --device cuda   # on a GPU, with the runner's defaults there
+    python scripts/bench.py step                 # 5-way 1-shot, meta-batch 32
+    python scripts/bench.py step --iters 3 --meta-batch 8 --strategies loop
+    python scripts/bench.py step --device cuda   # on a GPU, with the runner's defaults there
 
 The model computes on the fast paths the runner's defaults pick on that
 device (device.amp=auto, channels-last); --amp and --channels-last override.
 """
 
 import argparse
-import resource
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
 from metalearn.algorithms import build_algorithm
 from metalearn.config.compose import compose
-from metalearn.data import ClassSplit, EpisodeSampler, load_split
-from metalearn.device import cpu_isa, cpu_model, resolve_fast_paths
+from metalearn.data import ClassSplit, EpisodeSampler
+from metalearn.device import resolve_fast_paths
 
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The GPU's peak allocated memory since the last reset, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def task_split(data_root: str) -> ClassSplit:
-    if (Path(data_root) / "omniglot-py").is_dir():
-        return load_split(compose([f"data.root={data_root}"]).data, "train")
-    generator = torch.Generator().manual_seed(0)
-    return ClassSplit(
-        torch.randint(0, 256, (100 * 20, 1, 28, 28), generator=generator, dtype=torch.uint8),
-        torch.arange(100).repeat_interleave(20),
-        "random images",
-    )
+from .common import add_data_root, cpu_name, peak_device_memory_mib, task_split, timed_call
 
 
 def runner_config(args, strategy: str, first_order: bool):
@@ -73,26 +50,14 @@ def fast_paths(args):
     return device, resolve_fast_paths(runner_config(args, "loop", False).device, device)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
+def measure(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     sampler = EpisodeSampler(split, args.ways, args.shots, args.queries, device, seed=0)
     algo = build_algorithm(runner_config(args, strategy, first_order), device, 0, split.image_shape)
     batches = [sampler.sample(args.meta_batch) for _ in range(args.warmup + args.iters)]
-    times = []
-    for i, batch in enumerate(batches):
-        synchronize(device)
-        tick = time.perf_counter()
-        algo.meta_train_step(batch)
-        synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - tick)
-    median = statistics.median(times)
+    times = [timed_call(lambda batch=batch: algo.meta_train_step(batch), device) for batch in batches]
+    median = statistics.median(times[args.warmup :])
     return {
         "strategy": strategy,
         "order": "first" if first_order else "second",
@@ -104,12 +69,11 @@ def bench(split: ClassSplit, strategy: str, first_order: bool, args) -> dict:
 def processor(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_root(parser)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=15)
@@ -121,7 +85,9 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "true", "false"], help="as device.amp")
     parser.add_argument("--channels-last", default="true", choices=["true", "false"], help="as device.channels_last")
-    args = parser.parse_args()
+
+
+def run(args) -> None:
     split = task_split(args.data_root)
     device, fast = fast_paths(args)
     print(f"tasks from {split.name}; {processor(device)}; {fast.describe()}")
@@ -135,13 +101,9 @@ def main():
         for first_order in (False, True):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            row = bench(split, strategy, first_order, args)
+            row = measure(split, strategy, first_order, args)
             print(
                 f"{row['strategy']:<8} {row['order']:<7} {row['it_per_s']:>9.3f} {row['tasks_per_s']:>8.2f} "
-                f"{peak_memory_mib(device):>13.0f}",
+                f"{peak_device_memory_mib(device):>13.0f}",
                 flush=True,
             )
-
-
-if __name__ == "__main__":
-    main()
