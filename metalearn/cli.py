@@ -115,7 +115,8 @@ def run_command(command: str, args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        with contextlib.suppress(BrokenPipeError):  # `metalearn --help | head` reads what it wants
+            print(USAGE, flush=True)
         return
     command, rest = args[0], args[1:]
     if command == "report":

@@ -3,17 +3,23 @@
 Every code block of the page that names a file is written to a temporary
 folder; the page's file list must be exactly those files; then the four new
 components train (3 steps straight = 2 steps + resume to 3, the same state and
-records), resume without being told the search path again, and evaluate.
+records), resume without being told the search path again, and evaluate. The
+toys pass the contract tests themselves, and the page's list of what a
+component inside the package needs is the list the tests ask for.
 """
 
+import importlib.util
 import json
 import re
 import sys
 
 import pytest
+import test_contracts as contracts
 import torch
-from helpers.data import REPO
+from helpers.data import REPO, TINY_DATASETS
 from helpers.runs import assert_same_state
+
+from metalearn.config.compose import compose
 
 PAGE = REPO / "docs" / "extending.md"
 BLOCK = re.compile(r"^```\w+ file=(?P<path>\S+)\n(?P<body>.*?)^```$", re.M | re.S)
@@ -126,3 +132,61 @@ def test_a_backbone_without_batch_norm_refuses_the_inductive_mode(cli, toys, tmp
         check=False,
     )
     assert result.returncode == 1 and "model=mlp has no BatchNorm layers" in result.stderr
+
+
+def test_the_page_names_every_step_the_tests_ask_for():
+    page = PAGE.read_text()
+    checklist = page[page.index("## Inside the package") : page.index("## Outside the package")]
+    reference = (REPO / "tests" / "test_config_reference.py").read_text()
+    assert "`python scripts/config_reference.py`" in checklist and "python scripts/config_reference.py" in reference
+    assert "`docs/configuration.md`" in checklist
+    contract_message = "has no writer of small files in tests/helpers/data.py TINY_DATASETS"
+    assert contract_message in checklist and contract_message in (REPO / "tests" / "test_contracts.py").read_text()
+    assert "`TINY_DATASETS`" in checklist and "`tests/helpers/data.py`" in checklist
+    assert "`README.md`" in checklist and "`tests/test_readme.py`" in checklist
+    assert "`TINY_ALGO`" in checklist and "`tests/helpers/runs.py`" in checklist
+
+
+def test_every_path_the_page_names_exists():
+    """`metalearn/algorithms/<name>.py` stands for a file of that folder: the folder must exist."""
+    named = re.findall(
+        r"`((?:metalearn|conf|tests|scripts|docs)/[^`\s]*|README\.md|pyproject\.toml)`", PAGE.read_text()
+    )
+    assert len(named) > 15
+    missing = [path for path in named if not (REPO / path.split("<")[0]).exists()]
+    assert not missing
+
+
+def config_reference():
+    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    return generator.render()
+
+
+def test_the_reference_names_each_algorithm_dataset_and_backbone_yaml_and_no_logger():
+    """So a new YAML of those three groups changes docs/configuration.md (step 3), and a logger's does not."""
+    rendered = config_reference()
+    for group in ("algo", "data", "model"):
+        for yaml in (REPO / "conf" / group).glob("*.yaml"):
+            assert f"`{group}={yaml.stem}`" in rendered
+    assert not [y.stem for y in (REPO / "conf" / "logger").glob("*.yaml") if f"logger={y.stem}`" in rendered]
+
+
+def test_the_toys_meet_the_contract_tests(toys, tmp_path, monkeypatch):
+    """The contract tests, run on the walkthrough's components; the dataset's only once it has a writer."""
+    search = f"hydra.searchpath=[file://{toys / 'toys' / 'conf'}]"
+    monkeypatch.setattr(contracts, "compose", lambda overrides, **kw: compose([search, *overrides], **kw))
+    contracts.test_algorithm_settings_and_constructor_agree("cosine")
+    for shape in [(1, 28, 28), (3, 32, 32)]:
+        contracts.test_backbone_meets_the_contract_for_any_image("mlp", shape)
+    with pytest.raises(pytest.fail.Exception, match="data=tensors has no writer of small files"):
+        contracts.data_config("tensors", tmp_path / "without")
+
+    def tiny_tensors(base):
+        write_tensor_dataset(base / "root")
+        return ["data=tensors", f"data.root={base / 'root'}", f"data.cache_dir={base / 'cache'}"]
+
+    monkeypatch.setitem(TINY_DATASETS, "tensors", tiny_tensors)
+    contracts.test_dataset_parts_meet_the_class_split_contract("tensors", tmp_path / "parts")
+    contracts.test_dataset_without_its_files_says_what_is_missing("tensors", tmp_path / "missing")

@@ -261,3 +261,9 @@ def test_out_naming_a_file_is_one_error_line(cli, sweep):
     result = cli("report", str(sweep), f"out={sweep / '0' / 'metrics.jsonl'}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "is a file: the report writes a table and plots into a folder" in result.stderr
+
+
+def test_report_help_is_its_usage_and_writes_nothing(cli, tmp_path):
+    result = cli("report", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("usage: metalearn report <folder>")
+    assert not list(tmp_path.iterdir())
