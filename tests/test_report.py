@@ -267,3 +267,15 @@ def test_report_help_is_its_usage_and_writes_nothing(cli, tmp_path):
     result = cli("report", "--help", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("usage: metalearn report <folder>")
     assert not list(tmp_path.iterdir())
+
+
+def test_report_eval_scores_just_the_runs_with_a_best_checkpoint_and_no_test_result(sweep, tmp_path):
+    from metalearn.commands.report import run
+
+    for name in ("1", "3"):  # run 1 has a test result; run 3 has none
+        (sweep / name / "checkpoints").mkdir()
+        (sweep / name / "checkpoints" / "best.pt").write_bytes(b"")
+    scored = []
+    run([str(sweep), "--eval", f"out={tmp_path / 'out'}"], lambda command, args: scored.append((command, args)))
+    assert scored == [("eval", [f"run={sweep / '3'}"])]
+    assert (tmp_path / "out" / "report.csv").is_file()

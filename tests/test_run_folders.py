@@ -38,7 +38,9 @@ NO_DATA_KEYS = "hydra.job.config.override_dirname.exclude_keys=[data.root,data.s
 
 
 @pytest.mark.parametrize(
-    "name", ["${algo.name}-${seed}", "${now:%H-%M-%S}-${hydra.job.override_dirname}"], ids=["keys", "time"]
+    "name",
+    ["${algo.name}-${seed}", "${now:%H-%M-%S}-${hydra.job.override_dirname}", "${hydra:job.name}-${seed}"],
+    ids=["keys", "time", "resolver"],
 )
 def test_a_run_folder_named_by_interpolations_is_evaluated_and_resumed(cli, tiny_overrides, tmp_path, name):
     # an override may interpolate too: the run's record keeps it as given
@@ -48,6 +50,8 @@ def test_a_run_folder_named_by_interpolations_is_evaluated_and_resumed(cli, tiny
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]  # no folder named "${...}"
     if name.startswith("${algo.name}"):
         assert run.name == "protonet-0"
+    if name.startswith("${hydra:"):
+        assert run.name == "train-0"
     cli("eval", f"run={run}", cwd=tmp_path)
     cli("train", f"resume={run}", "train.steps=3", cwd=tmp_path)
     assert "from_step: 2" in (run / ".hydra" / "resumes.yaml").read_text()
@@ -150,3 +154,11 @@ def test_a_sweep_run_has_one_writer(cli, tiny_overrides, tmp_path):
         result = cli("train", "-m", "seed=0,1", *sweep, cwd=tmp_path, check=False)
     assert result.returncode == 1 and f"is in use by process {pid}" in result.stderr, result.stderr
     assert not (tmp_path / "0" / "checkpoints").exists() and (tmp_path / "1" / "checkpoints" / "last.pt").is_file()
+
+
+def test_an_ensemble_of_folders_that_are_not_runs_is_refused_and_writes_nothing(cli, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    result = cli("eval", f"run=[{tmp_path / 'a'},{tmp_path / 'b'}]", cwd=tmp_path, check=False)
+    refused(result, f"{tmp_path / 'a'} is not a metalearn run folder")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]  # no log, no record
