@@ -212,19 +212,17 @@ def test_eval_says_how_many_episodes_diverged_and_counts_them_wrong(cli, tiny_ov
 
 
 def test_one_episode_set_for_every_batch_size_and_algorithm(cli, tiny_overrides, tiny_data, tmp_path):
-    """120 test episodes scored 1, 7, 32 or 120 at a time (uneven last batches), by MAML and by ProtoNet:
-    the same 120 tasks and the same score."""
+    """120 test episodes scored 1, 7, 32 or 120 at a time (uneven last batches), by MAML and by ProtoNet in
+    bf16 (device.amp=true, on any CPU): the same 120 tasks and the same score, to the last bit."""
     test = EpisodeSampler(load_split(tiny_data_config(tiny_data), "test"), 5, 1, 3, "cpu", seed=0)
     expected = hashlib.sha256(test.episode_ids(0, 120).numpy().tobytes()).hexdigest()
     for algo in ("maml", "protonet"):
         run = tmp_path / algo
         cli("train", *overrides_for(algo, tiny_overrides), "train.steps=1", f"hydra.run.dir={run}", cwd=tmp_path)
-        # float32: bf16 rounds differently when one task runs on every core or several on one core each,
-        # which a near-tie between two classes can turn into another answer
         for size in (1, 7, 32, 120):
-            cli("eval", f"run={run}", "eval.episodes=120", f"eval.batch_size={size}", "device.amp=false", cwd=tmp_path)
+            cli("eval", f"run={run}", "eval.episodes=120", f"eval.batch_size={size}", "device.amp=true", cwd=tmp_path)
         # the same run moved to another device: here the CPU named explicitly
-        cli("eval", f"run={run}", "eval.episodes=120", "device=cpu", "device.amp=false", cwd=tmp_path)
+        cli("eval", f"run={run}", "eval.episodes=120", "device=cpu", "device.amp=true", cwd=tmp_path)
         records = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
         assert [r["batch_size"] for r in records] == [1, 7, 32, 120, 50]
         assert {r["episode_digest"] for r in records} == {expected}
@@ -289,13 +287,16 @@ def test_a_resumed_run_drops_the_lines_a_crash_left_behind(cli, tiny_overrides, 
     assert [r["step"] for r in lines(crashed) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("tasks", [4, 1])
+@pytest.mark.parametrize("amp", ["false", "true"], ids=["float32", "bf16"])
 @pytest.mark.parametrize("algo", ["maml", "reptile", "protonet", "finetune"])
-def test_an_episode_scores_the_same_on_any_number_of_cores(algo):
-    """Evaluation runs each task on one core (the task threads), so its float32 logits are the same bits
-    on two cores as on one: a score does not depend on the machine's core count."""
+def test_an_episode_scores_the_same_on_any_number_of_cores(algo, amp, tasks):
+    """Evaluation runs each task on one core (the task threads), so its logits are the same bits on two
+    cores as on one, in float32 and in bf16 (where a lone task runs on one core too): a score depends on
+    neither the machine's core count nor how many tasks share its batch (eval.batch_size)."""
     steps = {"finetune": ["algo.head_steps=3"], "protonet": []}.get(algo, ["algo.inner_steps_eval=3"])
-    cfg = compose([f"algo={algo}", f"task.ways={WAYS}", "device.amp=false", *steps])
-    batch = episodes(tasks=4, shots=1, queries=7, ways=WAYS, dtype=torch.float32)
+    cfg = compose([f"algo={algo}", f"task.ways={WAYS}", f"device.amp={amp}", *steps])
+    batch = episodes(tasks=tasks, shots=1, queries=7, ways=WAYS, dtype=torch.float32)
     threads = torch.get_num_threads()
     logits = []
     try:

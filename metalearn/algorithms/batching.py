@@ -8,6 +8,7 @@ the chip idle and vmap fills it), hence the `vectorize` setting.
 import copy
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -90,6 +91,17 @@ def cpu_workers(device: torch.device) -> int:
     return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
 
 
+@contextmanager
+def one_thread():
+    """torch's intra-op threads set to one (each task thread is one core), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class TaskThreads:
     """Splits a meta-batch's tasks across threads, each running its ops on one core.
 
@@ -98,6 +110,10 @@ class TaskThreads:
     cores. Each worker has its own copy of the model because functional_call
     swaps a module's weights in place: the copies' own weights are never used,
     only their structure and buffers (running statistics), copied in at each map.
+
+    A batch of one task runs on one core too: kernels (bf16 ones more often, float32 ones too) round
+    differently on one thread and on several, so a task's score would otherwise depend on how many tasks
+    share its batch (eval.batch_size) and on the machine's cores.
     """
 
     def __init__(self, model: torch.nn.Module, workers: int):
@@ -113,19 +129,18 @@ class TaskThreads:
     def map(self, run: Callable, tasks: int) -> list:
         """`run(model, task_slice)` over contiguous slices of range(tasks), one per worker; results in order."""
         workers = min(len(self.replicas), tasks)
-        if self.pool is None or workers < 2:
-            return [run(self.model, slice(0, tasks))]
+        if self.pool is None:
+            return [run(self.model, slice(0, tasks))]  # one worker: a vmap, or a machine of one core
+        if workers < 2:
+            with one_thread():
+                return [run(self.model, slice(0, tasks))]
         bounds = [tasks * i // workers for i in range(workers + 1)]
         slices = [slice(bounds[i], bounds[i + 1]) for i in range(workers)]
         for replica in self.replicas:
             replica.train(self.model.training)
         sync_buffers(self.model, self.replicas[:workers])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             return list(self.pool.map(run, self.replicas[:workers], slices))
-        finally:
-            torch.set_num_threads(threads)
 
     def over_tasks(self, task_fn: Callable) -> Callable:
         """`task_fn(model, shared, *task)` mapped over dim 0 of the batched arguments, the tasks split
