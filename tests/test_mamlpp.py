@@ -51,8 +51,9 @@ def test_with_every_switch_off_it_is_maml():
     assert_dicts_close(mamlpp, maml)
 
 
-def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights):
-    """By hand: per task, unrolled SGD with create_graph; the outer loss sum_k w_k * query loss after step k."""
+def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights, losses=None):
+    """By hand: per task, unrolled SGD with create_graph; the outer loss sum_k w_k * query loss after step k
+    (appended to `losses`, per task, when given)."""
     names = [n for n, _ in model.named_parameters()]
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = [torch.zeros_like(p) for p in start]
@@ -66,6 +67,8 @@ def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights):
                 functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy
             )
         total = [t + g / len(batch.support) for t, g in zip(total, torch.autograd.grad(loss, start), strict=False)]
+        if losses is not None:
+            losses.append(loss.item())
     return dict(zip(names, total, strict=False))
 
 
@@ -79,6 +82,10 @@ def test_the_multi_step_loss_is_the_weighted_sum_by_hand():
     assert_dicts_close(algo.meta_gradients(batch), naive_msl_meta_gradient(algo.model, batch, 0.1, 3, weights))
     algo.step = 4  # msl_epochs over: the last step's loss alone
     assert_dicts_close(algo.meta_gradients(batch), naive_msl_meta_gradient(algo.model, batch, 0.1, 3, [0, 0, 1]))
+    # the logged loss is the objective descended, the weighted sum, not the last step's query loss
+    algo.step, losses = 2, []
+    naive_msl_meta_gradient(algo.model, batch, 0.1, 3, weights, losses)
+    assert algo.meta_train_step(batch)["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_derivative_order_switches_at_the_configured_epoch():

@@ -228,13 +228,12 @@ class MAMLPlusPlus(MAML):
                     continue
                 set_norm_step(model, k)  # the query after step k: BatchNorm's step k (the reference code)
                 logits = functional_call(model, adapted, (qx,))
-                step_loss = F.cross_entropy(logits, qy)
-                loss = loss + weights[k] * step_loss
+                loss = loss + weights[k] * F.cross_entropy(logits, qy)
         accuracy = (logits.argmax(dim=-1) == qy).float().mean()  # after the last step
         flat = [t for part in leaves.values() for t in part.values()]
         g = iter(torch.autograd.grad(loss, flat, allow_unused=True))
         grads = {group: {name: _or_zeros(next(g), t) for name, t in part.items()} for group, part in leaves.items()}
-        return grads, step_loss.detach(), accuracy
+        return grads, loss.detach(), accuracy  # the objective it descends: the weighted losses of the steps
 
     def _predict_looped(self, meta, sx, sy, qx) -> torch.Tensor:
         params = {name: t.detach().requires_grad_() for name, t in meta["params"].items()}
