@@ -1,7 +1,8 @@
 """Time to accuracy: MAML 5-way 1-shot on the real Omniglot, the same wall-clock budget for metalearn and learn2learn.
 
 - metalearn: `metalearn train algo=maml data.root=<root> seed=0 train.max_minutes=<budget>`, its defaults
-  otherwise (a fresh process; the budget counts its training loop, validations included).
+  otherwise (a fresh process; the budget counts its training loop and the validations before the limit;
+  the final validation, which the limit triggers, runs after it).
 - learn2learn: its MAML example's loop (`l2l.algorithms.MAML`, `clone()` / `adapt()` per task, one
   `backward()` per task, Adam on the averaged gradients) drawing tasks with its own `TaskDataset`
   (NWays, KShots, LoadData, RemapLabels, ConsecutiveLabels) over the same training classes and images,
