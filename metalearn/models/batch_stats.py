@@ -50,15 +50,20 @@ def record(module: nn.Module, x: torch.Tensor, index: int | None = None) -> None
         # One pass over the activations, in their own type (a bf16 copy in float32 would cost another pass;
         # the reduction accumulates in float32 either way).
         var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=1 if count > 1 else 0)
-        module.recording.append((index, mean.float(), var.float()))  # unbiased, as torch's update
+        module.recording.append((index, _noted(mean), _noted(var)))  # unbiased, as torch's update
 
 
 def record_moments(module: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """Note statistics computed elsewhere (a batch split across processes); `var` is the biased variance."""
     if module.recording is None or module.recording_paused:
         return
-    unbiased = var.detach().float() * (count / max(count - 1, 1))
-    module.recording.append((None, mean.detach().float(), unbiased))
+    unbiased = _noted(var.detach()) * (count / max(count - 1, 1))
+    module.recording.append((None, _noted(mean.detach()), unbiased))
+
+
+def _noted(statistic: torch.Tensor) -> torch.Tensor:
+    """A statistic as noted: bf16 (autocast) in float32; float32 and a float64 run's own type kept."""
+    return statistic if statistic.dtype == torch.float64 else statistic.float()
 
 
 def _norms(model: nn.Module):
