@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers.data import REPO
 
+from metalearn.config.compose import compose
+
 
 @pytest.fixture
 def scripts(monkeypatch):
@@ -69,3 +71,11 @@ def test_budget_bench_starts_from_the_runs_weights_and_scores_as_metalearn_eval(
         record["loss"],
         record["episode_digest"],
     )
+
+
+def test_budget_bench_scores_each_library_in_the_precision_it_trained_in(scripts):
+    _, budget = scripts
+    overrides = budget.run_overrides("/data", 0)
+    assert budget.precision(compose([*overrides, budget.LEARN2LEARN_PRECISION])) == "float32"
+    assert budget.precision(compose([*overrides, "device.amp=true"])) == "bf16"
+    assert budget.precision(compose([*overrides, "device.amp=true", "device.dtype=float64"])) == "float32"

@@ -8,6 +8,9 @@
   (NWays, KShots, LoadData, RemapLabels, ConsecutiveLabels) over the same training classes and images,
   until the budget is spent. The example's extra validation batch each iteration is left out, so both
   libraries spend the whole budget on training.
+- Each library is scored in the precision it trained in (metalearn's device.amp=auto: bf16 where the CPU
+  computes it natively; learn2learn's float32 weights in float32, not under bf16 autocast); each row
+  prints it.
 
 Both start from the same initial weights (metalearn's seed-0 conv4, copied into learn2learn's `ConvBase`)
 with metalearn's MAML hyperparameters (inner_lr 0.4, 1 inner step, second order, 15 queries per class,
@@ -33,6 +36,7 @@ from metalearn.algorithms import build_algorithm
 from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler, build_dataset, load_split
 from metalearn.data.transforms import preprocess_of
+from metalearn.device import resolve_fast_paths
 from metalearn.evaluate import run_episodes
 from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 
@@ -45,6 +49,14 @@ EPISODES = 600
 def run_overrides(data_root: str, seed: int, extra=()) -> list:
     """metalearn's MAML with its defaults (`extra`: overrides for both libraries, e.g. algo.inner_lr=0.1)."""
     return ["algo=maml", f"data.root={Path(data_root).resolve()}", f"seed={seed}", *extra]
+
+
+LEARN2LEARN_PRECISION = "device.amp=false"  # its example trains in float32: scored in float32 too
+
+
+def precision(cfg) -> str:
+    """What a config computes in on this CPU: bf16 (autocast) or float32."""
+    return "bf16" if resolve_fast_paths(cfg.device, torch.device("cpu")).amp else "float32"
 
 
 def train_metalearn(overrides: list, minutes: float, folder: Path) -> int:
@@ -158,20 +170,26 @@ def run(args) -> None:
     ours_weights = load_checkpoint(checkpoint_path(folder, "last"))["algo"]["model"]
     rows.append({"library": "metalearn", "steps": ours, "result": score(cfg, ours_weights)})
     print(f"metalearn: {ours} steps ({folder})", flush=True)
+    their_cfg = compose([*overrides, LEARN2LEARN_PRECISION])
     theirs, their_weights = train_learn2learn(cfg, split, weights, minutes)
-    rows.append({"library": "learn2learn", "steps": theirs, "result": score(cfg, their_weights)})
+    rows.append({"library": "learn2learn", "steps": theirs, "result": score(their_cfg, their_weights)})
+    rows[0]["precision"], rows[1]["precision"] = precision(cfg), precision(their_cfg)
     print(f"learn2learn: {theirs} steps", flush=True)
     batch = cfg.train.meta_batch_size
-    print(f"{'library':<12} {'minutes':>7} {'steps':>6} {'tasks':>7} {'test accuracy':>15} {'steps vs l2l':>12}")
+    # Each library trained and is scored in its own precision, printed on its row.
+    header = f"{'library':<12} {'precision':>9} {'minutes':>7} {'steps':>6} {'tasks':>7} {'test accuracy':>15}"
+    print(f"{header} {'steps vs l2l':>12}")
     for row in rows:
         result = row["result"]
         ratio = row["steps"] / max(theirs, 1)
         print(
-            f"{row['library']:<12} {minutes:>7g} {row['steps']:>6} {row['steps'] * batch:>7} "
+            f"{row['library']:<12} {row['precision']:>9} {minutes:>7g} {row['steps']:>6} {row['steps'] * batch:>7} "
             f"{100 * result.accuracy:>7.2f} ± {100 * result.ci95:<5.2f} {ratio:>11.2f}x"
         )
     if args.json:
         payload = [
-            {"library": r["library"], "minutes": minutes, "steps": r["steps"], **vars(r["result"])} for r in rows
+            {"library": r["library"], "precision": r["precision"], "minutes": minutes, "steps": r["steps"]}
+            | vars(r["result"])
+            for r in rows
         ]
         write_json(args.json, payload)
