@@ -84,7 +84,6 @@ def hydra_overrides(command: str, args: list[str], claims: contextlib.ExitStack)
         if several and several_processes():
             refuse_flags()
         return args  # --help, --cfg, -m: Hydra's own; each run of a sweep is checked and locked in the app
-    register_schemas()
     cfg = composed(args, module.CONFIG_NAME)
     if hasattr(module, "claim"):
         args = module.claim(cfg, args, claims, command_line)

@@ -37,11 +37,9 @@ def app(cfg: DictConfig) -> None:
 
 
 def prepare(args: list[str], claims: contextlib.ExitStack, command_line: str) -> list[str]:
-    run = find_override(args, "run")
+    run = required_run(args, "eval")
     if run is None:
-        if asks_hydra(args):
-            return args
-        raise MetalearnError("eval needs a run folder: metalearn eval run=<run folder>.")
+        return args
     members = run_list(run)
     if len(members) == 1:
         run = members[0]
@@ -55,9 +53,12 @@ def prepare(args: list[str], claims: contextlib.ExitStack, command_line: str) ->
     return given + [f"run=[{','.join(quoted(m) for m in members)}]", f"hydra.run.dir={lead}"]
 
 
-def asks_hydra(args: list[str]) -> bool:
-    """--help, --cfg and the like: Hydra answers them without a run."""
-    return any(a in HELP_FLAGS or a.startswith("--cfg") for a in args)
+def required_run(args: list[str], command: str) -> str | None:
+    """The run= a command reads; None where Hydra answers a flag without one (--help, --cfg); else an error."""
+    run = find_override(args, "run")
+    if run is None and not any(a in HELP_FLAGS or a.startswith("--cfg") for a in args):
+        raise MetalearnError(f"{command} needs a run folder: metalearn {command} run=<run folder>.")
+    return run
 
 
 def _eval_log(run: str) -> list[str]:

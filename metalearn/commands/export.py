@@ -6,9 +6,8 @@ import hydra
 from omegaconf import DictConfig
 
 from metalearn.commands.common import CONFIG_PATH, user_errors_exit
-from metalearn.commands.eval import asks_hydra
-from metalearn.errors import MetalearnError
-from metalearn.storage.run_folder import find_override, saved_overrides
+from metalearn.commands.eval import required_run
+from metalearn.storage.run_folder import saved_overrides
 
 CONFIG_NAME = "export"
 
@@ -22,10 +21,8 @@ def app(cfg: DictConfig) -> None:
 
 
 def prepare(args: list[str], claims: contextlib.ExitStack, command_line: str) -> list[str]:
-    run = find_override(args, "run")
+    run = required_run(args, "export")
     if run is None:
-        if asks_hydra(args):
-            return args
-        raise MetalearnError("export needs a run folder: metalearn export run=<run folder>.")
+        return args
     saved_overrides(run.strip("'\""))  # the folder must be a run
     return args
