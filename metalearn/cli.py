@@ -14,7 +14,7 @@ import sys
 
 from metalearn.commands import report
 from metalearn.commands.common import composed, fail, has_flags, resolved_run_dir
-from metalearn.commands.ranks import join_ranks, refuse_flags, several_processes, under_torchrun
+from metalearn.commands.ranks import join_ranks, leave_ranks, refuse_flags, several_processes, under_torchrun
 from metalearn.config.migrate import migrate
 from metalearn.config.schema import register_schemas
 from metalearn.errors import MetalearnError
@@ -109,6 +109,10 @@ def run_command(command: str, args: list[str]) -> None:
             command_module(command).app()
         except KeyboardInterrupt:
             fail("interrupted.", code=130)
+    try:
+        leave_ranks()
+    except MetalearnError as err:
+        fail(str(err))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -322,6 +322,26 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_together() -> None:
+    """The end of a command on several processes: each rank waits for the others (rank 0 may still be
+    writing the run's last files), all leave the group while every one is alive, and a rank other than 0,
+    which writes nothing, then exits at once. Left to the end of the interpreter, the group's native
+    threads now and then ended a finished rank with std::terminate (SIGABRT), and torchrun reported the
+    run as failed."""
+    if not dist.is_initialized():
+        return
+    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    try:
+        dist.barrier()
+    except RuntimeError as err:  # another rank stopped first, with its own error
+        raise MetalearnError(lost_rank_message(err, ranks)) from None
+    dist.destroy_process_group()
+    if not ranks.main:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def leave_log_to_rank_0() -> None:
     """A rank other than 0 writes no log file (in a launcher's job Hydra gave every task the run's log)."""
     root = logging.getLogger()

@@ -1,6 +1,7 @@
 """Under torchrun, `train` and `eval` are one run on several processes: they join before Hydra starts."""
 
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -47,3 +48,13 @@ def join_ranks(args: list[str], cfg: DictConfig, run_dir: Path) -> list[str]:
     replaced = {"hydra.run.dir", *([] if ranks.main else [override_key(q) for q in QUIET_RANK])}
     args = [a for a in args if override_key(a) not in replaced]
     return args + [f"hydra.run.dir={quoted(run_dir)}"] + ([] if ranks.main else list(QUIET_RANK))
+
+
+def leave_ranks() -> None:
+    """After a command on several processes: the ranks leave the process group together (see
+    metalearn.distributed.leave_together); nothing to do where no group was joined."""
+    if "torch.distributed" not in sys.modules:  # one process: torch's distributed package never loaded
+        return
+    from metalearn import distributed
+
+    distributed.leave_together()
