@@ -24,6 +24,7 @@ import metalearn
 from metalearn import distributed
 from metalearn.algorithms import Algorithm, build_algorithm, run_dtype
 from metalearn.confidence import ci95
+from metalearn.config.schema import EnsembleMean
 from metalearn.config.validate import validate
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.data.transforms import preprocess_of
@@ -74,11 +75,13 @@ def score_episodes(
     batch_size: int | None,
     desc: str,
     ranks: Ranks = SINGLE,
+    ensemble: EnsembleMean = EnsembleMean.probabilities,
 ) -> list[EpisodeResult]:
     """Each algorithm's result on episodes 0..episodes-1; with several, the ensemble's last.
 
-    The ensemble averages the members' class probabilities per query; its
-    log-probabilities serve as logits for accuracy and loss. A query whose
+    The ensemble averages the members' class probabilities per query, its
+    log-probabilities serving as logits for accuracy and loss, or with
+    `ensemble=logits` their logits (see with_ensemble). A query whose
     logits are not all finite (a diverged adaptation) counts as wrong, for
     the ensemble too when one member's are; its episode counts as diverged
     (`diverged_episodes`), and its loss stays non-finite. `batch_size`
@@ -105,7 +108,7 @@ def score_episodes(
                 torch.cuda.empty_cache()
                 continue
             digest.update(ids.numpy().tobytes())
-            outputs = with_ensemble(all_logits)
+            outputs = with_ensemble(all_logits, ensemble)
             for i, tally in enumerate(tallies):
                 tally.add(outputs[i] if outputs else None, batch.query_labels, len(mine), count, ranks)
             done += count
@@ -125,11 +128,18 @@ def smaller_batch(count: int, bar: tqdm) -> int:
     return size
 
 
-def with_ensemble(all_logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, finite per query) of each member, and of the ensemble after them when there are several."""
+def with_ensemble(
+    all_logits: list[torch.Tensor], mean: EnsembleMean = EnsembleMean.probabilities
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, finite per query) of each member, and of the ensemble after them when there are several: the log
+    of the members' mean class probabilities, or (mean=logits) the mean of their logits."""
     finite = [torch.isfinite(x).all(dim=-1) for x in all_logits]  # per query
     if len(all_logits) > 1:
-        all_logits = [*all_logits, torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log()]
+        if EnsembleMean(mean) is EnsembleMean.logits:
+            combined = torch.stack(all_logits).mean(dim=0)
+        else:
+            combined = torch.stack([x.softmax(dim=-1) for x in all_logits]).mean(dim=0).log()
+        all_logits = [*all_logits, combined]
         # not the ensemble's own log-probabilities: log(0) is -inf for a confident, healthy ensemble
         finite.append(torch.stack(finite).all(dim=0))
     return list(zip(all_logits, finite, strict=True))
@@ -357,9 +367,11 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
 
     Prints one line per member (and one for the ensemble). An ensemble of runs appends each run's result
     to its own evals.jsonl, recorded with the ensemble's; checkpoint=topN appends one record, the
-    ensemble's, which lists its members (file, step, validation and test accuracy).
+    ensemble's, which lists its members (file, step, validation and test accuracy). What an ensemble averages
+    (eval.ensemble) is recorded as `averaged`.
     """
     configs, top = _evaluated_configs(cfg)
+    mean = ensemble_mean(configs)
     lead = configs[0]
     chosen = top_checkpoints(lead, top) if top is not None else None  # before any data is read: a clear error
     device = resolve_device(lead.device.name)
@@ -383,7 +395,7 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     else:
         members = [_load_member(member, device, test_split.image_shape) for member in configs]
     results = score_episodes(
-        [m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating", ranks
+        [m.algo for m in members], sampler, lead.eval.episodes, lead.eval.batch_size, "evaluating", ranks, mean
     )
     if not ranks.main:
         return results  # rank 0 prints and records the result, the same on every rank
@@ -391,10 +403,26 @@ def evaluate(cfg: DictConfig) -> list[EpisodeResult]:
     names = [member.file for member in members] if solo else [str(config.run) for config in configs]
     warn_diverged(results, [*names, "the ensemble"], "test")
     if top is not None:
-        _record_top(results, lead, members, device)
+        _record_top(results, lead, members, device, mean)
     else:
-        _record_runs(results, configs, members, device)
+        _record_runs(results, configs, members, device, mean)
     return results
+
+
+# How an ensemble's line names what it averaged.
+AVERAGED = {EnsembleMean.probabilities: "mean class probabilities", EnsembleMean.logits: "mean logits"}
+
+
+def ensemble_mean(configs: list[DictConfig]) -> EnsembleMean:
+    """eval.ensemble, as the scored runs' configs have it (each run's own, then this command's overrides)."""
+    means = {str(config.run): EnsembleMean(config.eval.ensemble) for config in configs}
+    if len(set(means.values())) > 1:
+        listed = ", ".join(f"{run} (eval.ensemble={mean.value})" for run, mean in means.items())
+        raise MetalearnError(
+            f"the runs of this ensemble are set to average different things: {listed}. Choose one for all "
+            f"of them on the command line: eval.ensemble=probabilities or eval.ensemble=logits."
+        )
+    return next(iter(means.values()))
 
 
 def _evaluated_configs(cfg: DictConfig) -> tuple[list[DictConfig], int | None]:
@@ -424,7 +452,11 @@ def _top_members(cfg: DictConfig, chosen: list[tuple], device: torch.device, ima
 
 
 def _record_runs(
-    results: list[EpisodeResult], configs: list[DictConfig], members: list[Member], device: torch.device
+    results: list[EpisodeResult],
+    configs: list[DictConfig],
+    members: list[Member],
+    device: torch.device,
+    mean: EnsembleMean,
 ) -> None:
     """One run, or an ensemble of runs: each member's line (and the ensemble's), and a record in each run."""
     lead = configs[0]
@@ -436,8 +468,8 @@ def _record_runs(
         print(line if len(configs) == 1 else f"{config.run}: {line}")
     if len(configs) > 1:
         ensemble = results[-1]
-        print(f"ensemble of {len(configs)}: {_describe(ensemble, lead, 'mean class probabilities')}")
-        shared = {"members": [str(member.run) for member in configs], **asdict(ensemble)}
+        print(f"ensemble of {len(configs)}: {_describe(ensemble, lead, AVERAGED[mean])}")
+        shared = {"members": [str(member.run) for member in configs], "averaged": mean.value, **asdict(ensemble)}
         for record in records:
             record["ensemble"] = shared
     for record, member in zip(records, configs, strict=False):
@@ -445,13 +477,15 @@ def _record_runs(
         log.info("%s: %s", member.run, json.dumps(record))
 
 
-def _record_top(results: list[EpisodeResult], cfg: DictConfig, members: list[Member], device: torch.device) -> None:
+def _record_top(
+    results: list[EpisodeResult], cfg: DictConfig, members: list[Member], device: torch.device, mean: EnsembleMean
+) -> None:
     """checkpoint=topN: each member's line, the ensemble's, and one record of the ensemble with its members."""
     for result, member in zip(results, members, strict=False):
         print(_describe(result, cfg, member.file))
     ensemble = results[-1]  # with one member (top1), that member
     if len(members) > 1:
-        what = _describe(ensemble, cfg, "mean class probabilities")
+        what = _describe(ensemble, cfg, AVERAGED[mean])
         print(f"ensemble of the {len(members)} best checkpoints: {what}")
     record = _record(ensemble, cfg, members[0], device)
     record.update(
@@ -459,6 +493,7 @@ def _record_top(results: list[EpisodeResult], cfg: DictConfig, members: list[Mem
             "checkpoint": f"top{len(members)}",
             "step": None,  # one per member
             "checkpoint_sha256": None,
+            **({"averaged": mean.value} if len(members) > 1 else {}),  # top1 is its one member
             "members": [
                 {
                     "checkpoint": member.file,

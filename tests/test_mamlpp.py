@@ -43,18 +43,34 @@ def test_msl_weights_follow_the_reference_schedule():
     assert sum(msl_weights(5, 7, 10)) == pytest.approx(1.0)
 
 
-def test_with_every_switch_off_it_is_maml():
+def batch_norm_names(model) -> set:
+    """The BatchNorm layers' scales and shifts, found by the layers' type."""
+    return {
+        f"{prefix}.{name}"
+        for prefix, module in model.named_modules()
+        if "BatchNorm" in type(module).__name__
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def test_with_every_switch_off_it_is_maml_with_batchnorm_meta_learned_only():
+    """MAML's meta-gradient, by hand, with BatchNorm's scale and shift left out of the inner steps; the same
+    by-hand function adapting them too is algo=maml's."""
     batch = episodes(tasks=3)
-    common = ["algo.inner_steps=3", "algo.inner_lr=0.3", "algo.inner_loss=mean"]
-    maml = build("maml", *common).meta_gradients(batch)
-    mamlpp = build("mamlpp", *common, *EVERY_SWITCH_OFF).meta_gradients(batch)
-    assert_dicts_close(mamlpp, maml)
+    common, last_step = ["algo.inner_steps=3", "algo.inner_lr=0.3", "algo.inner_loss=mean"], [0, 0, 1]
+    mamlpp = build("mamlpp", *common, *EVERY_SWITCH_OFF)
+    assert_dicts_close(mamlpp.meta_gradients(batch), naive_msl_meta_gradient(mamlpp.model, batch, 0.3, 3, last_step))
+    maml = build("maml", *common)
+    by_hand = naive_msl_meta_gradient(maml.model, batch, 0.3, 3, last_step, adapt_batch_norm=True)
+    assert_dicts_close(maml.meta_gradients(batch), by_hand)
 
 
-def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights, losses=None):
+def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights, losses=None, adapt_batch_norm=False):
     """By hand: per task, unrolled SGD with create_graph; the outer loss sum_k w_k * query loss after step k
-    (appended to `losses`, per task, when given)."""
+    (appended to `losses`, per task, when given). BatchNorm's scale and shift stay as they are in the inner
+    steps unless `adapt_batch_norm`."""
     names = [n for n, _ in model.named_parameters()]
+    held = set() if adapt_batch_norm else batch_norm_names(model)
     start = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = [torch.zeros_like(p) for p in start]
     for sx, sy, qx, qy in zip(*batch, strict=False):
@@ -62,7 +78,7 @@ def naive_msl_meta_gradient(model, batch, inner_lr, steps, weights, losses=None)
         for k in range(steps):
             support = F.cross_entropy(functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
             grads = torch.autograd.grad(support, fast, create_graph=True)
-            fast = [w - inner_lr * g for w, g in zip(fast, grads, strict=False)]
+            fast = [w if n in held else w - inner_lr * g for n, w, g in zip(names, fast, grads, strict=True)]
             loss = loss + weights[k] * F.cross_entropy(
                 functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy
             )
@@ -86,6 +102,26 @@ def test_the_multi_step_loss_is_the_weighted_sum_by_hand():
     algo.step, losses = 2, []
     naive_msl_meta_gradient(algo.model, batch, 0.1, 3, weights, losses)
     assert algo.meta_train_step(batch)["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("stats", ["true", "false"], ids=["per-step-stats", "plain-norms"])
+def test_without_per_step_weights_batchnorm_is_meta_learned_only(stats):
+    """BNWB off: one shared scale and shift per layer, still never adapted in the inner loop (the reference)."""
+    batch = episodes(tasks=2)
+    settings = ["algo.inner_steps=2", "algo.per_step_bn_weights=false", f"algo.per_step_bn_stats={stats}"]
+    algo = build("mamlpp", *settings, "algo.learn_inner_lr=false")
+    norms = batch_norm_names(algo.model)
+    assert len(norms) == 8 and not norms & set(algo.adapted_names)
+    assert set(algo.adapted_names) == {n for n, _ in algo.model.named_parameters()} - norms
+    with torch.no_grad():  # scales away from 1 and shifts away from 0: adapting them would move the result
+        for name, p in algo.model.named_parameters():
+            if name in norms:
+                p.uniform_(0.5, 1.5)
+    weights = algo.step_weights()
+    held = naive_msl_meta_gradient(algo.model, batch, 0.1, 2, weights)
+    adapted = naive_msl_meta_gradient(algo.model, batch, 0.1, 2, weights, adapt_batch_norm=True)
+    assert not _close(held, adapted)
+    assert_dicts_close(algo.meta_gradients(batch), held)
 
 
 def test_derivative_order_switches_at_the_configured_epoch():

@@ -9,17 +9,21 @@ paper's five changes, each a setting of its own so that it can be switched off a
   then second order.
 - BNRS + BNWB, `per_step_bn_stats` / `per_step_bn_weights`: each BatchNorm
   layer keeps running statistics and a scale and shift per inner step
-  (metalearn.models.step_norm). Per-step weights are meta-learned and not
-  adapted in the inner loop, as the reference code has it. Running
-  statistics exist with model.bn=inductive only: MAML++'s code computes them
-  but normalises with the batch's statistics at test time too.
+  (metalearn.models.step_norm). Running statistics exist with
+  model.bn=inductive only: MAML++'s code computes them but normalises with
+  the batch's statistics at test time too.
 - LSLR, `learn_inner_lr`: one learned inner learning rate per layer (weight
   tensor) and per step, starting at `inner_lr`.
 - CA, `cosine_annealing`: the outer learning rate follows a cosine from
   `outer_lr` to `min_outer_lr` over the run's train.steps.
 
-An epoch is `epoch_steps` meta-iterations (500 in the reference code). With
-every switch off it computes MAML's meta-gradient (a test pins this).
+BatchNorm's scale and shift, per step or shared, are meta-learned only and
+never adapted in the inner loop, as in the reference code (its
+enable_inner_loop_optimizable_bn_params is false in every configuration), so
+switching BNWB off changes that one thing. An epoch is `epoch_steps`
+meta-iterations (500 in the reference code). With every switch off it
+computes the meta-gradient of MAML whose inner loop leaves BatchNorm's scale
+and shift alone (a test pins this).
 Tasks run one after another (on CPU worker threads): the per-step running
 statistics are updates that a vmap cannot batch.
 """
@@ -144,9 +148,8 @@ class MAMLPlusPlus(MAML):
         self.requested_anneal_steps = anneal_steps
         self.anneal_steps = anneal_steps or train_steps  # the cosine's length, fixed when the run starts
         self.step = 0
-        if per_step_bn_weights:  # meta-learned per step, not adapted in the inner loop (the reference code)
-            norms = norm_parameter_names(model)
-            self.adapted_names = [n for n in self.adapted_names if n not in norms]
+        norms = norm_parameter_names(model)  # meta-learned only, never adapted in the inner loop (the reference code)
+        self.adapted_names = [n for n in self.adapted_names if n not in norms]
         self.learn_inner_lr = learn_inner_lr
         self.rates = {
             name: torch.full((inner_steps,), float(inner_lr), device=p.device, dtype=p.dtype)

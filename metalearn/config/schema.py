@@ -110,11 +110,19 @@ class TrainLoopConfig:
             self.replay.check()
 
 
+class EnsembleMean(Enum):
+    probabilities = "probabilities"  # the mean of the members' class probabilities
+    logits = "logits"  # the mean of the members' logits (MAML++'s code)
+
+
 @dataclass
 class EvalConfig:
     episodes: int = 600  # test tasks; the result is their mean accuracy with a 95% confidence interval
     seed: int = 0  # fixed, so two checkpoints are scored on the same episodes
     batch_size: int | None = None  # episodes scored at once; null: all that fit on a GPU, 50 on a CPU
+    # what an ensemble (checkpoint=topN, run=[a,b,...]) averages per query: probabilities (the members' class
+    # probabilities) or logits (their logits, as MAML++'s code)
+    ensemble: EnsembleMean = EnsembleMean.probabilities
 
     def __post_init__(self):
         at_least(self, "episodes", 1)

@@ -79,10 +79,10 @@ def set_norm_step(model: nn.Module, step: int) -> None:
 
 
 def norm_parameter_names(model: nn.Module) -> set:
-    """The names of the StepBatchNorm2d layers' weights and biases."""
+    """The names of the weights and biases of the model's BatchNorm layers, per-step (StepBatchNorm2d) or not."""
     return {
         f"{prefix}.{name}"
         for prefix, module in model.named_modules()
-        if isinstance(module, StepBatchNorm2d)
+        if isinstance(module, (StepBatchNorm2d, nn.modules.batchnorm._BatchNorm))
         for name, _ in module.named_parameters(recurse=False)
     }
