@@ -6,6 +6,7 @@ adaptation step, the budget comparison must start learn2learn from the weights
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,13 @@ def test_budget_bench_starts_from_the_runs_weights_and_scores_as_metalearn_eval(
         record["loss"],
         record["episode_digest"],
     )
+
+
+def test_budget_bench_validates_metalearn_only_after_the_budget(scripts):
+    _, budget = scripts
+    overrides = budget.run_overrides("/data", 0, ["train.steps=700", "train.val_every=1"])
+    cfg = compose([o for o in budget.budget_overrides(overrides, 5, Path("/runs/x")) if not o.startswith("hydra.")])
+    assert (cfg.train.val_every, cfg.train.max_minutes) == (700, 5)
 
 
 def test_budget_bench_scores_each_library_in_the_precision_it_trained_in(scripts):

@@ -1,8 +1,8 @@
 """Time to accuracy: MAML 5-way 1-shot on the real Omniglot, the same wall-clock budget for metalearn and learn2learn.
 
 - metalearn: `metalearn train algo=maml data.root=<root> seed=0 train.max_minutes=<budget>`, its defaults
-  otherwise (a fresh process; the budget counts its training loop and the validations before the limit;
-  the final validation, which the limit triggers, runs after it).
+  otherwise, but validating only at the end (`train.val_every=${train.steps}`): a fresh process whose
+  budget is all training, as learn2learn's is; the one validation, which the limit triggers, runs after it.
 - learn2learn: its MAML example's loop (`l2l.algorithms.MAML`, `clone()` / `adapt()` per task, one
   `backward()` per task, Adam on the averaged gradients) drawing tasks with its own `TaskDataset`
   (NWays, KShots, LoadData, RemapLabels, ConsecutiveLabels) over the same training classes and images,
@@ -59,11 +59,16 @@ def precision(cfg) -> str:
     return "bf16" if resolve_fast_paths(cfg.device, torch.device("cpu")).amp else "float32"
 
 
+def budget_overrides(overrides: list, minutes: float, folder: Path) -> list:
+    """The run's overrides for a budget of `minutes`: validation only when the limit is reached, after the
+    budget (as learn2learn's loop, which never validates), whatever `overrides` say."""
+    return [*overrides, f"train.max_minutes={minutes}", "train.val_every=${train.steps}", f"hydra.run.dir={folder}"]
+
+
 def train_metalearn(overrides: list, minutes: float, folder: Path) -> int:
     """metalearn's own command for `minutes`; the steps it did."""
-    command = [sys.executable, "-m", "metalearn", "train", *overrides]
     folder = Path(folder).resolve()
-    command += [f"train.max_minutes={minutes}", f"hydra.run.dir={folder}"]
+    command = [sys.executable, "-m", "metalearn", "train", *budget_overrides(overrides, minutes, folder)]
     # not from a source checkout's folder: `python -m` would import its metalearn, whose conf/ is elsewhere
     done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if done.returncode != 0:
