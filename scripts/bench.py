@@ -3,7 +3,8 @@
 The subcommands: compare (metalearn against learn2learn, training step and iteration), memory
 (second-order MAML's memory against the inner steps), eval (`metalearn eval` wall time per algorithm),
 budget (time to accuracy), step (MAML per strategy and order, CPU or GPU), backbone (conv4 and ResNet-12
-on RGB images), distributed (1 against K processes). `python scripts/bench.py <subcommand> --help` says
+on RGB images), distributed (1 against K processes), fidelity (float32, bf16 and TF32 updates and
+predictions against float64, per algorithm). `python scripts/bench.py <subcommand> --help` says
 what each measures and how. For example:
 
     python scripts/bench.py compare --quick              # a short run (about 3 minutes)
@@ -12,6 +13,7 @@ what each measures and how. For example:
     python scripts/bench.py eval --json eval.json
     python scripts/bench.py budget 20
     python scripts/bench.py step --device cuda
+    python scripts/bench.py fidelity --algos maml reptile
 
 Every benchmark prints the processor it ran on. learn2learn is optional: `bash
 scripts/install_learn2learn.sh` installs it into the active environment; without it only metalearn is
@@ -32,6 +34,7 @@ SUBCOMMANDS = {
     "step": ("step", "MAML meta-iterations/s per strategy (loop, vmap) and order"),
     "backbone": ("backbone", "speed and memory of conv4 and ResNet-12 steps on RGB images"),
     "distributed": ("distributed", "tasks/s of one training run on 1 and K processes (torchrun)"),
+    "fidelity": ("fidelity", "float32, bf16 and TF32 updates and predictions of each algorithm against float64"),
 }
 
 
