@@ -77,11 +77,12 @@ def random_images(classes: int, per_class: int, shape: tuple, **split) -> ClassS
     )
 
 
-def task_split(data_root: str) -> ClassSplit:
-    """The real Omniglot training classes, or random images of its shape when data_root has no Omniglot."""
+def task_split(data_root: str, part: str = "train") -> ClassSplit:
+    """The real Omniglot's classes of `part` (train, val, test), or random images of its shape when data_root
+    has no Omniglot (the training ones unnamed, so that their episodes stay those measured before)."""
     if (Path(data_root) / "omniglot-py").is_dir():
-        return load_split(compose([f"data.root={data_root}"]).data, "train")
-    return random_images(100, 20, IMAGE_SHAPE)
+        return load_split(compose([f"data.root={data_root}"]).data, part)
+    return random_images(100, 20, IMAGE_SHAPE, **({} if part == "train" else {"part": part}))
 
 
 # --- timing -------------------------------------------------------------------------

@@ -92,12 +92,10 @@ from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint, weigh
 from metalearn.storage.run_folder import saved_overrides
 
 from .common import (
-    IMAGE_SHAPE,
     add_data_root,
     cpu_header,
     cpu_name,
     machine_fields,
-    random_images,
     task_split,
     write_json,
 )
@@ -203,13 +201,6 @@ def precisions(device: torch.device) -> list[Precision]:
 
 
 # --- the data -----------------------------------------------------------------------------
-
-
-def held_out_split(data_root: str) -> ClassSplit:
-    """The real Omniglot test classes, or random images when data_root has no Omniglot."""
-    if (Path(data_root) / "omniglot-py").is_dir():
-        return load_split(compose([f"data.root={data_root}"]).data, "test")
-    return random_images(100, 20, IMAGE_SHAPE, part="test")
 
 
 @dataclass
@@ -511,7 +502,7 @@ def preset_run(args, device: torch.device) -> tuple[list[Setting], Shared]:
     """The presets' settings on Omniglot (or random images), from the initial weights."""
     train = task_split(args.data_root)
     teacher = untrained_teacher(train.num_classes, train.image_shape)
-    shared = Shared(device, train, held_out_split(args.data_root), train.num_classes, teacher=teacher)
+    shared = Shared(device, train, task_split(args.data_root, "test"), train.num_classes, teacher=teacher)
     # distill's config names a teacher folder; the algorithm reads the in-memory one instead (see `build`)
     settings = preset_settings(args.algos, ["algo.teacher=untrained-teacher"], args.overrides)
     return [s for s in settings if args.steps is None or s.steps is None or s.steps in args.steps], shared
