@@ -123,8 +123,9 @@ PLAIN = FastPaths(amp=False, channels_last=False, why="float32 in NCHW")
 _warned = set()
 
 
-def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
-    """device.amp: auto takes bf16 only where the hardware runs it natively; true warns (once) where it does not."""
+def resolve_fast_paths(device_cfg, device: torch.device, bf16_caveat: str | None = None) -> FastPaths:
+    """device.amp: auto takes bf16 only where the hardware runs it natively and the algorithm has no
+    `bf16_caveat` (why bf16 would change its numbers); true warns (once) where bf16 is not native."""
     amp = switch(device_cfg.amp, "device.amp")
     native, reason = native_bf16(device)
     if amp == "true" and not native:
@@ -138,6 +139,8 @@ def resolve_fast_paths(device_cfg, device: torch.device) -> FastPaths:
             )
     use_amp = amp == "true" or (amp == "auto" and native)
     why = f"device.amp={amp}: {reason}"
+    if amp == "auto" and native and bf16_caveat:
+        use_amp, why = False, f"device.amp=auto: {bf16_caveat}; device.amp=true takes bf16 anyway"
     dtype = "float64" if "float64" in str(device_cfg.get("dtype", "float32")) else "float32"
     if dtype == "float64":
         use_amp, why = False, "device.dtype=float64: no bf16 autocast"

@@ -15,7 +15,7 @@ from metalearn.algorithms.base import SavedRun
 from metalearn.algorithms.finetune import Distill
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.config.compose import compose
-from metalearn.config.settings import component_class
+from metalearn.config.settings import component_class, settings_of
 from metalearn.data import LabelledImages
 from metalearn.device import resolve_fast_paths
 from metalearn.distributed import Ranks
@@ -44,7 +44,8 @@ def test_every_algorithm_gets_the_run_processes_and_fast_paths_through_its_const
     ranks = Ranks(rank=1, world=2)
     built = build_algorithm(cfg, CPU, 12, SHAPE, ranks=ranks)
     assert built.ranks is ranks
-    assert built.fast_paths == resolve_fast_paths(cfg.device, CPU)
+    caveat = component_class(cfg.algo, "algo").bf16_caveat(settings_of(cfg.algo, "algo"))
+    assert built.fast_paths == resolve_fast_paths(cfg.device, CPU, caveat)
     assert build_algorithm(cfg, CPU, 12, SHAPE).ranks.world == 1  # by default: this process alone
 
 

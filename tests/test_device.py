@@ -7,6 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from metalearn import device as dev
+from metalearn.algorithms import build_algorithm
+from metalearn.config.compose import compose
 from metalearn.device import cpu_isa, native_bf16, resolve_fast_paths
 
 
@@ -69,3 +71,36 @@ def test_capped_onednn_counts_as_emulated(amx, monkeypatch):
     assert native_bf16(torch.device("cpu"))[0] is False and "oneDNN<=AVX2" in cpu_isa()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert native_bf16(torch.device("cpu"))[0] is True
+
+
+def built_paths(*overrides):
+    cfg = compose([*overrides, "model.hidden=4"])
+    return build_algorithm(cfg, torch.device("cpu"), 12, (1, 28, 28)).fast_paths
+
+
+@pytest.mark.parametrize(
+    "overrides, amp, named",
+    [
+        (["algo=maml", "algo.inner_steps=5"], True, None),  # at the floor: bf16 (docs/performance.md)
+        (["algo=anil"], True, None),  # one inner step: at the floor
+        (["algo=anil", "algo.inner_steps=5"], False, "ANIL's meta-gradient over 5 inner steps"),
+        (["algo=metasgd"], False, "Meta-SGD"),
+        (["algo=mamlpp"], False, "MAML++"),
+        (["algo=mamlpp", "algo.learn_inner_lr=false"], True, None),
+        (["algo=reptile"], True, None),
+        (["algo=anil", "algo.inner_steps=5", "device.amp=true"], True, None),  # asked for: taken
+    ],
+)
+def test_auto_keeps_float32_where_bf16_moves_the_update_beyond_weight_rounding(amx, overrides, amp, named):
+    """auto follows `bench.py fidelity`: on native bf16 hardware, float32 for the settings whose bf16
+    update is further from float64's than rounding the weights; the run log's reason names them."""
+    fast = built_paths(*overrides)
+    assert fast.amp is amp
+    if named:
+        assert named in fast.why and "device.amp=true takes bf16 anyway" in fast.why
+        assert fast.describe().startswith("float32")
+
+
+def test_a_caveat_changes_nothing_where_bf16_is_not_native(avx2_only):
+    fast = built_paths("algo=anil", "algo.inner_steps=5")
+    assert not fast.amp and "neither AVX512-BF16 nor AMX" in fast.why

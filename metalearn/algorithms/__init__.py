@@ -50,7 +50,7 @@ def build_algorithm(
     """The algorithm cfg.algo names, its model built from cfg.model for `image_shape` images, on `device`.
 
     The model computes on the fast paths device.amp / device.channels_last
-    resolve to on this device (algo.fast_paths says which and why); `dtype`
+    resolve to on this device and for this algorithm (algo.fast_paths says which and why); `dtype`
     float64 serves reference checks (default: device.dtype); `ranks` are the
     run's processes (default: this one alone).
     """
@@ -59,7 +59,7 @@ def build_algorithm(
     if not issubclass(cls, Algorithm):
         raise MetalearnError(f"algo._target_={cfg.algo._target_} is not an Algorithm.")
     settings = settings_of(cfg.algo, "algo")
-    fast = resolve_fast_paths(cfg.device, device)
+    fast = resolve_fast_paths(cfg.device, device, cls.bf16_caveat(settings))
     layout = CHANNELS_LAST if fast.channels_last else NCHW
     model = build_model(cfg.model, head_size(cls, cfg, train_classes), image_shape, amp=fast.amp, layout=layout)
     runs = {key: saved_run(getattr(settings, key)) for key in cls.saved_runs}

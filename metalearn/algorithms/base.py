@@ -72,6 +72,16 @@ class Algorithm(ABC):
     def __init__(self, model: torch.nn.Module, ranks: Ranks = SINGLE, fast_paths: FastPaths = PLAIN):
         self.model, self.ranks, self.fast_paths = model, ranks, fast_paths
 
+    @classmethod
+    def bf16_caveat(cls, settings) -> str | None:
+        """Why `device.amp=auto` keeps these settings in float32 on hardware with native bf16, or None.
+
+        auto takes bf16 only where it moves the algorithm's update no further
+        from float64's than rounding the weights to bf16 does (`bench.py
+        fidelity`, docs/performance.md); an algorithm says here where it does not.
+        """
+        return None
+
     def sample(self, sampler: EpisodeSampler, meta_batch_size: int):
         """The next training batch: a meta-batch of episodes unless the algorithm trains on something else."""
         return sampler.sample(meta_batch_size)

@@ -175,6 +175,19 @@ class MAML(Algorithm):
         self.first_order = first_order
         self._use_strategy(vectorize, workers)
 
+    @classmethod
+    def bf16_caveat(cls, settings) -> str | None:
+        # Measured by `bench.py fidelity` (docs/performance.md): bf16 moves these meta-gradients further
+        # from float64's than rounding the weights to bf16 does; every other MAML setting stays at that floor.
+        if settings.learn_inner_lr:
+            return "float32, as bf16 moves Meta-SGD's meta-gradient (learned rates) beyond weight rounding"
+        if AdaptedParams(settings.adapt) is AdaptedParams.head and settings.inner_steps > 1:
+            return (
+                f"float32, as bf16 moves ANIL's meta-gradient over {settings.inner_steps} inner steps "
+                "beyond weight rounding"
+            )
+        return None
+
     def _use_strategy(self, vectorize: bool, workers: int) -> None:
         """The meta-batch and prediction as one vmap, or as a loop over tasks on `workers` threads."""
         task_fn = self._first_order_task if self.first_order else self._second_order_task

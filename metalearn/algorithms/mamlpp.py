@@ -100,6 +100,14 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
 class MAMLPlusPlus(MAML):
     Settings = MAMLPlusPlusSettings
 
+    @classmethod
+    def bf16_caveat(cls, settings) -> str | None:
+        # bench.py fidelity (docs/performance.md): with learned per-step rates, bf16 moves MAML++'s meta-gradient
+        # (the rates' most) further from float64's than rounding the weights does; without them it is MAML's.
+        if settings.learn_inner_lr:
+            return "float32, as bf16 moves MAML++'s meta-gradient (learned per-step rates) beyond weight rounding"
+        return None
+
     def __init__(
         self,
         model: torch.nn.Module,

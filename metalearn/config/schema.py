@@ -139,7 +139,8 @@ class Precision(Enum):
 class DeviceConfig:
     name: str = "auto"  # auto, cpu, cuda or cuda:N
     # bf16 autocast for the convolutional body: auto (where the hardware has native bf16: AVX512-BF16 or AMX
-    # CPUs, bf16 GPUs), true or false. A string, as YAML reads true/false as booleans.
+    # CPUs, bf16 GPUs, unless the algorithm's settings lose accuracy in bf16: ANIL with several inner steps,
+    # learned inner rates), true or false. A string, as YAML reads true/false as booleans.
     amp: str = "auto"
     channels_last: bool = True  # NHWC memory format for the convolutions of a loop over tasks (same maths)
     # float32, or float64 for a reference run (slower; no bf16 autocast): results to ~1e-10 across
