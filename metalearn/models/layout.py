@@ -63,25 +63,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         if self.ranks is not None and (self.training or self.running_mean is None):
             return self._over_ranks(x)
         if self.running_mean is None:  # transductive: the batch's own statistics, always
-            return F.batch_norm(self._centred(x), None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return super().forward(x)
         if not self.training:  # inductive, at test time: the running statistics
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         record(self, x)
-        return F.batch_norm(self._centred(x), None, None, self.weight, self.bias, True, 0.0, self.eps)
-
-    def _centred(self, x):
-        """`x` less its (constant) per-channel mean where torch's kernel would lose precision.
-
-        torch's channels-last float32 batch_norm on a CPU loses accuracy with a
-        channel's mean over its spread (8x the NCHW kernel's error at a ratio of 30),
-        and more in its sums over a large batch. Normalising is unchanged by a
-        constant shift, in value and in every derivative, so a centred input
-        removes the first part for the cost of a mean; the second remains
-        (`bench.py fidelity`, docs/performance.md).
-        """
-        if self.layout != CHANNELS_LAST or x.dtype != torch.float32 or x.device.type != "cpu":
-            return x
-        return x - x.detach().mean((0, 2, 3), keepdim=True)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     def _over_ranks(self, x):
         """Batch statistics summed over the ranks, differentiably (what torch's SyncBatchNorm does, on GPUs
