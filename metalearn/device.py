@@ -160,27 +160,3 @@ def share_cores(jobs: int) -> int:
     threads = max(1, cores() // max(1, jobs))
     torch.set_num_threads(threads)
     return threads
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-@functools.cache
-def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Make glibc allocate blocks of `threshold` bytes and more with mmap, so freeing them returns them to the
-    system; True where that was set (Linux with glibc).
-
-    By default glibc keeps freed memory for reuse and raises that threshold as big blocks are freed. With
-    second-order MAML's checkpointed inner steps each step's activations are freed while the step's adapted
-    weights stay, interleaved with them on the heap, so the process's resident memory grew by about half a
-    plain step's per inner step although the tensors it held did not. Measured on a 2-core Xeon, 20-way
-    5-shot conv4, one task, 1 / 5 / 10 checkpointed inner steps: peak 1213 / 1485 / 1773 MiB by default,
-    991 / 994 / 997 MiB with a 128 KiB threshold, 1005 MiB at 10 steps with 1 MiB (each big block then
-    costs fresh pages: about 1.4x the time of a step here). `scripts/bench.py memory` measures it.
-    """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): leave the allocator as it is
-        return False

@@ -82,7 +82,9 @@ def test_vmap_strategy_with_the_default_device_flags(cli, tiny_overrides, tmp_pa
     run = train_resume_eval(cli, overrides, tmp_path, algo)
     assert "channels_last: true" in (run / ".hydra" / "config.yaml").read_text()
     precision = "bf16 autocast" if amp == "true" else "float32"
-    assert f"on cpu: {precision}, vmap layout (device.amp={amp}" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert f"on cpu: {precision}, vmap layout (device.amp={amp}" in log
+    assert "memory: freed blocks kept for reuse (device.allocator=auto" in log
 
 
 def data_config(dataset: str, base):

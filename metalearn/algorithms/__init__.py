@@ -8,6 +8,7 @@ an algorithm needs are read here: a setting the class lists in `saved_runs`
 comes as a `SavedRun` that reads the run's last checkpoint when asked.
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import CLASS_HEAD, EMBEDDING, WAYS_HEAD, Algorithm, SavedRun
 from metalearn.algorithms.batching import cpu_workers
+from metalearn.allocator import configure as configure_allocator
 from metalearn.config.schema import TaskConfig
 from metalearn.config.settings import component_class, construct, settings_of
 from metalearn.device import resolve_fast_paths
@@ -22,6 +24,8 @@ from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import CHANNELS_LAST, NCHW, build_model
 from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def head_size(cls: type, cfg: DictConfig, train_classes: int) -> int:
@@ -74,6 +78,7 @@ def build_algorithm(
         fast_paths=fast,
         **runs,
     )
+    log.info("memory: %s", configure_allocator(cfg.device.allocator, device, algo.flat_peak))
     if ranks.active and algo.ranks is not ranks:  # else each process would take its own step
         raise MetalearnError(
             f"algo={cfg.algo.name} cannot train on several processes: its constructor does not hand `ranks` "

@@ -68,6 +68,9 @@ class Algorithm(ABC):
     # values serve a constructor that does not call Algorithm.__init__: one process, plain float32.
     ranks: Ranks = SINGLE
     fast_paths: FastPaths = PLAIN  # what the model computes on (bf16 autocast, channels-last), and why
+    # True where the peak memory must not grow with what a step frees and allocates again (device.allocator=auto
+    # then has the C library return freed blocks instead of keeping them for reuse; metalearn.allocator).
+    flat_peak = False
 
     def __init__(self, model: torch.nn.Module, ranks: Ranks = SINGLE, fast_paths: FastPaths = PLAIN):
         self.model, self.ranks, self.fast_paths = model, ranks, fast_paths

@@ -43,7 +43,7 @@ from metalearn.algorithms.batching import (
 )
 from metalearn.config.settings import SettingError, at_least, positive
 from metalearn.data import Episodes
-from metalearn.device import PLAIN, FastPaths, return_large_blocks_to_the_os
+from metalearn.device import PLAIN, FastPaths
 from metalearn.distributed import SINGLE, Ranks
 from metalearn.errors import MetalearnError
 from metalearn.models import VMAP, in_nchw, set_layout
@@ -160,9 +160,9 @@ class MAML(Algorithm):
         head_only = AdaptedParams(adapt) is AdaptedParams.head
         vectorize = checked_strategy(model, vectorize, head_only, first_order, learn_inner_lr, checkpoint_inner)
         self.checkpoint_inner = checkpoint_inner and not first_order
-        if self.checkpoint_inner and model_device(model).type == "cpu":
-            return_large_blocks_to_the_os()  # else freed activations stay resident and the peak still grows
         super().__init__(model, ranks, fast_paths)
+        # Else each inner step's freed activations stay resident and the peak grows with the steps anyway.
+        self.flat_peak = self.checkpoint_inner
         self.ways = model.head.out_features
         self.sum_over_shots = InnerLoss(inner_loss) is InnerLoss.sum_over_shots
         self.inner_lr = inner_lr

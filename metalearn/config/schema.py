@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from metalearn.allocator import Allocator
 from metalearn.config.settings import SWITCHES, SettingError, at_least, prefixed, seed
 
 
@@ -148,6 +149,10 @@ class DeviceConfig:
     dtype: Precision = Precision.float32
     # A run on several processes (torchrun): seconds a process waits for the others before it stops with an error.
     dist_timeout_s: int = 300
+    # What the C library (glibc) does with the large blocks a CPU step frees: keep (reused at the next step, no
+    # page faults, a higher peak), release (blocks of 1 MiB and more returned: the lowest peak), system (as it
+    # is), or auto: release for algo.checkpoint_inner's flat peak, keep otherwise, system on a GPU.
+    allocator: Allocator = Allocator.auto
 
     def __post_init__(self):
         at_least(self, "dist_timeout_s", 1)
