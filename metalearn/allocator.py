@@ -8,13 +8,18 @@ Xeon a third of ProtoNet's CPU time went to the kernel. Kept in the process,
 the blocks are reused (`keep`), for a higher peak. Second-order MAML's
 checkpointed inner steps want the opposite (`release`): each inner step's freed
 activations returned, so the peak stays flat as the inner steps grow
-(`scripts/bench.py memory`). docs/performance.md has the measurements.
+(`scripts/bench.py memory`). The thresholds govern the main heap; a block larger
+than 64 MiB that another thread allocates (MAML's task threads on ResNet-12) is
+mapped and unmapped whatever they say. Where jemalloc or tcmalloc replaces malloc
+(LD_PRELOAD), glibc's settings would not reach it, and nothing is changed.
+docs/performance.md has the measurements.
 
 The setting is process-wide: the last run built in a process decides it.
 """
 
 import ctypes
 import functools
+import os
 from enum import Enum
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
@@ -41,6 +46,20 @@ def _mallopt():
         return None
 
 
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+@functools.cache
+def _malloc_replaced() -> bool:
+    """Whether the process's malloc is not glibc's: jemalloc or tcmalloc put first by LD_PRELOAD, which
+    glibc's mallopt does not reach."""
+    try:
+        return _address(ctypes.CDLL(None).malloc) != _address(ctypes.CDLL("libc.so.6").malloc)
+    except (OSError, AttributeError):
+        return False
+
+
 def chosen(setting, device, flat_peak: bool) -> Allocator:
     """What `device.allocator` resolves to for a run on `device` (a torch.device) whose algorithm may need a
     flat peak."""
@@ -61,6 +80,9 @@ def configure(setting, device, flat_peak: bool) -> str:
     mallopt = _mallopt()
     if mallopt is None:
         return f"the C library's allocator as it is ({why}; it is not glibc)"
+    if _malloc_replaced():
+        preloaded = os.environ.get("LD_PRELOAD", "another library")
+        return f"malloc as {preloaded} provides it ({why}; glibc's settings would not reach it)"
     if mode is Allocator.keep:
         mallopt(M_MMAP_THRESHOLD, KEPT_BELOW)
         mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)

@@ -2,6 +2,7 @@
 
 The subcommands: compare (metalearn against learn2learn, training step and iteration), memory
 (second-order MAML's memory against the inner steps), eval (`metalearn eval` wall time per algorithm),
+train (`metalearn train` speed, CPU time and memory per algorithm),
 budget (time to accuracy), step (MAML per strategy and order, CPU or GPU), backbone (conv4 and ResNet-12
 on RGB images), distributed (1 against K processes), fidelity (float32, bf16 and TF32 updates and
 predictions against float64, per algorithm). `python scripts/bench.py <subcommand> --help` says
@@ -11,6 +12,7 @@ what each measures and how. For example:
     python scripts/bench.py compare --json bench.json    # the full run, rows also as JSON
     python scripts/bench.py memory --quick --steps 1 5 --settings 5w1s
     python scripts/bench.py eval --json eval.json
+    python scripts/bench.py train --algos protonet maml
     python scripts/bench.py budget 20
     python scripts/bench.py step --device cuda
     python scripts/bench.py fidelity --algos maml reptile
@@ -30,6 +32,7 @@ SUBCOMMANDS = {
     "compare": ("compare", "metalearn against learn2learn: the training step and the whole iteration"),
     "memory": ("memory", "second-order MAML's peak memory and tasks/s as the inner steps grow"),
     "eval": ("evaluation", "`metalearn eval` wall time per algorithm, and the CLI's start-up"),
+    "train": ("training", "`metalearn train` tasks/s, GFLOP/s, CPU time and memory per algorithm"),
     "budget": ("budget", "time to accuracy: MAML trained MINUTES by each library"),
     "step": ("step", "MAML meta-iterations/s per strategy (loop, vmap) and order"),
     "backbone": ("backbone", "speed and memory of conv4 and ResNet-12 steps on RGB images"),

@@ -1,6 +1,10 @@
 """device.allocator: freed blocks kept for the next step (no page faults) or returned (a flat peak)."""
 
+import os
 import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from metalearn.allocator import Allocator, chosen, configure
 from metalearn.config.compose import compose
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
+PRELOADABLE = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 @pytest.mark.parametrize(
@@ -47,13 +52,19 @@ def recorded(monkeypatch):
 
 def test_keep_maps_nothing_below_a_gibibyte_and_never_trims(recorded):
     said = configure("keep", CPU, False)
-    assert recorded.calls == [(allocator.M_MMAP_THRESHOLD, 1 << 30), (allocator.M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert recorded.calls == [
+        (allocator.M_MMAP_THRESHOLD, 1 << 30),
+        (allocator.M_TRIM_THRESHOLD, 2**31 - 1),
+    ]
     assert "kept for reuse" in said and "device.allocator=keep" in said
 
 
 def test_auto_releases_for_a_flat_peak_and_says_why(recorded):
     said = configure("auto", CPU, True)
-    assert recorded.calls == [(allocator.M_MMAP_THRESHOLD, 1 << 20), (allocator.M_TRIM_THRESHOLD, 128 * 1024)]
+    assert recorded.calls == [
+        (allocator.M_MMAP_THRESHOLD, 1 << 20),
+        (allocator.M_TRIM_THRESHOLD, 128 * 1024),
+    ]
     assert "returned to the system" in said and "algo.checkpoint_inner" in said
 
 
@@ -64,6 +75,25 @@ def test_system_leaves_the_allocator_alone(recorded):
 def test_another_c_library_is_left_alone_and_named(monkeypatch):
     monkeypatch.setattr(allocator, "_mallopt", lambda: None)
     assert "it is not glibc" in configure("keep", CPU, False)
+
+
+def test_a_preloaded_malloc_is_left_alone_and_named(recorded, monkeypatch):
+    monkeypatch.setattr(allocator, "_malloc_replaced", lambda: True)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    said = configure("keep", CPU, False)
+    assert recorded.calls == [] and "libjemalloc.so.2" in said
+
+
+@pytest.mark.skipif(allocator._mallopt() is None, reason="the C library is not glibc")
+def test_glibcs_own_malloc_is_recognised_and_a_preloaded_one_detected():
+    assert allocator._malloc_replaced() is False  # this process: glibc's malloc
+    preloadable = [p for p in PRELOADABLE if Path(p).is_file()]
+    if not preloadable:
+        pytest.skip(f"neither jemalloc nor tcmalloc is installed ({', '.join(PRELOADABLE)})")
+    probe = "from metalearn import allocator; print(allocator._malloc_replaced())"
+    env = {**os.environ, "LD_PRELOAD": preloadable[0]}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ This module imports no other benchmark module: every subcommand module may impor
 
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,6 +147,21 @@ def peak_device_memory_mib(device: torch.device) -> float:
 
 
 # --- child processes --------------------------------------------------------------
+
+
+def metalearn_command(code: Path = None):
+    """How to start `metalearn` from the given checkout (None: the installed one): command, environment and
+    working folder (`python -m` looks in the working folder first: a repository's own source folder, whose
+    conf/ is not where an installed package has it, must not shadow the installed one)."""
+    env = dict(os.environ)
+    if code is None:
+        return [sys.executable, "-m", "metalearn"], env, tempfile.gettempdir()
+    code = code.resolve()
+    conf = code / "metalearn" / "conf"
+    if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
+        conf.symlink_to(Path("..") / "conf", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
+    return [sys.executable, "-m", "metalearn"], env, code
 
 
 def run_child(subcommand: str, *args: str) -> subprocess.CompletedProcess:

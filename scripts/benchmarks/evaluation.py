@@ -25,10 +25,8 @@ both alike.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +44,7 @@ from metalearn.models import CHANNELS_LAST, build_model
 from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.storage.run_folder import saved_overrides
 
-from .common import add_data_root, cpu_header, cpu_name, write_json
+from .common import add_data_root, cpu_header, cpu_name, metalearn_command, write_json
 
 ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "finetune", "distill")
 # Goals on a 2-core CPU, start-up included (seconds); other algorithms: DEFAULT_GOAL_S. FOMAML and
@@ -55,21 +53,6 @@ GOALS_S = {"reptile": 120.0, "maml": 50.0, "fomaml": 50.0, "mamlpp": 50.0}
 DEFAULT_GOAL_S = 15.0
 STARTUP_GOAL_S = 1.0
 THROUGHPUT_BATCH = 80  # images per conv4 training pass: one 5-way episode with 1 shot and 15 queries
-
-
-def metalearn_command(code: Path = None):
-    """How to start `metalearn` from the given checkout (None: the installed one): command, environment and
-    working folder (`python -m` looks in the working folder first: a repository's own source folder, whose
-    conf/ is not where an installed package has it, must not shadow the installed one)."""
-    env = dict(os.environ)
-    if code is None:
-        return [sys.executable, "-m", "metalearn"], env, tempfile.gettempdir()
-    code = code.resolve()
-    conf = code / "metalearn" / "conf"
-    if not conf.exists():  # installed, conf/ ships as metalearn.conf: the same from a plain checkout
-        conf.symlink_to(Path("..") / "conf", target_is_directory=True)
-    env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
-    return [sys.executable, "-m", "metalearn"], env, code
 
 
 def timed(command, env, cwd=None, check=True) -> float:
