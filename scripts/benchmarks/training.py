@@ -19,7 +19,7 @@ is the share of the CPU time spent in the kernel (page faults of freed and
 re-mapped buffers, thread wake-ups); "CPU use" is the CPU time over the
 wall time and the threads.
 
-    python scripts/bench.py train                                   # every algorithm (about 12 minutes)
+    python scripts/bench.py train                                   # every row (about 15 minutes on 2 cores)
     python scripts/bench.py train --algos protonet maml --seconds 20
     python scripts/bench.py train --overrides device.allocator=system   # glibc's own behaviour
     python scripts/bench.py train --code ../before                  # the same rows from another checkout, first
