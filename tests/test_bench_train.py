@@ -22,10 +22,16 @@ def training(monkeypatch):
     return training
 
 
+def started_window(training, path, skip: int, amp: bool):
+    """A StepWindow started on a run whose algorithm computes in bf16 (`amp`) or not and counts tasks."""
+    window = training.StepWindow(str(path), skip=skip)
+    window.start(SimpleNamespace(algo=SimpleNamespace(fast_paths=SimpleNamespace(amp=amp), throughput_unit="tasks")))
+    return window
+
+
 def test_the_window_leaves_out_the_warmup_and_counts_every_later_step(training, tmp_path):
     path = tmp_path / "window.json"
-    window = training.StepWindow(str(path), skip=2)
-    window.start(SimpleNamespace(algo=SimpleNamespace(fast_paths=SimpleNamespace(amp=True), throughput_unit="tasks")))
+    window = started_window(training, path, skip=2, amp=True)
     state = LoopState(step=0, steps=6)
     for step in range(1, 7):
         state.step = step
@@ -41,8 +47,7 @@ def test_the_window_leaves_out_the_warmup_and_counts_every_later_step(training, 
 
 def test_the_window_closes_at_a_time_limits_last_step(training, tmp_path):
     path = tmp_path / "window.json"
-    window = training.StepWindow(str(path), skip=1)
-    window.start(SimpleNamespace(algo=SimpleNamespace(fast_paths=SimpleNamespace(amp=False), throughput_unit="tasks")))
+    window = started_window(training, path, skip=1, amp=False)
     state = LoopState(step=0, steps=1000)
     for step in range(1, 4):
         state.step, state.final = step, step == 3  # train.max_minutes ends the run at step 3

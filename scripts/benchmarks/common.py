@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -14,10 +15,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from metalearn.config.compose import compose
 from metalearn.data import ClassSplit, load_split
 from metalearn.device import cpu_isa, cpu_model
+from metalearn.models import CHANNELS_LAST, build_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"  # the one command; child processes start it too
 DATA_ROOT = str(Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -144,6 +148,37 @@ def peak_device_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mib()
+
+
+# --- the machine's plain training throughput ------------------------------------------
+
+PLAIN_BATCH = 80  # images per plain training pass: one 5-way episode with 1 shot and 15 queries
+
+
+def plain_training_gflops(
+    model: str, image_shape: tuple, amp: bool, batch: int = PLAIN_BATCH, seconds: float = 5.0, warmup: int = 3
+) -> float:
+    """The network's plain training throughput here: forward + backward of one `batch`-image batch
+    (channels-last; bf16 autocast with `amp`), median pass after `warmup` passes."""
+    torch.manual_seed(0)
+    net = build_model(compose([f"model={model}"]).model, 5, image_shape, amp=amp, layout=CHANNELS_LAST).train()
+    images, labels = torch.randn(batch, *image_shape), torch.randint(0, 5, (batch,))
+
+    def step():
+        F.cross_entropy(net(images), labels).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(warmup):
+        step()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return flops / statistics.median(times) / 1e9
 
 
 # --- child processes --------------------------------------------------------------

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalearn.algorithms import build_algorithm, run_dtype
@@ -40,11 +39,18 @@ from metalearn.config.compose import compose
 from metalearn.data import EpisodeSampler, load_split
 from metalearn.data.transforms import preprocess_of
 from metalearn.device import native_bf16
-from metalearn.models import CHANNELS_LAST, build_model
 from metalearn.storage.checkpoint import checkpoint_path, load_checkpoint
 from metalearn.storage.run_folder import saved_overrides
 
-from .common import add_data_root, cpu_header, cpu_name, metalearn_command, write_json
+from .common import (
+    IMAGE_SHAPE,
+    add_data_root,
+    cpu_header,
+    cpu_name,
+    metalearn_command,
+    plain_training_gflops,
+    write_json,
+)
 
 ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "finetune", "distill")
 # Goals on a 2-core CPU, start-up included (seconds); other algorithms: DEFAULT_GOAL_S. FOMAML and
@@ -52,7 +58,6 @@ ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "
 GOALS_S = {"reptile": 120.0, "maml": 50.0, "fomaml": 50.0, "mamlpp": 50.0}
 DEFAULT_GOAL_S = 15.0
 STARTUP_GOAL_S = 1.0
-THROUGHPUT_BATCH = 80  # images per conv4 training pass: one 5-way episode with 1 shot and 15 queries
 
 
 def timed(command, env, cwd=None, check=True) -> float:
@@ -119,30 +124,6 @@ def eval_flops(run: Path, episodes: int) -> float:
         torch.set_num_threads(threads)
 
 
-def conv4_training_gflops(amp: bool, seconds: float = 5.0) -> float:
-    """The plain conv4's training throughput on this machine: forward + backward of one 80-image batch
-    (channels-last; bf16 autocast with `amp`)."""
-    torch.manual_seed(0)
-    model = build_model(compose().model, 5, (1, 28, 28), amp=amp, layout=CHANNELS_LAST).train()
-    images, labels = torch.randn(THROUGHPUT_BATCH, 1, 28, 28), torch.randint(0, 5, (THROUGHPUT_BATCH,))
-
-    def step():
-        F.cross_entropy(model(images), labels).backward()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    for _ in range(3):
-        step()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    return flops / statistics.median(times) / 1e9
-
-
 def startup_rows(run: Path, code: Path = None) -> list:
     """Seconds to answer `--help`, `train --cfg job` and a 1-episode `eval` (median of 3)."""
     command, env, cwd = metalearn_command(code)
@@ -186,9 +167,9 @@ def run(args) -> None:
         print(f"evaluated with: {' '.join(args.overrides)}")
     bf16, why = native_bf16(torch.device("cpu"))
     print(f"device.amp=auto, the runs' setting, computes in {'bf16' if bf16 else 'float32'} here: {why}")
-    throughput = {"float32": conv4_training_gflops(False)}
+    throughput = {"float32": plain_training_gflops("conv4", IMAGE_SHAPE, False)}
     if bf16:
-        throughput["bf16"] = conv4_training_gflops(True)
+        throughput["bf16"] = plain_training_gflops("conv4", IMAGE_SHAPE, True)
     print(
         "plain conv4 training throughput here (forward + backward, batch of 80): "
         + ", ".join(f"{rate:.1f} GFLOP/s in {kind}" for kind, rate in throughput.items())

@@ -29,14 +29,12 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalearn.algorithms import build_algorithm
@@ -44,15 +42,16 @@ from metalearn.allocator import configure as configure_allocator
 from metalearn.config.compose import compose
 from metalearn.data import build_dataset
 from metalearn.hooks import Hook
-from metalearn.models import CHANNELS_LAST, build_model
 from metalearn.train import training_sampler
 
 from .common import (
+    IMAGE_SHAPE,
     add_data_root,
     cpu_header,
     machine_fields,
     metalearn_command,
     peak_memory_mib,
+    plain_training_gflops,
     reset_peak_memory,
     write_json,
 )
@@ -61,7 +60,6 @@ SCRIPTS = Path(__file__).resolve().parents[1]  # on the child's PYTHONPATH, for 
 ALGO_YAMLS = sorted(p.stem for p in (SCRIPTS.parent / "conf" / "algo").glob("*.yaml"))
 # finetune first: distill's teacher is its run
 ALGOS = sorted(ALGO_YAMLS, key=lambda name: name != "finetune")
-PLAIN_BATCH = 80  # images per plain training pass: one 5-way episode with 1 shot and 15 queries
 FOLDER_SHAPE = (3, 84, 84)
 # ResNet-12 on 84x84 RGB: the YAML's settings but for batches sized to seconds per step on 2 cores.
 RESNET12_ROWS = {
@@ -196,32 +194,6 @@ def flops_per_item(overrides: list) -> float:
         torch.set_num_threads(threads)
 
 
-def plain_training_gflops(
-    model: str, image_shape: tuple, amp: bool, batch: int = PLAIN_BATCH, seconds: float = 5.0
-) -> float:
-    """The network's plain training throughput here: forward + backward of one `batch`-image batch
-    (channels-last; bf16 autocast with `amp`), median pass."""
-    configure_allocator("keep", torch.device("cpu"), False)  # as the runner's default does for a training run
-    torch.manual_seed(0)
-    net = build_model(compose([f"model={model}"]).model, 5, image_shape, amp=amp, layout=CHANNELS_LAST).train()
-    images, labels = torch.randn(batch, *image_shape), torch.randint(0, 5, (batch,))
-
-    def step():
-        F.cross_entropy(net(images), labels).backward()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    step()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    return flops / statistics.median(times) / 1e9
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_root(parser)
     parser.add_argument("--algos", nargs="*", choices=ALGOS, default=ALGOS, help="conv4 rows")
@@ -264,9 +236,10 @@ def run(args) -> None:
             print(f"{algo:<9} {model:<8} {late}")
             continue
         dtype = "bf16" if window["amp"] else "float32"
-        image_shape = (1, 28, 28) if model == "conv4" else FOLDER_SHAPE
+        image_shape = IMAGE_SHAPE if model == "conv4" else FOLDER_SHAPE
         if (model, dtype) not in plain:
-            plain[(model, dtype)] = plain_training_gflops(model, image_shape, window["amp"])
+            configure_allocator("keep", torch.device("cpu"), False)  # as the runner's default does for training
+            plain[(model, dtype)] = plain_training_gflops(model, image_shape, window["amp"], warmup=1)
         if not printed:
             print(header)
             printed = True
