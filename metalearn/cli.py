@@ -54,8 +54,8 @@ ON_SEVERAL_PROCESSES = ("train", "eval")  # the commands torchrun runs as one ru
 PLUGINS = {
     ("hydra/launcher", "joblib"): "hydra_plugins.hydra_joblib_launcher",
     ("hydra/launcher", "submitit"): "hydra_plugins.hydra_submitit_launcher",
-    ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
-    ("hparams_search", ""): "hydra_plugins.hydra_optuna_sweeper",  # every preset is an Optuna study
+    ("hydra/sweeper", "optuna"): "optuna",
+    ("hparams_search", ""): "optuna",  # every preset is an Optuna study
 }
 
 

@@ -46,7 +46,8 @@ class LoopState:
     step: int  # steps done
     steps: int  # train.steps
     started: float = field(default_factory=time.perf_counter)
-    final: bool = False  # this step is the last though train.steps is not reached (train.max_minutes)
+    final: bool = False  # this step is the last though train.steps is not reached (train.max_minutes, pruned)
+    pruned: bool = False  # an Optuna study's pruner stopped the run at this step (metalearn.study_trial)
 
     def due(self, every: int) -> bool:
         """Every `every` steps, and at the last step."""
@@ -182,6 +183,7 @@ class Validation(Hook):
         self.save, self.keep = save, keep
         self.best = -1.0
         self.kept: list[dict] = []  # {"step", "val_accuracy"} of the kept checkpoints, best first
+        self.last: dict | None = None  # the latest validation of this process: {"step", "accuracy", "loss"}
         self.run_dir = None
 
     def start(self, context):
@@ -207,6 +209,7 @@ class Validation(Hook):
             },
         )
         log.info("step %d: val accuracy %.2f%% ± %.2f", state.step, 100 * val.accuracy, 100 * val.ci95)
+        self.last = {"step": state.step, "accuracy": val.accuracy, "loss": val.loss}
         warn_diverged([val], [f"step {state.step}"], "validation")
         # a kept checkpoint only from a real score: a finite validation loss
         if math.isfinite(val.loss):

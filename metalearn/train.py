@@ -42,7 +42,13 @@ from metalearn.hooks import (
 )
 from metalearn.loggers import MetricWriter, build_writers
 from metalearn.storage.checkpoint import checkpoint_path, load_algo_state, load_checkpoint, save_checkpoint
-from metalearn.storage.run_folder import record_resume, refuse_existing_run, remove_stale_temporaries
+from metalearn.storage.run_folder import (
+    finishes_existing_run,
+    record_resume,
+    refuse_existing_run,
+    remove_stale_temporaries,
+)
+from metalearn.study_trial import StudyTrial, build_pruner, trial_link
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,7 @@ def in_optuna_study() -> bool:
 class TrainResult:
     run_dir: Path
     best_val_accuracy: float | None  # None: no validation with a finite loss ran
+    pruned_at: int | None = None  # the step at which an Optuna study's pruner stopped the run
 
 
 @dataclass
@@ -123,6 +130,7 @@ class Run:
                 **{key: value for hook in self.hooks for key, value in hook.state_dict().items()},
                 "train_classes": self.train_classes,
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+                "overrides": list(HydraConfig.get().overrides.task),  # the run's record, should Hydra rewrite it
             },
         )
 
@@ -143,8 +151,9 @@ def train(cfg: DictConfig) -> TrainResult:
     scored = in_optuna_study()
     if scored:
         check_trial_validates(cfg)
-    run = set_up(cfg, run_dir)
-    if cfg.resume is not None:
+    resuming = cfg.resume is not None or finishes_existing_run(cfg, run_dir)
+    run = set_up(cfg, run_dir, resuming)
+    if resuming:
         resume(run)
     else:
         log.info("run folder %s", run_dir)
@@ -165,9 +174,9 @@ def check_trial_validates(cfg: DictConfig) -> None:
 # --- set-up ---------------------------------------------------------------------------------------
 
 
-def set_up(cfg: DictConfig, run_dir: Path) -> Run:
+def set_up(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> Run:
     """This process's place and device, the seed, the writers, the data, the algorithm, samplers and hooks."""
-    ranks, device = start_process(cfg, run_dir)
+    ranks, device = start_process(cfg, run_dir, resuming)
     torch.manual_seed(cfg.seed)
     # Before the data loads: a logger that cannot start (no MLflow server) stops the run in seconds.
     writers = build_writers(cfg.get("loggers"), run_dir) if ranks.main else []
@@ -182,14 +191,14 @@ def set_up(cfg: DictConfig, run_dir: Path) -> Run:
     return run
 
 
-def start_process(cfg: DictConfig, run_dir: Path) -> tuple[Ranks, torch.device]:
+def start_process(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> tuple[Ranks, torch.device]:
     """This process's rank among the run's and its device and threads; rank 0 readies the run folder."""
     device = resolve_device(cfg.device.name)
     ranks = distributed.start(device, cfg.device.dist_timeout_s)  # one process: rank 0 of 1
     if not ranks.main:
         distributed.leave_log_to_rank_0()
     if ranks.main:  # rank 0 alone writes the run folder
-        if cfg.resume is None:
+        if not resuming:
             refuse_existing_run(run_dir)
         for stale in remove_stale_temporaries(run_dir):
             log.info("removed %s, a checkpoint left half-written by an earlier process", stale)
@@ -258,8 +267,20 @@ def add_hooks(run: Run, val_sampler: EpisodeSampler) -> None:
         TrainMetrics(run.writers, loop.log_every, run.rate_key),
         ConfiguredHooks(run.cfg.get("hooks")),  # e.g. a divergence guard: before validation and checkpoints
         run.validation,
+        *study_trial_hooks(run),  # after validation, which it reports; before the checkpoint of a pruned step
         Checkpoints(loop.ckpt_every, lambda: run.save("last")),
     ]
+
+
+def study_trial_hooks(run: Run) -> list[Hook]:
+    """A trial of an Optuna study reports its validations to the study, whose pruner may stop it."""
+    if not in_optuna_study():
+        return []
+    sweeper = HydraConfig.get().sweeper
+    link = trial_link(sweeper)
+    if link is None:
+        return []
+    return [StudyTrial(link, build_pruner(sweeper, run.cfg), run.validation, run.ranks)]
 
 
 # --- resume and start -----------------------------------------------------------------------------
@@ -317,7 +338,7 @@ def run_steps(run: Run) -> Ending:
         ) as bar,
     ):
         try:
-            while state.step < loop.steps and not (ending.signalled or ending.timed_out):
+            while state.step < loop.steps and not (ending.signalled or ending.timed_out or state.pruned):
                 ending.signalled, ending.timed_out = train_step(run, stop, bar)
         except RuntimeError as err:
             if not run.ranks.active or not distributed.lost_peer(err):
@@ -384,4 +405,4 @@ def end(run: Run, ending: Ending, scored: bool) -> TrainResult:
         raise MetalearnError(
             "no validation of this trial had a finite loss, so it has no score: the trial counts as failed."
         )
-    return TrainResult(run.run_dir, best)
+    return TrainResult(run.run_dir, best, run.state.step if run.state.pruned else None)

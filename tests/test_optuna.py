@@ -16,7 +16,6 @@ import yaml
 from helpers.runs import overrides_for
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra: pip install '.[sweep]'")
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra: pip install '.[sweep]'")
 
 from hydra_plugins.metalearn_study.study_storage import OWNER  # noqa: E402
 
@@ -116,13 +115,13 @@ def test_a_study_without_multirun_is_refused_before_anything_runs(cli, tmp_path)
     )
 
 
-def study_command(tiny_overrides, storage, *extra):
+def study_command(tiny_overrides, storage, *extra, trials=1):
     overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
     return [
         "train",
         "-m",
         "hparams_search=protonet",
-        "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=tiny",
         "task.train.ways=5",
@@ -211,7 +210,8 @@ def test_trials_a_stopped_process_left_running_are_failed_when_the_study_starts_
         try:
             alive = study.ask()  # another worker's trial, still running
             asked_by(study, alive, worker.pid)
-            result = cli(*study_command(tiny_overrides, storage), cwd=tmp_path)
+            # n_trials is the study's size: the four trials asked before count, so this sweeper adds one
+            result = cli(*study_command(tiny_overrides, storage, trials=5), cwd=tmp_path)
         finally:
             worker.kill()
     trials = optuna.load_study(study_name="tiny", storage=storage).trials

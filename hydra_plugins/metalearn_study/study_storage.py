@@ -1,5 +1,5 @@
 """The storage of an Optuna study (hydra.sweeper.storage), opened before the study starts: a file that is not
-a study's ends on one line that names it, and trials a stopped process left running are marked failed.
+a study's ends on one line that names it; trials a stopped process left running are found.
 
 Each trial records the process that asked for it (host and process id), so that a study started again tells
 a trial whose process is gone from one another live worker on the same file is running.
@@ -20,16 +20,14 @@ OWNER = "metalearn:asked_by"  # a trial's system attribute: {"host": ..., "pid":
 OPTUNA_TABLES = {"studies", "version_info"}  # in every study file Optuna writes
 
 
-def open_storage(url: str, study_name: str | None):
-    """The study's storage, checked; trials of `study_name` that stopped processes left running marked failed."""
+def open_storage(url: str):
+    """The study's storage, checked, recording in each trial it starts which process asked for it."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     refuse_foreign_sqlite(url)
     try:
         storage = optuna.storages.get_storage(url)
-        if study_name is not None:
-            fail_stale_trials(storage, study_name)
     except (SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError, ValueError, OSError) as err:
         raise storage_error(
             url,
@@ -96,39 +94,25 @@ def left_by_stopped_process(owner: dict | None) -> bool:
     return False
 
 
-def fail_stale_trials(storage, study_name: str) -> None:
-    """Trials of the study left running by a process that stopped (killed, or its machine restarted) become
-    failed: nothing will end them, and a running trial stays running in the study forever."""
+def stale_trials(storage, study_id: int) -> list:
+    """Trials of the study left running by a process that stopped (killed, or its machine restarted): nothing
+    will end them, and a running trial stays running in the study forever."""
     from optuna.trial import TrialState
 
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return  # a new study
+    stale = []
     for trial in storage.get_all_trials(study_id, deepcopy=False):
         if trial.state != TrialState.RUNNING:
             continue
         owner = trial.system_attrs.get(OWNER)
-        if not left_by_stopped_process(owner):
-            log.info("trial %d of study %s runs in process %s: left running", trial.number, study_name, owner)
-            continue
-        try:
-            _set_state(storage, trial._trial_id, TrialState.FAIL)
-        except RuntimeError:
-            continue  # another worker starting on the same study ended it first
-        log.warning(
-            "trial %d of study %s was left running by a process that stopped (%s): marked failed",
-            trial.number,
-            study_name,
-            "asked through Optuna" if owner is None else f"process {owner.get('pid')} on {owner.get('host')}",
-        )
+        if left_by_stopped_process(owner):
+            stale.append(trial)
+        else:
+            log.info("trial %d runs in process %s: left running", trial.number, owner)
+    return stale
 
 
-def _set_state(storage, trial_id: int, state) -> None:
-    if hasattr(storage, "set_trial_state_values"):  # optuna >= 3
-        storage.set_trial_state_values(trial_id, state)
-    else:
-        storage.set_trial_state(trial_id, state)
+def record_owner(storage, trial_id: int) -> None:
+    storage.set_trial_system_attr(trial_id, OWNER, this_process())
 
 
 class TrialsWithOwner:
@@ -148,13 +132,6 @@ class TrialsWithOwner:
         self._record_owner(trial_id)
         return trial_id
 
-    def set_trial_state(self, trial_id: int, state, *rest) -> bool:
-        """optuna 2: a queued trial taken by this process (WAITING to RUNNING) is this process's."""
-        taken = self._storage.set_trial_state(trial_id, state, *rest)
-        if taken and state.name == "RUNNING":
-            self._record_owner(trial_id)
-        return taken
-
     def set_trial_state_values(self, trial_id: int, state, values=None) -> bool:
         taken = self._storage.set_trial_state_values(trial_id, state, values)
         if taken and state.name == "RUNNING":
@@ -165,4 +142,4 @@ class TrialsWithOwner:
         from optuna.trial import TrialState
 
         if self._storage.get_trial(trial_id).state == TrialState.RUNNING:
-            self._storage.set_trial_system_attr(trial_id, OWNER, this_process())
+            record_owner(self._storage, trial_id)

@@ -31,18 +31,27 @@ CONFIG_NAME = "train"
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
 @user_errors_exit
-def app(cfg: DictConfig) -> float | None:
-    """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored."""
+def app(cfg: DictConfig):
+    """One run; returns its best validation accuracy (an Optuna study's objective), None if none was scored,
+    or where the study's pruner stopped it (study_trial.Pruned)."""
     from hydra.core.hydra_config import HydraConfig
 
     from metalearn.storage.run_lock import one_writer
     from metalearn.train import train
 
     if not main_process():  # rank 0 alone writes the run folder
-        return train(cfg).best_val_accuracy
+        return outcome(train(cfg))
     # A single run's lock was taken in `claim` already; a sweep's run takes its folder's here.
     with one_writer(Path(HydraConfig.get().runtime.output_dir)):
-        return train(cfg).best_val_accuracy
+        return outcome(train(cfg))
+
+
+def outcome(result):
+    from metalearn.study_trial import Pruned
+
+    if result.pruned_at is not None:
+        return Pruned(result.pruned_at, result.best_val_accuracy)
+    return result.best_val_accuracy
 
 
 def prepare(args: list[str], claims: contextlib.ExitStack, command_line: str) -> list[str]:
@@ -79,7 +88,9 @@ def claim(cfg: DictConfig, args: list[str], claims: contextlib.ExitStack, comman
         return args
     folder = resolved_run_dir(cfg)
     refuse_long_names(folder)
-    refuse_existing_run(folder)  # before anything is written there
+    finishing = cfg.existing_run == "resume"  # the folder may hold this run: it goes on (train checks it is this run)
+    if not finishing:
+        refuse_existing_run(folder)  # before anything is written there
     if main_process():  # rank 0 makes and locks the folder; the other ranks get its name from rank 0
         new = NewRunFolder(folder)
         claims.push(_discard_if_failed(new))
@@ -87,7 +98,8 @@ def claim(cfg: DictConfig, args: list[str], claims: contextlib.ExitStack, comman
         lock_run(folder, command_line)
         new.owned = True  # what appears in it from now on is this process's
         claims.callback(release, folder)
-        refuse_existing_run(folder)  # again: a run may have finished there since, before this process had the lock
+        if not finishing:
+            refuse_existing_run(folder)  # again: a run may have finished there since, before this process had the lock
     return [a for a in args if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={quoted(str(folder))}"]
 
 

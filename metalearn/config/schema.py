@@ -176,6 +176,9 @@ class TrainAppConfig:
     hooks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # model initialisation and training tasks
     resume: str | None = None  # a run folder to continue from its last.pt
+    # When the run's folder already holds this run (its last.pt, the same settings): `resume` it, or `refuse`.
+    # auto: a sweep's run resumes (a sweep run again into its folder, a requeued SLURM job), a single run refuses.
+    existing_run: str = "auto"
 
 
 @dataclass

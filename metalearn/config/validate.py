@@ -10,6 +10,7 @@ from metalearn.storage.checkpoint import checkpoint_name, top_count
 
 COMPONENTS = ("algo", "data", "model")
 RUN_NODES = ("task", "train", "eval", "device")
+EXISTING_RUN = ("auto", "resume", "refuse")
 
 
 @dataclass
@@ -31,6 +32,8 @@ def validate(cfg: DictConfig) -> None:
         raise MetalearnError(str(err)) from None
     for group in RUN_NODES:
         checked(cfg[group], group)
+    if cfg.get("existing_run", "auto") not in EXISTING_RUN:
+        raise MetalearnError(f"existing_run={cfg.existing_run} is none of {', '.join(EXISTING_RUN)}.")
     if "checkpoint" in cfg:  # metalearn eval: best, last or topN
         top_count(checkpoint_name(cfg))
     for group in COMPONENTS:

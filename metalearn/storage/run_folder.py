@@ -28,6 +28,62 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
+# Settings a run may go on with changed (as with resume=): how long it trains, where it runs and logs.
+MAY_DIFFER = ("resume", "existing_run", "train.steps", "train.max_minutes", "device", "loggers", "hooks", "eval")
+
+
+def finishes_existing_run(cfg, run_dir: Path) -> bool:
+    """Whether this run goes on from the last.pt its folder holds (existing_run=resume, or auto in a sweep): a
+    sweep run again into its folder, a requeued job. The folder must hold this run: the same settings but those
+    a resume may change; another run's folder is an error, and its record (.hydra) is put back as it was."""
+    from omegaconf import OmegaConf
+
+    from metalearn.commands.common import in_sweep
+    from metalearn.storage.checkpoint import load_checkpoint
+
+    mode = cfg.get("existing_run", "auto")
+    if mode == "auto":
+        mode = "resume" if in_sweep() else "refuse"
+    last = checkpoint_path(run_dir, "last")
+    if mode != "resume" or not last.exists():
+        return False
+    saved = load_checkpoint(last)
+    now = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    differ = config_differences(saved["config"], now)
+    if differ:
+        restore_record(Path(run_dir), saved)
+        raise MetalearnError(
+            f"{run_dir} already holds another run ({'; '.join(differ[:3])}): nothing was changed. Give this one "
+            f"another folder (hydra.sweep.dir, hydra.run.dir), or continue that one with "
+            f"`metalearn train resume={run_dir}`."
+        )
+    return True
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: saved -> now` for each setting that differs, but those a resume may change (MAY_DIFFER)."""
+    found = []
+    for key in sorted(set(saved) | set(now)):
+        name = f"{prefix}{key}"
+        if name in MAY_DIFFER or name.startswith(PORTABLE_DATA_KEYS):
+            continue
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += config_differences(old, new, f"{name}.")
+        elif old != new:
+            found.append(f"{name}: {old} there, {new} here")
+    return found
+
+
+def restore_record(run_dir: Path, saved: dict) -> None:
+    """.hydra/config.yaml and overrides.yaml as the checkpoint knows them: Hydra rewrote them for a sweep's job
+    before the job could see whose folder it is."""
+    record = run_dir / ".hydra"
+    atomic_text(record / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(saved["config"])))
+    if isinstance(saved.get("overrides"), list):
+        atomic_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(saved["overrides"])))
+
+
 # What a run holds before its first step: Hydra's record, the log, and the lock of the process that runs it.
 UNSTARTED_RUN = {".hydra", "train.log", ".lock"}
 # The longest name of one folder on most filesystems (bytes), where the filesystem does not say.
