@@ -5,8 +5,8 @@ A group is the runs whose overrides are equal but for the seed (and where
 the data lives): per group the runs, the steps they reached, the best
 validation accuracy and the latest test result of each run as a mean with a
 95% interval across seeds, tasks (or images) per second and wall time.
-Runs that are still going, stopped, failed (an error in their train.log) or
-never evaluated stay in the table, marked as such. Writes report.csv, report.md and three PNG plots.
+Runs that are still going, stopped, pruned by an Optuna study, failed (an error in their train.log)
+or never evaluated stay in the table, marked as such. Writes report.csv, report.md and three PNG plots.
 """
 
 import csv
@@ -22,6 +22,7 @@ from omegaconf import ListConfig, OmegaConf
 from metalearn.confidence import ci95
 from metalearn.errors import MetalearnError
 from metalearn.storage.run_folder import written_overrides
+from metalearn.storage.trial_record import pruned_step
 
 # Overrides that do not make two runs different experiments.
 NOT_SETTINGS = ("seed", "data.root", "data.cache_dir", "hydra.", "resume")
@@ -38,6 +39,7 @@ class Run:
     evals: list[dict] = field(default_factory=list)
     error: str | None = None  # why the run stopped, when its log says (a sweep's runs log their errors)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # file name: its lines that are no records, and why
+    pruned_at: int | None = None  # the step at which an Optuna study's pruner stopped it (trial.json)
 
     @property
     def step(self) -> int:
@@ -49,6 +51,8 @@ class Run:
             return f"failed: {self.error}"
         if not self.records:
             return "not started"
+        if self.pruned_at is not None and self.step <= self.pruned_at:  # not resumed past it since
+            return f"pruned at step {self.pruned_at}"
         if self.step < self.steps:
             return f"stopped or running at step {self.step}"
         return "done" if self.evals else "done, not evaluated"
@@ -188,7 +192,8 @@ def find_runs(folders: Sequence[str]) -> list[Run]:
             records, bad_records = _jsonl(run / "metrics.jsonl", metric_problem)
             evals, bad_evals = _jsonl(run / "evals.jsonl", eval_problem)
             skipped = {name: bad for name, bad in (("metrics.jsonl", bad_records), ("evals.jsonl", bad_evals)) if bad}
-            found.append(Run(run, settings, steps, records, evals, logged_error(run / "train.log"), skipped))
+            error = logged_error(run / "train.log")
+            found.append(Run(run, settings, steps, records, evals, error, skipped, pruned_step(run)))
     if not found:
         raise MetalearnError(f"no runs under {', '.join(folders)} (folders holding .hydra/overrides.yaml).")
     return found

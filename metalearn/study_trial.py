@@ -20,10 +20,10 @@ from metalearn.distributed import Ranks
 from metalearn.errors import MetalearnError
 from metalearn.hooks import Hook, LoopState, Validation
 from metalearn.storage.atomic import atomic_text
+from metalearn.storage.trial_record import TRIAL_FILE
 
 log = logging.getLogger(__name__)
 
-TRIAL_FILE = "trial.json"
 RUN_ATTR = "metalearn:run"  # a trial's system attribute: the run folder of its job
 IN_PROCESS: dict[str, object] = {}  # study name -> the optuna Study of a sweeper in this process without storage
 
@@ -126,14 +126,3 @@ def open_study(link: TrialLink, pruner):
             )
         return study
     return optuna.load_study(study_name=link.study_name, storage=link.storage, pruner=pruner)
-
-
-def pruned_step(run_dir: Path) -> int | None:
-    """The step at which the study's pruner stopped the run in `run_dir`; None if it did not."""
-    try:
-        record = json.loads((Path(run_dir) / TRIAL_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("state") != "pruned" or not isinstance(record.get("step"), int):
-        return None
-    return record["step"]

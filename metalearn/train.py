@@ -8,6 +8,7 @@ CPU).
 """
 
 import logging
+import os
 import shlex
 import signal
 import time
@@ -54,24 +55,45 @@ log = logging.getLogger(__name__)
 
 
 class GracefulStop:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one aborts."""
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one aborts. In a submitit job
+    (SLURM), so does the signal of its time limit or preemption, whose handler (submitit's) then requeues it."""
 
     def __init__(self):
         self.signum = None
+        self.requeue_signal = requeue_signal()
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: saving checkpoints/last.pt after this step", signal.Signals(signum).name)
+        why = " (the job's time limit or preemption)" if signum == self.requeue_signal else ""
+        log.warning("%s received%s: saving checkpoints/last.pt after this step", signal.Signals(signum).name, why)
 
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, *([self.requeue_signal] if self.requeue_signal else []))
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def requeue(self):
+        """submitit's handler that requeues this job, when its signal stopped the loop; else None."""
+        if self.requeue_signal is None or self.signum != self.requeue_signal:
+            return None
+        return self._previous[self.signum]
+
+
+def requeue_signal() -> int | None:
+    """The signal submitit gives a job before its time limit or on preemption (SIGUSR2 unless set otherwise),
+    when this process is such a job, whose handler requeues it; None otherwise."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    signum = getattr(signal, f"SIG{name}", None)
+    if signum is None:
+        return None
+    handler = signal.getsignal(signum)
+    return signum if getattr(handler, "__module__", "").startswith("submitit") else None
 
 
 def parallel_jobs() -> int:
@@ -142,6 +164,7 @@ class Ending:
     timed_out: bool = False
     signalled: bool = False
     signum: int | None = None  # the signal this process got; None when another rank's stopped it
+    requeue: object = None  # submitit's handler that requeues the job, when its signal stopped the loop
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -347,7 +370,7 @@ def run_steps(run: Run) -> Ending:
         finally:
             for writer in run.writers:
                 writer.close()
-    ending.signum = stop.signum
+    ending.signum, ending.requeue = stop.signum, stop.requeue()
     return ending
 
 
@@ -395,6 +418,9 @@ def end(run: Run, ending: Ending, scored: bool) -> TrainResult:
     elif ending.signalled:
         run.save("last")
         log.warning("stopped at step %d; checkpoints/last.pt saved", run.state.step)
+        if ending.requeue is not None:  # a submitit job: it requeues itself and resumes from here (existing_run)
+            log.warning("requeueing the job: it goes on from step %d in %s", run.state.step, folder)
+            ending.requeue(ending.signum, None)  # exits
         if run.ranks.main:
             print(f"run folder: {folder}\nresume with: metalearn train resume={folder}")
         raise SystemExit(128 + (ending.signum or signal.SIGTERM))

@@ -66,6 +66,12 @@ class OptunaStudy(Sweeper):
     # --- the study ------------------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except MetalearnError as err:  # one line, as the other commands end on
+            raise RunFailed(f"metalearn: error: {err}") from None
+
+    def _sweep(self, arguments: list[str]) -> None:
         from hydra_plugins.metalearn_study.search_space import grid, search_space
 
         self.space, self.fixed = search_space(self.params, arguments)
@@ -93,7 +99,8 @@ class OptunaStudy(Sweeper):
         resumed = self._take_up_stale(study)
         for start in range(0, len(resumed), self.n_jobs):
             self._run(study, resumed[start : start + self.n_jobs])
-        while (missing := self.n_trials - counted(study)) > 0:
+        self.grid_done = False
+        while (missing := self.n_trials - counted(study)) > 0 and not self.grid_done:
             trials = [study.ask(self.space) for _ in range(min(self.n_jobs, missing))]
             self._run(study, [(t.number, t.params) for t in trials])
         self._summarize(study)
@@ -217,20 +224,28 @@ class OptunaStudy(Sweeper):
         if storage.get_trial(trial_id).state.is_finished():
             return  # finished by another process (a worker that took it up)
         if ret.status != JobStatus.COMPLETED:
-            study.tell(number, state=TrialState.FAIL)
+            self._told(study, number, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", number, _first_line(ret._return_value))
             return
         value = ret.return_value
         if isinstance(value, Pruned):
             storage.set_trial_user_attr(trial_id, "pruned_at_step", value.step)
-            study.tell(number, state=TrialState.PRUNED)  # its value: the last validation reported
+            self._told(study, number, state=TrialState.PRUNED)  # its value: the last validation reported
             log.info("trial %d pruned at step %d (best val accuracy %.4f)", number, value.step, value.accuracy)
         elif value is None or not math.isfinite(float(value)):
-            study.tell(number, state=TrialState.FAIL)
+            self._told(study, number, state=TrialState.FAIL)
             log.warning("trial %d has no score", number)
         else:
-            study.tell(number, float(value))
+            self._told(study, number, float(value))
             log.info("trial %d: %.4f", number, float(value))
+
+    def _told(self, study, number: int, *args, **kwargs) -> None:
+        try:
+            study.tell(number, *args, **kwargs)
+        except RuntimeError as err:
+            if "Study.stop" not in str(err):
+                raise
+            self.grid_done = True  # the grid sampler saw its last point (the trial is stored all the same)
 
     def _summarize(self, study) -> None:
         from optuna.trial import TrialState

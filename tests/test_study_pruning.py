@@ -1,0 +1,101 @@
+"""A study's pruner stops a trial at a validation step: the run is validated, saved and resumable, the trial
+PRUNED with the step it reached, and `metalearn report` says so; the same through joblib's processes."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from helpers.runs import overrides_for
+
+optuna = pytest.importorskip("optuna", reason="the sweep extra: pip install '.[sweep]'")
+
+# Optuna's ThresholdPruner stops any trial from step 3 on (accuracy is below 1.1): deterministic. A trial of
+# 3 steps ends at its last step, which no pruner stops; one of 8 steps is stopped at its validation of step 4.
+PRUNE_FROM_STEP_3 = [
+    "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+    "+hydra.sweeper.pruner.lower=1.1",
+    "+hydra.sweeper.pruner.n_warmup_steps=3",
+]
+
+
+def study(tiny_overrides, tmp_path, *extra):
+    overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
+    return [
+        "train",
+        "-m",
+        "hparams_search=protonet",
+        "task.train.ways=5",
+        "algo.lr_decay=0.5",
+        "algo.outer_lr=0.001",
+        "train.steps=choice(3,8)",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.study_name=tiny",
+        "hydra/sweeper/sampler=grid",  # each number of steps once
+        *PRUNE_FROM_STEP_3,
+        *overrides,
+        "train.ckpt_every=100",  # only the pruned step (and the last) save last.pt
+        f"hydra.sweep.dir={tmp_path / 'study'}",
+        *extra,
+    ]
+
+
+def val_accuracies(run) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["accuracy"] for r in records if r["split"] == "val"}
+
+
+def trials_by_steps(tmp_path):
+    loaded = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    return {t.params["train.steps"]: t for t in loaded.trials}
+
+
+def test_a_pruned_trial_stops_at_a_validation_saved_and_recorded_pruned(cli, tiny_overrides, tmp_path):
+    cli(*study(tiny_overrides, tmp_path), cwd=tmp_path)
+    trials = trials_by_steps(tmp_path)
+    completed, pruned = trials[3], trials[8]
+    runs = {n: tmp_path / "study" / f"trial{trials[n].number}" for n in (3, 8)}
+
+    assert completed.state == optuna.trial.TrialState.COMPLETE
+    assert completed.value == max(val_accuracies(runs[3]).values())
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.user_attrs["pruned_at_step"] == 4
+    # every validation went to the trial, at its step, and the run stopped at the first one the pruner refused
+    assert pruned.intermediate_values == val_accuracies(runs[8]) and sorted(pruned.intermediate_values) == [2, 4]
+    assert completed.intermediate_values == val_accuracies(runs[3])
+    assert torch.load(runs[8] / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert json.loads((runs[8] / "trial.json").read_text())["state"] == "pruned"
+    assert "pruned by the study's ThresholdPruner at step 4" in (runs[8] / "train.log").read_text()
+    summary = yaml.safe_load((tmp_path / "study" / "optimization_results.yaml").read_text())
+    assert summary["trials"] == {"complete": 1, "pruned": 1}
+
+    cli("report", "study", cwd=tmp_path)
+    with open(tmp_path / "study" / "report.csv") as handle:
+        statuses = {row["group"]: row["status"] for row in csv.DictReader(handle)}
+    assert sorted(statuses.values()) == ["done, not evaluated", "pruned at step 4"]
+
+    # a pruned run is resumable: outside the study it trains on to its last step
+    cli("train", f"resume={runs[8]}", cwd=tmp_path)
+    assert torch.load(runs[8] / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+    cli("report", "study", cwd=tmp_path)
+    with open(tmp_path / "study" / "report.csv") as handle:
+        assert "pruned at step 4" not in handle.read()
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"], id="joblib"),
+        pytest.param(["hydra/launcher=submitit_local"], id="submitit"),
+    ],
+)
+def test_trials_in_other_processes_are_pruned_through_the_storage(cli, tiny_overrides, tmp_path, launcher):
+    pytest.importorskip(
+        f"hydra_plugins.hydra_{launcher[0].split('=')[1].split('_')[0]}_launcher", reason="the sweep extra"
+    )
+    cli(*study(tiny_overrides, tmp_path, *launcher), cwd=tmp_path)
+    trials = trials_by_steps(tmp_path)
+    assert trials[3].state == optuna.trial.TrialState.COMPLETE
+    assert trials[8].state == optuna.trial.TrialState.PRUNED and sorted(trials[8].intermediate_values) == [2, 4]
+    run = tmp_path / "study" / f"trial{trials[8].number}"
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
