@@ -58,7 +58,8 @@ def test_a_failed_run_does_not_stop_the_others_and_the_sweep_ends_saying_which(c
     "choice, module",
     [
         ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher"),
-        ("hparams_search=maml", "hydra_plugins.hydra_optuna_sweeper"),
+        ("hparams_search=maml", "optuna"),
+        ("hydra/sweeper=optuna", "optuna"),
     ],
 )
 def test_a_missing_plugin_names_the_extra(cli, tmp_path, monkeypatch, choice, module):

@@ -99,3 +99,19 @@ def test_trials_in_other_processes_are_pruned_through_the_storage(cli, tiny_over
     assert trials[8].state == optuna.trial.TrialState.PRUNED and sorted(trials[8].intermediate_values) == [2, 4]
     run = tmp_path / "study" / f"trial{trials[8].number}"
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_study_in_memory_is_not_pruned_from_other_processes_and_says_what_to_do(cli, tiny_overrides, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the sweep extra")
+    command = study(tiny_overrides, tmp_path, "hydra/launcher=joblib", "hydra.sweeper.storage=null")
+    result = cli(*command, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "hydra.sweeper.storage=null keeps it in this process's memory: give it a storage" in result.stderr
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_pruner_named_as_a_value_is_refused_with_the_group_to_choose(cli, tiny_overrides, tmp_path):
+    command = [c for c in study(tiny_overrides, tmp_path) if not c.startswith(("hydra.sweeper.pruner", "+hydra"))]
+    result = cli(*command, "hydra.sweeper.pruner=hyperband", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "choose one with hydra/sweeper/pruner=<name>" in result.stderr
