@@ -174,7 +174,8 @@ def train(cfg: DictConfig) -> TrainResult:
     scored = in_optuna_study()
     if scored:
         check_trial_validates(cfg)
-    resuming = cfg.resume is not None or finishes_existing_run(cfg, run_dir)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    resuming = cfg.resume is not None or finishes_existing_run(cfg, run_dir, in_sweep)
     run = set_up(cfg, run_dir, resuming)
     if resuming:
         resume(run)

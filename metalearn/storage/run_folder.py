@@ -32,18 +32,17 @@ def refuse_existing_run(run_dir: Path) -> None:
 MAY_DIFFER = ("resume", "existing_run", "train.steps", "train.max_minutes", "device", "loggers", "hooks", "eval")
 
 
-def finishes_existing_run(cfg, run_dir: Path) -> bool:
+def finishes_existing_run(cfg, run_dir: Path, in_sweep: bool) -> bool:
     """Whether this run goes on from the last.pt its folder holds (existing_run=resume, or auto in a sweep): a
     sweep run again into its folder, a requeued job. The folder must hold this run: the same settings but those
     a resume may change; another run's folder is an error, and its record (.hydra) is put back as it was."""
     from omegaconf import OmegaConf
 
-    from metalearn.commands.common import in_sweep
     from metalearn.storage.checkpoint import load_checkpoint
 
     mode = cfg.get("existing_run", "auto")
     if mode == "auto":
-        mode = "resume" if in_sweep() else "refuse"
+        mode = "resume" if in_sweep else "refuse"
     last = checkpoint_path(run_dir, "last")
     if mode != "resume" or not last.exists():
         return False
