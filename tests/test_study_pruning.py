@@ -87,6 +87,8 @@ def test_a_pruned_trial_stops_at_a_validation_saved_and_recorded_pruned(cli, tin
     [
         pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"], id="joblib"),
         pytest.param(["hydra/launcher=submitit_local"], id="submitit"),
+        # one trial on two processes: rank 0 asks the pruner, and every rank stops at the same step
+        pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"], id="submitit-two-tasks"),
     ],
 )
 def test_trials_in_other_processes_are_pruned_through_the_storage(cli, tiny_overrides, tmp_path, launcher):
@@ -99,6 +101,8 @@ def test_trials_in_other_processes_are_pruned_through_the_storage(cli, tiny_over
     assert trials[8].state == optuna.trial.TrialState.PRUNED and sorted(trials[8].intermediate_values) == [2, 4]
     run = tmp_path / "study" / f"trial{trials[8].number}"
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    for output in (tmp_path / "study" / ".submitit").glob("*/*_log.out"):  # every process of every job
+        assert "[ERROR]" not in output.read_text(), output.read_text()[-2000:]
 
 
 def test_a_study_in_memory_is_not_pruned_from_other_processes_and_says_what_to_do(cli, tiny_overrides, tmp_path):
