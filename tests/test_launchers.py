@@ -78,25 +78,8 @@ def test_a_missing_plugin_names_the_extra(cli, tmp_path, monkeypatch, choice, mo
     assert result.stderr.strip() == f'metalearn: error: {choice} needs the sweep extra: pip install ".[sweep]".'
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
-    reason="the sweep extra: pip install '.[sweep]'",
-)
-def test_submitit_local_runs_a_sweep_as_jobs(cli, tiny_overrides, tmp_path):
-    overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith("train.steps")])
-    cli(
-        "train",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "seed=0,1",
-        "train.steps=2",
-        *overrides,
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
-    )
-    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in runs] == ["0-protonet-seed0", "1-protonet-seed1"]
-    assert all(torch.load(r / "checkpoints" / "last.pt", weights_only=True)["step"] == 2 for r in runs)
+# submitit's local executor runs a sweep as jobs in tests/test_sweep_resume.py (a job that requeues itself) and
+# tests/test_study_pruning.py (trials of two processes each).
 
 
 def test_the_slurm_preset_composes_with_its_keys(cli, tmp_path):

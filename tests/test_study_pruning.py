@@ -86,9 +86,11 @@ def test_a_pruned_trial_stops_at_a_validation_saved_and_recorded_pruned(cli, tin
     "launcher",
     [
         pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"], id="joblib"),
-        pytest.param(["hydra/launcher=submitit_local"], id="submitit"),
-        # one trial on two processes: rank 0 asks the pruner, and every rank stops at the same step
-        pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"], id="submitit-two-tasks"),
+        # each trial a job of two processes: rank 0 asks the pruner, and every rank stops at the same step
+        pytest.param(
+            ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.sweeper.n_jobs=2"],
+            id="submitit-two-tasks",
+        ),
     ],
 )
 def test_trials_in_other_processes_are_pruned_through_the_storage(cli, tiny_overrides, tmp_path, launcher):

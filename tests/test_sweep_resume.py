@@ -28,12 +28,12 @@ class StopOnce(Hook):
             os.kill(os.getpid(), self.signum)
 
 
-def sweep(tiny_overrides, tmp_path, *extra):
+def sweep(tiny_overrides, tmp_path, *extra, runs="10,11,12"):
     overrides = overrides_for("protonet", [o for o in tiny_overrides if not o.startswith(("train.", "eval."))])
     return [
         "train",
         "-m",
-        "eval.episodes=10,11,12",  # three runs that train alike
+        f"eval.episodes={runs}",  # runs that train alike
         "train.steps=4",
         "train.val_every=2",
         "train.val_episodes=4",
@@ -93,7 +93,7 @@ def test_a_job_stopped_by_its_time_limit_requeues_itself_and_resumes_exactly(
 ):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     # the run of eval.episodes=11 gets submitit's time-limit signal (SIGUSR2) after step 2, as SLURM sends it
-    command = sweep(tiny_overrides, tmp_path, "hydra/launcher=submitit_local")
+    command = sweep(tiny_overrides, tmp_path, "hydra/launcher=submitit_local", runs="10,11")
     command = [c.replace("signum:SIGTERM", "") for c in command]
     command = [c.replace("marker:", "signum:SIGUSR2,marker:") if c.startswith("+hooks.stop") else c for c in command]
     cli(*command, cwd=tmp_path)
