@@ -74,6 +74,10 @@ def test_a_pruned_trial_stops_at_a_validation_saved_and_recorded_pruned(cli, tin
         statuses = {row["group"]: row["status"] for row in csv.DictReader(handle)}
     assert sorted(statuses.values()) == ["done, not evaluated", "pruned at step 4"]
 
+    # a trial is a run like any other: it evaluates (its preset, which chose the algorithm, replayed)
+    cli("eval", f"run={runs[3]}", cwd=tmp_path)
+    assert json.loads((runs[3] / "evals.jsonl").read_text().splitlines()[-1])["checkpoint"] == "best.pt"
+
     # a pruned run is resumable: outside the study it trains on to its last step
     cli("train", f"resume={runs[8]}", cwd=tmp_path)
     assert torch.load(runs[8] / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
