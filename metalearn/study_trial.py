@@ -62,7 +62,9 @@ def build_pruner(hydra_sweeper: DictConfig, cfg: DictConfig):
 
 class StudyTrial(Hook):
     """After each validation: the accuracy to the trial (at its step), and the pruner's verdict; a pruned run
-    stops after this step, which is saved (the checkpoint hook comes after this one)."""
+    stops after this step, which is saved (the checkpoint hook comes after this one). The sweeper refuses a
+    pruner where its trials cannot reach the study (in its memory, trials in other processes): they then
+    report only their result."""
 
     def __init__(self, link: TrialLink, pruner, validation: Validation, ranks: Ranks):
         self.link, self.pruner, self.validation, self.ranks = link, pruner, validation, ranks
@@ -74,6 +76,11 @@ class StudyTrial(Hook):
         if not self.ranks.main:
             return
         self.study = open_study(self.link, self.pruner)
+        if self.study is None:
+            log.info(
+                "study %s is in another process's memory: this trial reports its result only", self.link.study_name
+            )
+            return
         storage = self.study._storage
         try:
             self.trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, self.link.number)
@@ -90,7 +97,7 @@ class StudyTrial(Hook):
         if last is None or last["step"] != state.step:
             return  # no validation at this step
         prune = False
-        if self.ranks.main and math.isfinite(last["loss"]):
+        if self.ranks.main and self.study is not None and math.isfinite(last["loss"]):
             storage = self.study._storage
             storage.set_trial_intermediate_value(self.trial_id, state.step, last["accuracy"])
             prune = bool(self.pruner.prune(self.study, storage.get_trial(self.trial_id)))
@@ -113,16 +120,9 @@ class StudyTrial(Hook):
 
 
 def open_study(link: TrialLink, pruner):
-    """The trial's study: through its storage, or the sweeper's own in this process."""
+    """The trial's study: through its storage, or the sweeper's own in this process; None when out of reach."""
     import optuna
 
-    if link.storage is None:
-        study = IN_PROCESS.get(link.study_name)
-        if study is None:
-            raise MetalearnError(
-                f"study {link.study_name} has no storage (hydra.sweeper.storage=null), so a trial in another process "
-                f"cannot reach it: give it one (sqlite:///<file>.db), or run the trials in the sweeper's process "
-                f"(the basic launcher)."
-            )
-        return study
+    if link.storage is None:  # in the sweeper's memory: out of reach of a trial in another process (no pruning)
+        return IN_PROCESS.get(link.study_name)
     return optuna.load_study(study_name=link.study_name, storage=link.storage, pruner=pruner)

@@ -119,6 +119,12 @@ def test_a_study_in_memory_is_not_pruned_from_other_processes_and_says_what_to_d
     assert "hydra.sweeper.storage=null keeps it in this process's memory: give it a storage" in result.stderr
     assert not (tmp_path / "study").exists()
 
+    # without a pruner, such trials report only their results, which the sweeper tells the study
+    unpruned = [c for c in command if not c.startswith(("hydra.sweeper.pruner", "+hydra.sweeper.pruner"))]
+    cli(*unpruned, cwd=tmp_path)
+    summary = yaml.safe_load((tmp_path / "study" / "optimization_results.yaml").read_text())
+    assert summary["trials"] == {"complete": 2} and summary["storage"] is None
+
 
 def test_a_pruner_named_as_a_value_is_refused_with_the_group_to_choose(cli, tiny_overrides, tmp_path):
     command = [c for c in study(tiny_overrides, tmp_path) if not c.startswith(("hydra.sweeper.pruner", "+hydra"))]
