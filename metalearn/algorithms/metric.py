@@ -5,7 +5,8 @@ on the query loss, task by task (threads on a CPU, vmap on a GPU), with Adam and
 
 Each task's support and query images go through the network as one batch, so batch norm sees the task
 (transductive), or with model.bn=inductive, BatchNorm keeps running statistics that normalise at test time.
-A subclass gives `head_logits` and, where its head learns something, `initial_head`.
+A subclass gives `head_logits` and, where its head learns something (R2-D2's scalars, a relation module's
+weights), `initial_head`; `query_loss` is the query cross-entropy unless the method says otherwise.
 """
 
 from abc import abstractmethod
@@ -77,12 +78,16 @@ class MetricLearner(Algorithm):
         self._threads = TaskThreads(model, 1 if vectorize else workers)
         parameter = next(model.parameters())
         self.head_params = {
-            name: torch.tensor(float(value), device=parameter.device, dtype=parameter.dtype, requires_grad=True)
-            for name, value in self.initial_head().items()
+            name: torch.as_tensor(value, dtype=parameter.dtype, device=parameter.device).detach().requires_grad_()
+            for name, value in self.initial_head(self.embedding_size(model)).items()
         }
 
-    def initial_head(self) -> dict[str, float]:
-        """The head's learned scalars and their starting values (none for a head that learns nothing)."""
+    @staticmethod
+    def embedding_size(model: torch.nn.Module) -> int:
+        return int(getattr(model, "feature_size", 0))
+
+    def initial_head(self, embedding_size: int) -> dict[str, float | torch.Tensor]:
+        """The head's learned values (scalars or tensors) as they start; none for a head that learns nothing."""
         return {}
 
     @abstractmethod

@@ -62,7 +62,7 @@ class R2D2(MetricLearner):
         self.starting_head = {"log_lambda": math.log(ridge_lambda), "scale": scale, "bias": bias}
         super().__init__(model, outer_lr, lr_decay, lr_decay_every, vectorize, workers, ranks, fast_paths)
 
-    def initial_head(self) -> dict[str, float]:
+    def initial_head(self, embedding_size: int) -> dict[str, float]:
         return self.starting_head
 
     def head_logits(self, head, support, support_labels, query, ways: int) -> torch.Tensor:
