@@ -100,7 +100,8 @@ def distill(student, teacher, temperature, weight):
         batch_size=8,
         **HEAD,
     )
-    algo._teacher = teacher.train().requires_grad_(False)
+    frozen = teacher.train().requires_grad_(False)
+    algo._teacher = (frozen, frozen)  # the network, and its logits (a linear classifier)
     return algo
 
 

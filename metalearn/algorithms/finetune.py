@@ -7,6 +7,13 @@ task's support embeddings with SGD (Chen et al.'s settings: lr 0.01,
 momentum 0.9, dampening 0.9, weight decay 1e-3). The heads of a whole batch
 of tasks are fitted at once as one batched tensor.
 
+Baseline++ (the same paper): `algo.classifier=cosine` pretrains a cosine classifier, logits s cos(w_c, x)
+with the scale s of the authors' code (2 up to 200 classes, 10 above; `algo.cosine_scale` to set it), and
+the test-time head is then a cosine head too. SimpleShot (Wang et al. 2019): `algo.test_head=simpleshot`
+classifies each query by the nearest class centroid of the support embeddings after centring them on the
+mean embedding of the training classes and L2-normalising them; that mean is kept during pretraining, a
+running mean of the training batches' embeddings (`BASE_MEAN_MOMENTUM` per step).
+
 `distill` (Tian et al. 2020, "Rethinking Few-Shot Image Classification"): a
 student of the same architecture trained on a mix of the labels'
 cross-entropy and the KL divergence to a finished teacher run's softened
@@ -15,6 +22,7 @@ like `finetune`.
 """
 
 from dataclasses import dataclass
+from enum import Enum
 from functools import cached_property
 
 import torch
@@ -32,12 +40,29 @@ from metalearn.models import CHANNELS_LAST, NCHW, across_ranks, build_model
 from metalearn.models.batch_stats import BatchNormMode, recording
 
 
+class Classifier(Enum):
+    linear = "linear"  # logits W x + b (Baseline)
+    cosine = "cosine"  # logits s cos(w_c, x) (Baseline++)
+
+
+class TestHead(Enum):
+    linear = "linear"  # a linear head fitted on each support set with SGD
+    cosine = "cosine"  # a cosine head fitted the same way (Baseline++)
+    simpleshot = "simpleshot"  # nearest centroid of centred, L2-normalised embeddings (SimpleShot)
+
+
+BASE_MEAN_MOMENTUM = 0.01  # SimpleShot's base-class mean: each training batch's share of the running mean
+
+
 @dataclass
 class FinetuneSettings(AlgoSettings):
     """Pretrain a classifier on all meta-train classes; fit a new head on each support set."""
 
     outer_lr: float = 1e-3  # Adam step size of the pretraining
     batch_size: int = 16  # images per pretraining step
+    classifier: Classifier = Classifier.linear  # the pretraining head: linear, or cosine (Baseline++)
+    cosine_scale: float | None = None  # s of a cosine head; null: 2 up to 200 classes, 10 above (the authors' code)
+    test_head: TestHead | None = None  # null: the classifier's kind; or simpleshot
     head_lr: float = 0.01  # SGD step size of each test task's new head
     head_momentum: float = 0.9  # ... its momentum
     head_dampening: float = 0.9  # ... dampening
@@ -52,6 +77,28 @@ class FinetuneSettings(AlgoSettings):
         within(self, "head_momentum", 0, 1)
         within(self, "head_dampening", 0, 1)
         within(self, "head_weight_decay", 0, 1)
+        if self.cosine_scale is not None:
+            positive(self, "cosine_scale")
+
+
+def cosine_logits(features: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """s cos(w_c, x): [..., items, classes] from features [..., items, d] and class weights [..., classes, d]."""
+    return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+
+
+def cosine_scale(classes: int, given: float | None) -> float:
+    """Baseline++'s scale: the authors' code takes 2 for up to 200 classes and 10 for more."""
+    return given if given is not None else (2.0 if classes <= 200 else 10.0)
+
+
+def simpleshot_logits(support, support_labels, query, ways: int, base_mean: torch.Tensor) -> torch.Tensor:
+    """Negative squared distances [T, queries, ways] of the centred, L2-normalised query embeddings to the
+    class centroids of the centred, L2-normalised support embeddings (SimpleShot's CL2N)."""
+    support = F.normalize(support - base_mean, dim=-1)
+    query = F.normalize(query - base_mean, dim=-1)
+    one_hot = F.one_hot(support_labels, ways).to(support.dtype)  # [T, support, ways]
+    centroids = one_hot.transpose(1, 2) @ support / one_hot.sum(dim=1)[..., None]  # [T, ways, d]
+    return -torch.cdist(query, centroids).pow(2)
 
 
 @dataclass
@@ -88,12 +135,20 @@ class Finetune(Algorithm):
         head_dampening: float,
         head_weight_decay: float,
         head_steps: int,
+        classifier: str = "linear",
+        cosine_scale: float | None = None,
+        test_head: str | None = None,
         workers: int = 1,
         ranks: Ranks = SINGLE,
         fast_paths: FastPaths = PLAIN,
     ):
         super().__init__(model, ranks, fast_paths)
         self._threads = TaskThreads(model, workers)  # evaluation embeds a task per core at once
+        self.classifier = Classifier(getattr(classifier, "value", classifier))
+        self.test_head = TestHead(getattr(test_head, "value", test_head) or self.classifier.value)
+        self.cosine_scale = cosine_scale
+        # sized by the first training batch's embeddings; zero (no centring) before any
+        self.base_mean = torch.zeros(int(getattr(model, "feature_size", 0)), device=next(model.parameters()).device)
         self.batch_size = batch_size
         self.head_lr, self.head_momentum, self.head_dampening = head_lr, head_momentum, head_dampening
         self.head_weight_decay, self.head_steps = head_weight_decay, head_steps
@@ -113,9 +168,11 @@ class Finetune(Algorithm):
         self.model.train()
         with across_ranks(self.model, self.ranks), recording([self.model]) as batch_statistics:
             # a batch split across processes: BatchNorm over all of it; model.bn=inductive: its statistics noted
-            logits = self.model(batch.images)
+            features = self.model.features(batch.images)
+            logits = self.classify(features)
             loss = self.loss(logits, batch)
         batch_statistics.commit(self.model, self.ranks)
+        self.note_base_mean(features.detach())
         loss.backward()
         self.ranks.average_gradients(self.optimizer)
         self.optimizer.step()
@@ -123,9 +180,36 @@ class Finetune(Algorithm):
         accuracy = (logits.argmax(dim=-1) == batch.labels).float().mean()
         return {"loss": loss.item(), "accuracy": accuracy.item()}
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The pretraining logits over all training classes: the model's linear head, or cosine (Baseline++)."""
+        if self.classifier is Classifier.linear:
+            return self.model.head(features)
+        weight = self.model.head.weight
+        return cosine_logits(features, weight, cosine_scale(weight.shape[0], self.cosine_scale))
+
+    def note_base_mean(self, features: torch.Tensor) -> None:
+        """SimpleShot's mean of the training classes' embeddings, a running mean over the training batches
+        (averaged over the run's processes, so K processes keep the mean one would)."""
+        batch_mean = features.float().mean(dim=0)
+        self.ranks.average([batch_mean])
+        if self.base_mean.shape != batch_mean.shape:
+            self.base_mean = torch.zeros_like(batch_mean)
+        self.base_mean = self.base_mean.to(batch_mean.device)
+        self.base_mean.lerp_(batch_mean, BASE_MEAN_MOMENTUM)
+
+    def head_logits(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, ways: int):
+        """A fitted test-time head's logits [T, items, ways]: linear, or cosine (Baseline++)."""
+        if self.test_head is TestHead.cosine:
+            return cosine_logits(features, weight, cosine_scale(ways, self.cosine_scale))
+        return torch.baddbmm(bias[:, None, :], features, weight.transpose(1, 2))
+
     def fit_heads(self, support: torch.Tensor, labels: torch.Tensor, ways: int):
-        """Linear heads (weight [T, ways, dim], bias [T, ways]) fitted on each task's support embeddings."""
-        weight = support.new_zeros(support.shape[0], ways, support.shape[-1], requires_grad=True)
+        """Heads (weight [T, ways, dim], bias [T, ways]) fitted on each task's support embeddings: linear heads
+        from zero; cosine heads from the class means (a zero weight has no direction)."""
+        weight = support.new_zeros(support.shape[0], ways, support.shape[-1])
+        if self.test_head is TestHead.cosine:
+            weight = F.one_hot(labels, ways).to(support.dtype).transpose(1, 2) @ support
+        weight.requires_grad_()
         bias = support.new_zeros(support.shape[0], ways, requires_grad=True)
         optimizer = torch.optim.SGD(
             [weight, bias],
@@ -136,7 +220,7 @@ class Finetune(Algorithm):
         )
         with torch.enable_grad():
             for _ in range(self.head_steps):
-                logits = torch.baddbmm(bias[:, None, :], support, weight.transpose(1, 2))
+                logits = self.head_logits(weight, bias, support, ways)
                 # Summed over tasks: each head gets the gradient of its own task's mean loss.
                 loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1).sum()
                 optimizer.zero_grad()
@@ -156,20 +240,36 @@ class Finetune(Algorithm):
         features = sub_params(detached_params(self.model), "features")
         embedded = self._threads.over_tasks(embed)(features, episodes.support, episodes.query)
         support, query = embedded[:, :shots], embedded[:, shots:]
+        if self.test_head is TestHead.simpleshot:
+            base_mean = self.base_mean.to(support.device, support.dtype)
+            return simpleshot_logits(support, episodes.support_labels, query, episodes.ways, base_mean)
         weight, bias = self.fit_heads(support, episodes.support_labels, episodes.ways)
-        return torch.baddbmm(bias[:, None, :], query, weight.transpose(1, 2))
+        return self.head_logits(weight, bias, query, episodes.ways)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "base_mean": self.base_mean.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state(self.model, state["model"], "The checkpoint")
+        if "base_mean" in state:
+            self.base_mean = state["base_mean"].to(self.base_mean.device, self.base_mean.dtype).clone()
+        elif self.test_head is TestHead.simpleshot:
+            raise MetalearnError(
+                "algo.test_head=simpleshot centres embeddings on the training classes' mean, which this checkpoint "
+                "does not hold (it was written before it was kept): evaluate it with algo.test_head=linear, or "
+                "train the run again."
+            )
         if "optimizer" in state:  # an exported model has the weights only (see storage.checkpoint.TRAINING_STATE)
             load_optimizer(self.optimizer, state)
 
 
-def load_teacher(run: SavedRun, num_classes: int, images: torch.Tensor, fast: FastPaths) -> torch.nn.Module:
-    """The network of a finished finetune/distill run, frozen, for its soft targets on `images`.
+def load_teacher(run: SavedRun, num_classes: int, images: torch.Tensor, fast: FastPaths):
+    """A finished finetune/distill run's network (frozen), and its logits with its own classifier (linear or
+    cosine) as a function of images, for its soft targets.
 
     It runs on the student's fast paths (bf16 autocast, channels-last), device and floating-point type.
     """
@@ -194,7 +294,12 @@ def load_teacher(run: SavedRun, num_classes: int, images: torch.Tensor, fast: Fa
     ).to(images.device, images.dtype)
     load_model_state(teacher, ckpt["algo"]["model"], f"The teacher's checkpoint in {run_dir}")
     # As it was trained: batch statistics (transductive) or its running statistics (inductive)
-    return teacher.train(teacher.batch_norm != BatchNormMode.inductive.value).requires_grad_(False)
+    teacher.train(teacher.batch_norm != BatchNormMode.inductive.value).requires_grad_(False)
+    settings = ckpt["config"]["algo"]
+    if settings.get("classifier", Classifier.linear.value) != Classifier.cosine.value:
+        return teacher, teacher
+    scale = cosine_scale(num_classes, settings.get("cosine_scale"))
+    return teacher, lambda x: cosine_logits(teacher.features(x), teacher.head.weight, scale)
 
 
 class Distill(Finetune):
@@ -219,8 +324,9 @@ class Distill(Finetune):
     def loss(self, logits: torch.Tensor, batch: LabelledImages) -> torch.Tensor:
         if self._teacher is None:
             self._teacher = load_teacher(self.teacher_run, logits.shape[-1], batch.images, self.fast_paths)
-        with torch.no_grad(), across_ranks(self._teacher, self.ranks):
-            soft_targets = F.log_softmax(self._teacher(batch.images) / self.temperature, dim=-1)
+        teacher, teacher_logits = self._teacher
+        with torch.no_grad(), across_ranks(teacher, self.ranks):
+            soft_targets = F.log_softmax(teacher_logits(batch.images) / self.temperature, dim=-1)
         soft = (
             F.kl_div(
                 F.log_softmax(logits / self.temperature, dim=-1), soft_targets, log_target=True, reduction="batchmean"
