@@ -62,6 +62,10 @@ def assert_same_model(one, two, atol=1e-10):
     for name, weight in a["algo"]["model"].items():
         tolerance = 1e-6 if CANCELLED.fullmatch(name) else atol
         assert torch.allclose(weight, b["algo"]["model"][name], rtol=0, atol=tolerance), name
+    # what an algorithm learns besides the network: R2-D2's head, finetune's training-class mean
+    for name, value in {**a["algo"].get("head", {}), "base_mean": a["algo"].get("base_mean")}.items():
+        other = b["algo"].get("head", {}).get(name, b["algo"].get(name))
+        assert value is None or torch.allclose(value, other, rtol=0, atol=1e-6), name
     images = torch.rand(6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(outputs(one, images), outputs(two, images), rtol=0, atol=atol)
 
@@ -77,7 +81,7 @@ def val_records(run):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "val"]
 
 
-@pytest.mark.parametrize("algo", ["fomaml", "maml", "protonet", "finetune", "reptile"])
+@pytest.mark.parametrize("algo", ["fomaml", "maml", "protonet", "r2d2", "finetune", "reptile"])
 def test_two_processes_train_the_model_one_process_trains(cli, tiny_overrides, tmp_path, rank_threads, algo):
     common = [*overrides_for(algo, tiny_overrides), *FLOAT64, "train.steps=3"]
     cli("train", *common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)

@@ -14,7 +14,8 @@ def accuracy_line(out: str) -> str:
     return re.search(r"test accuracy \S+% ± \S+ \(\d+ episodes", out).group(0)
 
 
-@pytest.mark.parametrize("algo", ["metasgd", "reptile"])  # learned inner rates; plain values (step) in the state
+# learned inner rates; plain values (step) in the state; R2-D2's learned head; finetune's training-class mean
+@pytest.mark.parametrize("algo", ["metasgd", "reptile", "r2d2", "finetune"])
 def test_an_exported_model_scores_like_its_run(cli, tiny_overrides, tmp_path, algo):
     run = tmp_path / "run"
     cli("train", *overrides_for(algo, tiny_overrides), "train.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -26,6 +27,10 @@ def test_an_exported_model_scores_like_its_run(cli, tiny_overrides, tmp_path, al
     assert not any(name.startswith(("optimizer", "scheduler")) for name in names)
     if algo == "metasgd":
         assert any(name.startswith("inner_lr/") for name in names)
+    if algo == "r2d2":
+        assert {"head/log_lambda", "head/scale", "head/bias"} <= names
+    if algo == "finetune":
+        assert "base_mean" in names
 
     from_run = cli("eval", f"run={run}", cwd=tmp_path).stdout
     # the file sets no folder, device or budget of this machine: those are given here
