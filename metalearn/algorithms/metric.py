@@ -67,9 +67,12 @@ class MetricLearner(Algorithm):
         workers: int = 1,
         ranks: Ranks = SINGLE,
         fast_paths: FastPaths = PLAIN,
+        **head_settings,
     ):
+        """`head_settings`: the keys a subclass's Settings adds (its head's), for its `initial_head`."""
         vectorize = resolve_vectorize(vectorize, model_device(model))
         super().__init__(model, ranks, fast_paths)
+        self.head_settings = head_settings
         self.outer_lr, self.lr_decay, self.lr_decay_every = outer_lr, lr_decay, lr_decay_every
         self.vectorize = vectorize
         if vectorize:

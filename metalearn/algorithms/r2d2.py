@@ -15,8 +15,6 @@ import torch
 
 from metalearn.algorithms.metric import MetricLearner, MetricSettings, class_one_hot
 from metalearn.config.settings import positive
-from metalearn.device import PLAIN, FastPaths
-from metalearn.distributed import SINGLE, Ranks
 
 
 @dataclass
@@ -44,26 +42,10 @@ def ridge_weights(support: torch.Tensor, targets: torch.Tensor, ridge_lambda: to
 class R2D2(MetricLearner):
     Settings = R2D2Settings
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        outer_lr: float,
-        lr_decay: float,
-        lr_decay_every: int,
-        ridge_lambda: float,
-        scale: float,
-        bias: float,
-        vectorize: bool | str,
-        workers: int = 1,
-        ranks: Ranks = SINGLE,
-        fast_paths: FastPaths = PLAIN,
-    ):
-        # beta shifts every logit alike, so cross-entropy gives it no gradient; it is kept as the paper has it.
-        self.starting_head = {"log_lambda": math.log(ridge_lambda), "scale": scale, "bias": bias}
-        super().__init__(model, outer_lr, lr_decay, lr_decay_every, vectorize, workers, ranks, fast_paths)
-
     def initial_head(self, embedding_size: int) -> dict[str, float]:
-        return self.starting_head
+        # beta shifts every logit alike, so cross-entropy gives it no gradient; it is kept as the paper has it.
+        settings = self.head_settings
+        return {"log_lambda": math.log(settings["ridge_lambda"]), "scale": settings["scale"], "bias": settings["bias"]}
 
     def head_logits(self, head, support, support_labels, query, ways: int) -> torch.Tensor:
         # The solve in float32 at least: linear algebra has no bf16 kernels, and a bf16 Gram matrix loses the

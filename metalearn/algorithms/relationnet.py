@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from metalearn.algorithms.metric import MetricLearner, MetricSettings, class_one_hot
 from metalearn.config.settings import at_least
-from metalearn.device import PLAIN, FastPaths
-from metalearn.distributed import SINGLE, Ranks
 
 RELATION_UNITS = 8  # the authors' last hidden layer
 
@@ -55,24 +53,9 @@ def relation_loss(scores: torch.Tensor, labels: torch.Tensor, ways: int) -> torc
 class RelationNet(MetricLearner):
     Settings = RelationNetSettings
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        outer_lr: float,
-        lr_decay: float,
-        lr_decay_every: int,
-        relation_hidden: int,
-        vectorize: bool | str,
-        workers: int = 1,
-        ranks: Ranks = SINGLE,
-        fast_paths: FastPaths = PLAIN,
-    ):
-        self.relation_hidden = relation_hidden
-        super().__init__(model, outer_lr, lr_decay, lr_decay_every, vectorize, workers, ranks, fast_paths)
-
     def initial_head(self, embedding_size: int) -> dict[str, torch.Tensor]:
         """The relation module's weights, initialised as torch's linear layers are."""
-        sizes = (2 * embedding_size, self.relation_hidden, RELATION_UNITS, 1)
+        sizes = (2 * embedding_size, self.head_settings["relation_hidden"], RELATION_UNITS, 1)
         layers = [torch.nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False)]
         head = {}
         for index, layer in enumerate(layers, 1):
