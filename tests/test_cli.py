@@ -22,10 +22,9 @@ def metrics(run: Path, keys=("step", "split", "loss", "accuracy")):
 def test_help_lists_the_commands(cli):
     out = cli("--help").stdout
     assert "train" in out and "eval" in out
-    assert (
-        "algo: anil, distill, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile"
-        in cli("train", "--help").stdout
-    )
+    algos = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "algo").glob("*.yaml"))
+    assert "distill" in algos and "maml" in algos
+    assert f"algo: {', '.join(algos)}" in cli("train", "--help").stdout
     composed = cli("train", "--cfg", "job", "algo=fomaml", "task.ways=20").stdout
     assert "first_order: true" in composed and "ways: 20" in composed
 
