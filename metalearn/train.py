@@ -105,10 +105,13 @@ def parallel_jobs() -> int:
     return cores() if n_jobs < 0 else int(n_jobs)  # joblib: -1 means one job per core
 
 
+def in_sweep() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def in_optuna_study() -> bool:
     """This run is a trial of an Optuna study (hparams_search=...): its best validation accuracy is the objective."""
-    hydra = HydraConfig.get()
-    return hydra.mode == RunMode.MULTIRUN and "optuna" in str(hydra.sweeper.get("_target_", "")).lower()
+    return in_sweep() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
 
 
 @dataclass
@@ -174,8 +177,7 @@ def train(cfg: DictConfig) -> TrainResult:
     scored = in_optuna_study()
     if scored:
         check_trial_validates(cfg)
-    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    resuming = cfg.resume is not None or finishes_existing_run(cfg, run_dir, in_sweep)
+    resuming = cfg.resume is not None or finishes_existing_run(cfg, run_dir, in_sweep())
     run = set_up(cfg, run_dir, resuming)
     if resuming:
         resume(run)

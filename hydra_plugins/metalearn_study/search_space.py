@@ -38,7 +38,7 @@ def distribution(key: str, override: Override):
     value = override.value()
     tags = value.tags
     if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution([_plain(v) for v in override.sweep_string_iterator()])
+        return d.CategoricalDistribution([_plain(v) for v in value.list])
     if isinstance(value, RangeSweep):
         points = list(value.range())
         if not points:
@@ -58,10 +58,10 @@ def distribution(key: str, override: Override):
     raise MetalearnError(f"{override.input_line}: an Optuna study searches choice(), range() and interval() only.")
 
 
-def _plain(text: str):
-    """A choice's element as the override grammar reads it (5 -> int, 0.1 -> float, maml -> str)."""
-    element = OverridesParser.create().parse_override(f"x={text}").value()
-    return element if isinstance(element, (int, float, str, bool)) or element is None else text
+def _plain(element):
+    """A choice's element as the override grammar parsed it (5 -> int, 0.1 -> float, maml -> str); anything
+    else (a list, a dict) as its text."""
+    return element if isinstance(element, (int, float, str, bool)) or element is None else str(element)
 
 
 def grid(space: dict) -> dict:
